@@ -1,0 +1,148 @@
+"""The runtime protocol every format implements, and the loops written once against it.
+
+A `Session` owns a KV cache and offers `prefill(tokens, pos)` (up to `prefill_len` tokens,
+logits for each) and `decode(token, pos)` (one token, its logits). `generate`, teacher-forced
+evaluation, `verify` and the benchmarks only ever talk to this protocol; the eager PyTorch model
+is one more `Session`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    prefill_len: int
+    max_context: int
+    vocab_size: int
+    window: int
+
+
+class Session(Protocol):
+    info: SessionInfo
+
+    def reset(self) -> None: ...
+
+    def prefill(self, tokens: Sequence[int], pos: int) -> np.ndarray: ...  # [n, V]
+
+    def decode(self, token: int, pos: int) -> np.ndarray: ...  # [V]
+
+
+def check_room(info: SessionInfo, pos: int, n: int) -> None:
+    if n < 1:
+        raise ConfigError("nothing to run: empty token list")
+    if n > info.prefill_len:
+        raise ConfigError(f"{n} tokens exceed the prefill length {info.prefill_len}")
+    if pos < 0 or pos + n > info.max_context:
+        raise ConfigError(
+            f"positions {pos}..{pos + n - 1} exceed the max context {info.max_context}; "
+            "export with a larger --max-context"
+        )
+
+
+class TorchSession:
+    """The eager PyTorch model behind the Session protocol (the reference for every format)."""
+
+    def __init__(self, model, prefill_len: int = 128, max_context: int | None = None):
+        import torch
+
+        self.model = model
+        cfg = model.cfg
+        if max_context is not None and max_context != model.max_context:
+            raise ConfigError("max_context is fixed when the model is built")
+        self.info = SessionInfo(prefill_len, model.max_context, cfg.vocab_size, cfg.sliding_window)
+        self._torch = torch
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+
+    def _run(self, tokens, pos: int, n: int) -> np.ndarray:
+        torch = self._torch
+        t = torch.tensor([tokens], dtype=torch.int32)
+        with torch.no_grad():
+            logits, self.cache = self.model.step(
+                t, torch.tensor([pos], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), self.cache
+            )
+        return logits[0, :n].float().numpy()
+
+    def prefill(self, tokens, pos: int) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        padded = list(tokens) + [0] * (self.info.prefill_len - n)
+        return self._run(padded, pos, n)
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        check_room(self.info, pos, 1)
+        return self._run([int(token)], pos, 1)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loops written once against Session
+# ----------------------------------------------------------------------------------------------
+
+
+def feed(session: Session, ids: Sequence[int], pos: int = 0, schedule: Sequence[int] | None = None
+         ) -> Iterator[tuple[int, np.ndarray]]:
+    """Run `ids` through the session; yield (start position, logits [n, V]) per call.
+
+    `schedule` is a repeating list of chunk sizes: 1 means a decode step, larger sizes a prefill
+    chunk (at most the prefill length). By default every chunk is a full prefill.
+    """
+    schedule = list(schedule or [session.info.prefill_len])
+    i, k = 0, 0
+    while i < len(ids):
+        size = min(schedule[k % len(schedule)], len(ids) - i)
+        k += 1
+        if size == 1:
+            logits = session.decode(ids[i], pos + i)[None, :]
+        else:
+            logits = session.prefill(ids[i:i + size], pos + i)
+        yield pos + i, logits
+        i += size
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    seed: int = 0
+
+
+def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k:
+        cut = np.partition(z, -sampling.top_k)[-sampling.top_k]
+        z = np.where(z >= cut, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(session: Session, prompt: Sequence[int], max_new_tokens: int,
+             stop_ids: Sequence[int] = (), sampling: Sampling = Sampling()) -> Iterator[int]:
+    """Stream new token ids: prefill the prompt in chunks, then decode one token at a time."""
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    session.reset()
+    rng = np.random.default_rng(sampling.seed)
+    logits = None
+    for _, logits in feed(session, prompt):
+        pass
+    pos = len(prompt)
+    token = _pick(logits[-1], sampling, rng)
+    for i in range(max_new_tokens):
+        yield token
+        if token in stop_ids or i == max_new_tokens - 1:
+            return
+        token = _pick(session.decode(token, pos), sampling, rng)
+        pos += 1
