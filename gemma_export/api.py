@@ -1,0 +1,70 @@
+"""Library entry points used by the CLI: resolve a model reference to a config or a session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PRESETS, Gemma3Config
+from .errors import ArtifactError
+from .tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+
+
+def is_artifact(ref: str) -> bool:
+    return (Path(ref) / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not an artifact folder") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+
+
+def read_config(ref: str) -> Gemma3Config:
+    """The model config behind any reference, without loading weights."""
+    from .checkpoints import _open_gguf, config_from_gguf, config_from_hf
+    from .loading import describe
+
+    if ref in PRESETS:
+        return PRESETS[ref]
+    if is_artifact(ref):
+        return Gemma3Config.from_dict(read_manifest(ref)["model"]["config"])
+    kind, path = describe(ref)
+    if kind == "gguf":
+        return config_from_gguf(_open_gguf(path), path.stem)
+    from .checkpoints import read_hf_folder
+
+    cfg, _ = read_hf_folder(path)
+    return cfg
+
+
+@dataclass
+class Opened:
+    session: object
+    tokenizer: Tokenizer
+    description: str
+
+
+def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefill_len=128, threads=2,
+                 dtype="float32") -> Opened:
+    """A Session for a PyTorch model reference or an exported artifact folder."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if is_artifact(ref):
+        from .package import open_artifact
+
+        return open_artifact(ref, threads)
+    from .loading import ModelSpec, load
+    from .session import TorchSession
+
+    loaded = load(ModelSpec(ref, random_weights, seed, max_context, dtype))
+    session = TorchSession(loaded.model, prefill_len=prefill_len)
+    return Opened(session, Tokenizer(loaded.tokenizer_path), loaded.source)

@@ -1,0 +1,163 @@
+"""The `gemma-export` command line: a thin layer over the library.
+
+Heavy packages (torch, exporters, runtimes) are imported inside commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .errors import ExportError
+
+
+def error_boundary(fn):
+    """Typed errors become one line and an exit code; nothing else escapes as a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ExportError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.ClickException:
+            raise
+        except Exception as e:  # an internal bug: still one line, traceback on request
+            if os.environ.get("GEMMA_EXPORT_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(
+                f"Error: internal error: {type(e).__name__}: {msg} (set GEMMA_EXPORT_DEBUG=1 for a traceback)",
+                err=True,
+            )
+            sys.exit(1)
+
+    return wrapper
+
+
+def model_options(fn):
+    fn = click.option("--random-weights", is_flag=True, help="Seeded random weights at full size (no checkpoint).")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")(fn)
+    return fn
+
+
+def runtime_options(fn):
+    fn = click.option("--max-context", type=int, default=None, help="Longest sequence the KV cache holds [default: 4096, or the model's limit if smaller].")(fn)
+    fn = click.option("--prefill-len", type=int, default=128, show_default=True,
+                      help="Tokens per prefill chunk (static shape).")(fn)
+    fn = click.option("--threads", type=int, default=2, show_default=True, help="CPU threads.")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gemma-export")
+def cli():
+    """Export Gemma 3 to on-device formats and prove the artifacts match PyTorch.
+
+    MODEL is a preset name (see `gemma-export models`), a Hugging Face checkpoint folder,
+    a .gguf file, or an exported artifact folder.
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@error_boundary
+def models(as_json):
+    """List the model presets."""
+    from .config import PRESETS
+    from .loading import BUNDLED_PRESET
+
+    rows = []
+    for name, cfg in PRESETS.items():
+        rows.append({
+            "name": name, "parameters": cfg.param_counts()["total"], "layers": cfg.num_layers,
+            "window": cfg.sliding_window, "max_context": cfg.max_position_embeddings,
+            "weights": "bundled (real, GGUF Q4_K_M)" if name == BUNDLED_PRESET else "--random-weights or a checkpoint",
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<12} {r['parameters'] / 1e6:>9,.1f}M params  {r['layers']:>2} layers  "
+                   f"window {r['window']:>4}  context {r['max_context']:>7,}  weights: {r['weights']}")
+
+
+@cli.command()
+@click.argument("model")
+@model_options
+@click.option("--context", type=int, default=None, help="Context length for the KV cache figures (default: model max).")
+@click.option("--kv-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@error_boundary
+def inspect(model, random_weights, seed, context, kv_dtype, as_json):
+    """Print a model's config, parameter counts and memory figures."""
+    from .api import read_config
+    from .errors import ConfigError
+    from .inspect import format_report, report
+
+    cfg = read_config(model)
+    ctx = context or cfg.max_position_embeddings
+    if ctx < 1:
+        raise ConfigError(f"--context must be positive, got {ctx}")
+    r = report(cfg, ctx, kv_dtype)
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the Gemma chat format.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@model_options
+@runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (token ids, text, timings) at the end.")
+@error_boundary
+def generate(model, prompt, chat, max_new_tokens, temperature, top_k, random_weights, seed,
+             max_context, prefill_len, threads, as_json):
+    """Stream generated text from a PyTorch model or an exported artifact."""
+    import time
+
+    from .api import open_session
+    from .session import Sampling
+    from .session import generate as run
+
+    opened = open_session(model, random_weights=random_weights, seed=seed, max_context=max_context,
+                          prefill_len=prefill_len, threads=threads)
+    tok = opened.tokenizer
+    ids = tok.chat(prompt) if chat else tok.encode(prompt)
+    sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
+    out, shown = [], ""
+    start = time.perf_counter()
+    first = None
+    for token in run(opened.session, ids, max_new_tokens, tok.stop_ids, sampling):
+        first = first or time.perf_counter()
+        out.append(token)
+        if token in tok.stop_ids:
+            break
+        if not as_json:
+            text = tok.decode(out)
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+    end = time.perf_counter()
+    if as_json:
+        click.echo(json.dumps({
+            "prompt_tokens": len(ids), "tokens": out, "text": tok.decode([t for t in out if t not in tok.stop_ids]),
+            "time_to_first_token_s": (first or end) - start, "total_s": end - start,
+        }))
+    else:
+        click.echo()
+
+
+def main():
+    cli()
