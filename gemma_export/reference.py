@@ -22,7 +22,7 @@ def hf_config(cfg: Gemma3Config):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), sliding_window=cfg.sliding_window,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
         layer_types=["full_attention" if t == GLOBAL else "sliding_attention" for t in cfg.layer_types],
         rope_parameters=rope, attn_implementation="eager", pad_token_id=cfg.pad_token_id,
