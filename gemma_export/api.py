@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, Gemma3Config
-from .errors import ArtifactError
+from .package import MANIFEST, read_manifest
 from .tokenizer import Tokenizer
-
-MANIFEST = "manifest.json"
 
 
 def is_artifact(ref: str) -> bool:
     return (Path(ref) / MANIFEST).is_file()
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not an artifact folder") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
 
 
 def read_config(ref: str) -> Gemma3Config:

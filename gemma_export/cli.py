@@ -159,5 +159,47 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, random_wei
         click.echo()
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--format", "fmt", required=True, type=click.Choice(["pte", "onnx", "tflite"]),
+              help="Artifact format.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
+@click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@model_options
+@runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
+@error_boundary
+def export(model, fmt, out, recipe, force, random_weights, seed, max_context, prefill_len, threads, as_json):
+    """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .api import read_config
+    from .loading import ModelSpec
+    from .model import DEFAULT_CONTEXT
+    from .package import ExportRequest
+    from .package import export as run_export
+
+    torch.set_num_threads(threads)
+    ctx = max_context or min(DEFAULT_CONTEXT, read_config(model).max_position_embeddings)
+    request = ExportRequest(format=fmt, prefill_len=prefill_len, max_context=ctx, recipe=recipe)
+    spec = ModelSpec(model, random_weights=random_weights, seed=seed, max_context=ctx)
+    start = time.perf_counter()
+
+    def progress(msg):
+        click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+
+    manifest = run_export(spec, request, Path(out), force=force, progress=progress)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        click.echo(f"{out}: {manifest['format']} artifact, {size / 2**20:,.1f} MiB, "
+                   f"{len(manifest['files'])} files, exported in {manifest['export_seconds']} s")
+
+
 def main():
     cli()

@@ -1,0 +1,134 @@
+"""ExecuTorch (.pte): prefill and decode methods in one program, lowered to XNNPACK.
+
+The KV cache lives inside the program as mutable buffers shared by both methods
+(`MemoryPlanningPass(share_mutable_buffers=True)`), each sized per layer type exactly as in the
+PyTorch model. Weights are stored once (XNNPACK's named data store deduplicates them).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gemma_export.errors import ArtifactError, UnsupportedError
+from gemma_export.session import SessionInfo, check_room
+from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs
+
+FORMAT = "pte"
+FILE = "model.pte"
+SUPPORTED_RECIPES = ("fp32",)
+
+
+def check(request) -> None:
+    if request.recipe not in SUPPORTED_RECIPES:
+        raise UnsupportedError(f"format pte does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+
+
+class _Cache(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
+            self.register_buffer(name, torch.zeros(shape, dtype=model.embed_tokens.weight.dtype))
+
+
+class _Step(nn.Module):
+    """One entry point over the shared model and the shared cache buffers."""
+
+    def __init__(self, model, cache: _Cache, decode: bool):
+        super().__init__()
+        self.model, self.cache, self.decode = model, cache, decode
+        self.names = cache_names(model.cfg.num_layers)
+
+    def forward(self, tokens, pos, length=None):
+        if self.decode:
+            length = torch.ones(1, dtype=torch.int32)
+        caches = [getattr(self.cache, n) for n in self.names]
+        logits, new = self.model.step(tokens, pos, length, caches)
+        for buf, value in zip(caches, new):
+            buf.copy_(value)
+        return logits
+
+
+def export(model, request, workdir: Path, progress) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    cache = _Cache(model)
+    entry, io = {}, {}
+    for name, t, decode in ((PREFILL, request.prefill_len, False), (DECODE, 1, True)):
+        inputs = sample_inputs(model, t, decode, with_cache=False)
+        progress(f"torch.export {name} (T={t})")
+        with torch.no_grad():
+            entry[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=True)
+        logits = torch.zeros(1, t, model.cfg.vocab_size)
+        io[name] = describe_io(inputs, {"logits": logits})
+    progress("lowering to XNNPACK")
+    edge = to_edge_transform_and_lower(entry, partitioner=[XnnpackPartitioner()])
+    del entry
+    gc.collect()
+    progress("emitting ExecuTorch program")
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        passes=[InitializedMutableBufferPass(["cache"])],
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=True,
+    ))
+    del edge
+    gc.collect()
+    with (workdir / FILE).open("wb") as f:
+        program.write_to_file(f)
+    import executorch
+
+    return {
+        "entry_points": {PREFILL: io[PREFILL], DECODE: io[DECODE]},
+        "program": {"file": FILE, "backend": "XnnpackPartitioner", "kv_cache": "mutable buffers in the program"},
+        "versions": _versions(),
+    }
+
+
+def _versions():
+    from gemma_export.package import versions
+
+    return versions("executorch", "torchao")
+
+
+class PteSession:
+    def __init__(self, folder: Path, manifest: dict, threads: int):
+        from executorch.runtime import Runtime
+
+        path = folder / manifest["program"]["file"]
+        try:
+            self._program = Runtime.get().load_program(str(path))
+            self._prefill = self._program.load_method(PREFILL)
+            self._decode = self._program.load_method(DECODE)
+        except Exception as e:
+            raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
+        cfg = manifest["model"]["config"]
+        self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
+
+    def reset(self) -> None:
+        # Slots are valid only for positions >= 0 below the current one, so a new sequence
+        # starting at position 0 never reads what the cache held before.
+        pass
+
+    def prefill(self, tokens, pos: int) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        t = torch.zeros(1, self.info.prefill_len, dtype=torch.int32)
+        t[0, :n] = torch.as_tensor(list(tokens), dtype=torch.int32)
+        out = self._prefill.execute([t, torch.tensor([pos], dtype=torch.int32), torch.tensor([n], dtype=torch.int32)])
+        return out[0][0, :n].numpy()
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        check_room(self.info, pos, 1)
+        out = self._decode.execute([torch.tensor([[int(token)]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32)])
+        return out[0][0, 0].numpy()
+
+
+def open(folder: Path, manifest: dict, threads: int) -> PteSession:  # noqa: A001 - protocol name
+    return PteSession(folder, manifest, threads)

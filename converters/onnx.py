@@ -1,0 +1,151 @@
+"""ONNX: one graph with a dynamic chunk length serves prefill (T tokens) and decode (T = 1).
+
+The KV cache crosses the graph boundary as named inputs `k_cache_{i}`/`v_cache_{i}` and outputs
+`..._out`, each sized per layer type. Weights are stored once, as external data. The runtime
+session keeps the cache as onnxruntime OrtValues bound with IOBinding, so a step's outputs become
+the next step's inputs without a trip through numpy.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gemma_export.errors import ArtifactError, ExportError, UnsupportedError
+from gemma_export.session import SessionInfo, check_room
+from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs
+
+FORMAT = "onnx"
+FILE = "model.onnx"
+DATA = "model.onnx.data"
+OPSET = 18
+SUPPORTED_RECIPES = ("fp32",)
+
+
+def check(request) -> None:
+    if request.recipe not in SUPPORTED_RECIPES:
+        raise UnsupportedError(f"format onnx does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+
+
+class _Graph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, pos, length, caches: list):
+        logits, new = self.model.step(tokens, pos, length, caches)
+        return (logits, *new)
+
+
+def export(model, request, workdir: Path, progress) -> dict:
+    import onnx
+
+    names = cache_names(model.cfg.num_layers)
+    inputs = sample_inputs(model, request.prefill_len, decode=False)
+    caches = [inputs.pop(n) for n in names]
+    t = torch.export.Dim("T", min=1, max=request.prefill_len)
+    dynamic = {"tokens": {1: t}, "pos": None, "length": None, "caches": [None] * len(caches)}
+    progress("torch.onnx.export (dynamo)")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Graph(model), (inputs["tokens"], inputs["pos"], inputs["length"], caches),
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
+            input_names=["tokens", "pos", "length", *names],
+            output_names=["logits", *[f"{n}_out" for n in names]],
+            optimize=True, verbose=False,
+        )
+    progress("saving graph and external weights")
+    program.save(str(workdir / FILE), external_data=True)
+    del program
+    gc.collect()
+    data = workdir / DATA
+    if not data.is_file():
+        raise ExportError(f"onnx export wrote no external data file {DATA}")
+    progress("onnx.checker (full check)")
+    onnx.checker.check_model(str(workdir / FILE), full_check=True)
+    graph = onnx.load(str(workdir / FILE), load_external_data=False).graph
+    return {
+        "entry_points": {
+            PREFILL: {"graph": FILE, "chunk": f"1..{request.prefill_len}", **_io(graph)},
+            DECODE: {"graph": FILE, "chunk": "1", **_io(graph)},
+        },
+        "program": {"file": FILE, "external_data": DATA, "opset": OPSET, "kv_cache": "graph inputs -> outputs"},
+        "versions": _versions(),
+    }
+
+
+def _io(graph) -> dict:
+    from onnx import helper
+
+    def d(values):
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            shape = [dim.dim_param or dim.dim_value for dim in tt.shape.dim]
+            out.append({"name": v.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
+        return out
+
+    return {"inputs": d(graph.input), "outputs": d(graph.output)}
+
+
+def _versions():
+    from gemma_export.package import versions
+
+    return versions("onnx", "onnxruntime", "onnxscript")
+
+
+class OnnxSession:
+    def __init__(self, folder: Path, manifest: dict, threads: int):
+        import onnxruntime as ort
+
+        path = folder / manifest["program"]["file"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
+        self._ort = ort
+        cfg = manifest["model"]["config"]
+        self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
+        self._names = cache_names(cfg["num_layers"])
+        self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache = {
+            n: self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shapes[n], dtype=np.float32)) for n in self._names
+        }
+
+    def _run(self, tokens: np.ndarray, pos: int, n: int) -> np.ndarray:
+        b = self._sess.io_binding()
+        b.bind_cpu_input("tokens", tokens)
+        b.bind_cpu_input("pos", np.array([pos], dtype=np.int32))
+        b.bind_cpu_input("length", np.array([n], dtype=np.int32))
+        for name in self._names:
+            b.bind_ortvalue_input(name, self._cache[name])
+        b.bind_output("logits", "cpu")
+        for name in self._names:
+            b.bind_output(f"{name}_out", "cpu")
+        self._sess.run_with_iobinding(b)
+        outs = b.get_outputs()
+        self._cache = dict(zip(self._names, outs[1:]))
+        return outs[0].numpy()[0]
+
+    def prefill(self, tokens, pos: int) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        return self._run(np.asarray([tokens], dtype=np.int32), pos, n)
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        check_room(self.info, pos, 1)
+        return self._run(np.array([[token]], dtype=np.int32), pos, 1)[0]
+
+
+def open(folder: Path, manifest: dict, threads: int) -> OnnxSession:  # noqa: A001 - protocol name
+    return OnnxSession(folder, manifest, threads)

@@ -1,0 +1,183 @@
+"""Artifact folders: model files + tokenizer + manifest.json, written atomically.
+
+An export writes into a temporary folder beside the destination and renames it into place only
+when every file and the manifest are complete; on any failure the temporary folder is removed,
+so a failed export leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import ArtifactError, ConfigError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to produce: the format and the static shapes of the entry points."""
+
+    format: str
+    prefill_len: int = 128
+    max_context: int = 4096
+    recipe: str = "fp32"
+
+    def __post_init__(self):
+        if self.prefill_len < 2:
+            raise ConfigError(f"prefill length must be at least 2, got {self.prefill_len}")
+        if self.prefill_len > self.max_context:
+            raise ConfigError(f"prefill length {self.prefill_len} exceeds max context {self.max_context}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("gemma-export", "torch", *packages):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@contextmanager
+def staging(out: Path, force: bool = False):
+    """Yield a temporary folder that becomes `out` only if the block completes."""
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise ConfigError(f"{out} already exists; choose another --out or pass --force")
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists and is not an artifact folder; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {"manifest_version": MANIFEST_VERSION, **manifest, "files": files,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not an artifact folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+    for key in ("format", "model", "files", "entry_points"):
+        if key not in m:
+            raise ArtifactError(f"{path}: manifest has no {key!r} field")
+    return m
+
+
+def check_files(folder: str | Path, manifest: dict, hashes: bool = True) -> None:
+    """Every file the manifest lists exists with its size (and sha256)."""
+    folder = Path(folder)
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise ArtifactError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
+        if hashes and sha256_file(path) != info["sha256"]:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupted or replaced)")
+
+
+Progress = Callable[[str], None]
+
+
+def export(spec, request: ExportRequest, out: Path, force: bool = False,
+           progress: Progress = lambda msg: None) -> dict:
+    """Load the model, convert it with the format's converter, package it atomically."""
+    import converters
+
+    from .loading import load
+
+    fmt = converters.get(request.format)
+    fmt.check(request)
+    progress(f"loading {spec.source}")
+    t0 = time.perf_counter()
+    loaded = load(spec)
+    model = loaded.model
+    if model.max_context != request.max_context:
+        raise ConfigError(f"model built for context {model.max_context}, request says {request.max_context}")
+    with staging(out, force) as tmp:
+        progress(f"converting to {request.format} (prefill {request.prefill_len}, context {request.max_context})")
+        parts = fmt.export(model, request, tmp, progress)
+        shutil.copy(loaded.tokenizer_path, tmp / TOKENIZER)
+        progress("writing manifest (sha256 of every file)")
+        cfg = model.cfg
+        manifest = write_manifest(tmp, {
+            "format": request.format,
+            "model": {"name": cfg.name, "source": loaded.source, "config": cfg.to_dict()},
+            "request": request.to_dict(),
+            "prefill_len": request.prefill_len,
+            "max_context": request.max_context,
+            "window": cfg.sliding_window,
+            "cache_lengths": model.cache_lengths(),
+            "tokenizer": {"file": TOKENIZER, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
+                          "stop": ["<end_of_turn>", "<eos>"],
+                          "chat_template": "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"},
+            "export_seconds": round(time.perf_counter() - t0, 1),
+            **parts,
+        })
+    progress(f"wrote {out}")
+    return manifest
+
+
+def open_artifact(folder: str | Path, threads: int = 2, hashes: bool = False):
+    """A Session (and tokenizer) for an exported artifact folder."""
+    import converters
+
+    from .api import Opened
+    from .tokenizer import Tokenizer
+
+    manifest = read_manifest(folder)
+    check_files(folder, manifest, hashes=hashes)
+    fmt = converters.get(manifest["format"])
+    session = fmt.open(Path(folder), manifest, threads)
+    tok = Tokenizer(Path(folder) / manifest["tokenizer"]["file"])
+    vocab = manifest["model"]["config"]["vocab_size"]
+    if tok.vocab_size != vocab:
+        raise ArtifactError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {vocab}")
+    return Opened(session, tok, f"{manifest['format']} artifact {folder}")
