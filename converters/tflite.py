@@ -1,0 +1,134 @@
+"""TFLite / LiteRT (through litert-torch): signatures `prefill_<T>` and `decode` in one file.
+
+The KV cache is passed as signature inputs `k_cache_{i}`/`v_cache_{i}` and returned as
+`..._out`, sized per layer type (window-sized on local layers). Both signatures share one copy of
+the weights. The runtime session uses LiteRT's CompiledModel with two sets of cache buffers that
+swap roles each step, so the cache is never copied through Python.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemma_export.errors import ArtifactError, UnsupportedError
+from gemma_export.session import SessionInfo, check_room
+from gemma_export.trace import CacheIO, cache_names, describe_io, sample_inputs
+
+FORMAT = "tflite"
+FILE = "model.tflite"
+DECODE = "decode"
+SUPPORTED_RECIPES = ("fp32",)
+
+
+def prefill_name(t: int) -> str:
+    return f"prefill_{t}"
+
+
+def check(request) -> None:
+    if request.recipe not in SUPPORTED_RECIPES:
+        raise UnsupportedError(f"format tflite does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+
+
+def export(model, request, workdir: Path, progress) -> dict:
+    import litert_torch
+
+    t = request.prefill_len
+    prefill_inputs = sample_inputs(model, t, decode=False)
+    decode_inputs = sample_inputs(model, 1, decode=True)
+    prefill, decode = CacheIO(model, decode=False).eval(), CacheIO(model, decode=True).eval()
+    progress(f"litert-torch conversion (signatures {prefill_name(t)}, {DECODE}; lightweight)")
+    with torch.no_grad():
+        edge = (
+            litert_torch.signature(prefill_name(t), prefill, sample_kwargs=prefill_inputs)
+            .signature(DECODE, decode, sample_kwargs=decode_inputs)
+            # lightweight conversion keeps memory down for 1B+; its default runtime constant
+            # folding writes constants the interpreter rejects ("Tensor N is invalidly
+            # specified in schema"), so it is turned off.
+            .convert(lightweight_conversion=True, runtime_constant_folding=False)
+        )
+        progress("writing .tflite")
+        edge.export(str(workdir / FILE))
+    del edge
+    gc.collect()
+
+    def outputs(inputs, t_):
+        names = cache_names(model.cfg.num_layers)
+        shapes = dict(zip(names, model.cache_shapes()))
+        outs = {"logits": torch.zeros(1, t_, model.cfg.vocab_size)}
+        outs.update({f"{n}_out": torch.zeros(shapes[n]) for n in names})
+        return describe_io(inputs, outs)
+
+    return {
+        "entry_points": {
+            prefill_name(t): outputs(prefill_inputs, t),
+            DECODE: outputs(decode_inputs, 1),
+        },
+        "program": {"file": FILE, "signatures": [prefill_name(t), DECODE], "kv_cache": "signature inputs -> outputs"},
+        "versions": _versions(),
+    }
+
+
+def _versions():
+    from gemma_export.package import versions
+
+    return versions("litert-torch", "ai-edge-litert")
+
+
+class TfliteSession:
+    def __init__(self, folder: Path, manifest: dict, threads: int):
+        from ai_edge_litert.compiled_model import CompiledModel
+
+        path = folder / manifest["program"]["file"]
+        try:
+            self._cm = CompiledModel.from_file(str(path))
+        except Exception as e:
+            raise ArtifactError(f"{path}: LiteRT could not load the model ({str(e).splitlines()[0]})") from None
+        cfg = manifest["model"]["config"]
+        self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
+        self._prefill = prefill_name(self.info.prefill_len)
+        self._names = cache_names(cfg["num_layers"])
+        self._shapes = {e["name"]: e["shape"] for e in manifest["entry_points"][DECODE]["inputs"]}
+        cm = self._cm
+        # Two cache sets; each step reads one and writes the other, then they swap.
+        self._a = {n: cm.create_input_buffer_by_name(DECODE, n) for n in self._names}
+        self._b = {n: cm.create_output_buffer_by_name(DECODE, f"{n}_out") for n in self._names}
+        self._io = {}
+        for sig in (self._prefill, DECODE):
+            ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "pos", "length") if k != "length" or sig != DECODE}
+            self._io[sig] = (ins, cm.create_output_buffer_by_name(sig, "logits"))
+        self.reset()
+
+    def reset(self) -> None:
+        for n in self._names:
+            self._a[n].write(np.zeros(self._shapes[n], dtype=np.float32))
+
+    def _run(self, sig: str, tokens: np.ndarray, pos: int, n: int) -> np.ndarray:
+        ins, logits = self._io[sig]
+        ins["tokens"].write(tokens)
+        ins["pos"].write(np.array([pos], dtype=np.int32))
+        if "length" in ins:
+            ins["length"].write(np.array([n], dtype=np.int32))
+        outs = {"logits": logits, **{f"{k}_out": self._b[k] for k in self._names}}
+        self._cm.run_by_name(sig, {**ins, **self._a}, outs)
+        self._a, self._b = self._b, self._a
+        t, v = tokens.shape[1], self.info.vocab_size
+        return logits.read(t * v, np.float32).reshape(t, v)
+
+    def prefill(self, tokens, pos: int) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        padded = np.zeros((1, self.info.prefill_len), dtype=np.int32)
+        padded[0, :n] = tokens
+        return self._run(self._prefill, padded, pos, n)[:n]
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        check_room(self.info, pos, 1)
+        return self._run(DECODE, np.array([[token]], dtype=np.int32), pos, 1)[0]
+
+
+def open(folder: Path, manifest: dict, threads: int) -> TfliteSession:  # noqa: A001 - protocol name
+    return TfliteSession(folder, manifest, threads)

@@ -1,0 +1,83 @@
+"""Parity of a runtime Session against the PyTorch reference: teacher-forced and greedy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .metrics import Comparison, Thresholds
+from .session import Session, feed, generate
+
+# Chunk pattern for teacher forcing: full prefill chunks, decode steps and partial chunks, so
+# every entry point and padding path is exercised on both sides of the window boundary.
+MIXED = (0, 1, 1, 0.75, 1, 0.25)
+
+# Default thresholds per recipe family (an artifact's recipe may carry its own).
+DEFAULT_THRESHOLDS = {
+    "fp32": Thresholds(min_top1=0.999, min_top5=0.99, max_mean_kl=1e-4),
+}
+
+
+def schedule_for(prefill_len: int) -> list[int]:
+    return [max(1, int(round(f * prefill_len))) if f not in (0, 1) else (prefill_len if f == 0 else 1) for f in MIXED]
+
+
+@dataclass
+class ParityResult:
+    teacher_forced: Comparison
+    greedy_reference: list[int]
+    greedy_test: list[int]
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def greedy_match(self) -> int:
+        """Number of leading greedy tokens that agree."""
+        n = 0
+        for a, b in zip(self.greedy_reference, self.greedy_test):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def summary(self) -> dict:
+        return {
+            **self.teacher_forced.summary(),
+            "greedy_tokens": len(self.greedy_reference),
+            "greedy_equal_prefix": self.greedy_match,
+            "greedy_equal": self.greedy_reference == self.greedy_test,
+            "seconds": self.seconds,
+        }
+
+    def failures(self, th: Thresholds, require_greedy: bool = True) -> list[str]:
+        out = self.teacher_forced.failures(th)
+        if require_greedy and self.greedy_reference != self.greedy_test:
+            out.append(f"greedy generation diverges at token {self.greedy_match} of {len(self.greedy_reference)}")
+        return out
+
+
+def teacher_forced(reference: Session, test: Session, ids: Sequence[int], schedule=None) -> Comparison:
+    """Feed the same ids through both sessions with the same chunking; compare every position."""
+    reference.reset()
+    test.reset()
+    schedule = schedule or schedule_for(test.info.prefill_len)
+    c = Comparison()
+    ref_iter, test_iter = feed(reference, ids, schedule=schedule), feed(test, ids, schedule=schedule)
+    for (p, lr), (_, lt) in zip(ref_iter, test_iter):
+        k = min(len(lr), len(ids) - 1 - p)  # positions that have a next token (for perplexity)
+        if k > 0:
+            c.add(lr[:k], lt[:k], ids[p + 1:p + 1 + k])
+        if k < len(lr):
+            c.add(lr[k:], lt[k:])
+    return c
+
+
+def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequence[int], new_tokens: int,
+           stop_ids: Sequence[int] = ()) -> ParityResult:
+    t0 = time.perf_counter()
+    tf = teacher_forced(reference, test, ids)
+    t1 = time.perf_counter()
+    ref_gen = list(generate(reference, prompt, new_tokens, stop_ids))
+    test_gen = list(generate(test, prompt, new_tokens, stop_ids))
+    t2 = time.perf_counter()
+    return ParityResult(tf, ref_gen, test_gen, {"teacher_forced": round(t1 - t0, 2), "greedy": round(t2 - t1, 2)})

@@ -1,0 +1,111 @@
+"""Every format on the tiny model: export, run in the format's own runtime, match PyTorch past the window."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gemma_export.cli import cli
+from gemma_export.errors import ArtifactError, ConfigError, UnsupportedError
+from gemma_export.loading import ModelSpec
+from gemma_export.metrics import Thresholds
+from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
+from gemma_export.session import TorchSession
+from gemma_export.verify import parity
+
+FORMATS = ["onnx", "tflite", "pte"]
+T, CTX = 16, 256
+TINY = ModelSpec("tiny", random_weights=True, seed=0, max_context=CTX)
+# fp32 artifacts must agree with eager PyTorch to float rounding
+FP32 = Thresholds(min_top1=1.0, min_top5=1.0, max_mean_kl=1e-8, max_abs_diff=1e-3)
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def artifact(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "art"
+    export(TINY, ExportRequest(request.param, prefill_len=T, max_context=CTX), out)
+    return request.param, out
+
+
+def test_manifest_describes_the_artifact(artifact):
+    fmt, out = artifact
+    m = read_manifest(out)
+    assert m["format"] == fmt and m["prefill_len"] == T and m["max_context"] == CTX and m["window"] == 16
+    assert m["cache_lengths"] == [16, CTX]
+    assert set(m["files"]) >= {"tokenizer.json", m["program"]["file"]}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert "torch" in m["versions"] and m["model"]["config"]["name"] == "tiny"
+    names = {e["name"] for ep in m["entry_points"].values() for e in ep["inputs"]}
+    assert {"tokens", "pos"} <= names
+
+
+def test_artifact_matches_pytorch_past_the_window(artifact, tiny):
+    _, out = artifact
+    opened = open_artifact(out, hashes=True)
+    ids = np.random.default_rng(1).integers(3, 262_144, size=150).tolist()  # > 9x the window
+    prompt = ids[:20]
+    res = parity(TorchSession(tiny, prefill_len=T), opened.session, ids, prompt, 32)
+    assert res.teacher_forced.n == 150
+    assert not res.failures(FP32), res.summary()
+
+
+def test_generate_from_artifact_cli(artifact):
+    _, out = artifact
+    args = ["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)["tokens"]) == 4
+
+
+def test_truncated_model_file_is_reported(artifact, tmp_path):
+    import shutil
+
+    _, out = artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    m = read_manifest(copy)
+    f = copy / m["program"]["file"]
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="truncated or replaced"):
+        open_artifact(copy)
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    import converters.onnx as conv
+
+    def boom(*a, **k):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(conv, "export", boom)
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="planted"):
+        export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX), out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_is_not_overwritten(tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="already exists"):
+        export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX), out)
+    with pytest.raises(ConfigError, match="not an artifact folder"):
+        export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX), out, force=True)
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_unsupported_recipe_refused_before_work(fmt, tmp_path):
+    with pytest.raises(UnsupportedError):
+        export(TINY, ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe="nonsense"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_cli_reports_progress_and_summary(tmp_path):
+    out = tmp_path / "cli-onnx"
+    res = CliRunner().invoke(cli, ["export", "tiny", "--random-weights", "--format", "onnx", "--out", str(out),
+                                   "--prefill-len", "8", "--max-context", "64"])
+    assert res.exit_code == 0, res.output
+    assert "onnx artifact" in res.output and (out / "manifest.json").is_file()
