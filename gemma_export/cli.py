@@ -201,5 +201,60 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
                    f"{len(manifest['files'])} files, exported in {manifest['export_seconds']} s")
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", default=None, help="PyTorch model to compare with [default: the model the artifact came from].")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text to teacher-force [default: the bundled held-out English text].")
+@click.option("--positions", type=int, default=1300, show_default=True, help="Teacher-forced positions.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy tokens to compare.")
+@click.option("--prompt", default="The capital of France is", show_default=True, help="Prompt for the greedy run.")
+@click.option("--min-top1", type=float, default=None, help="Override the recipe's top-1 threshold.")
+@click.option("--max-mean-kl", type=float, default=None, help="Override the recipe's mean-KL threshold.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@error_boundary
+def verify(artifact, reference, text, positions, new_tokens, prompt, min_top1, max_mean_kl, json_path, threads):
+    """Check an artifact against the PyTorch reference (exit 0 pass, 3 parity failure, 1 error)."""
+    import dataclasses
+    from pathlib import Path
+
+    from .errors import ParityError
+    from .package import open_artifact, read_manifest
+    from .verify import parity, reference_for, thresholds_for
+
+    manifest = read_manifest(artifact)
+    test = open_artifact(artifact, threads, hashes=True)
+    ref = reference_for(manifest, reference, threads)
+    th = thresholds_for(manifest)
+    th = dataclasses.replace(th, **{k: v for k, v in (("min_top1", min_top1), ("max_mean_kl", max_mean_kl)) if v is not None})
+    text_path = Path(text) if text else default_eval_text()
+    ids = test.tokenizer.encode(text_path.read_text())[:positions]
+    res = parity(ref.session, test.session, ids, test.tokenizer.encode(prompt), new_tokens, test.tokenizer.stop_ids)
+    summary = res.summary()
+    failures = res.failures(th)
+    report = {"artifact": str(artifact), "format": manifest["format"], "reference": ref.description,
+              "text": str(text_path), "thresholds": th.to_dict(), "pass": not failures, "failures": failures,
+              **summary}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    for key in ("positions", "top1_agreement", "top5_overlap", "mean_kl", "max_kl", "max_abs_diff", "min_cosine",
+                "perplexity_reference", "perplexity_test", "greedy_equal_prefix", "greedy_tokens"):
+        if key in report:
+            v = report[key]
+            click.echo(f"{key:<22} {v:.6g}" if isinstance(v, float) else f"{key:<22} {v}")
+    if failures:
+        raise ParityError(f"{artifact}: parity FAILED: " + "; ".join(failures))
+    click.echo(f"PASS {artifact} ({manifest['format']}) against {ref.description}")
+
+
+def default_eval_text():
+    from pathlib import Path
+
+    import calibration
+
+    return Path(calibration.__file__).parent / "data" / "eval-en-maintguide.txt"
+
+
 def main():
     cli()

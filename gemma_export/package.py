@@ -149,7 +149,7 @@ def export(spec, request: ExportRequest, out: Path, force: bool = False,
         cfg = model.cfg
         manifest = write_manifest(tmp, {
             "format": request.format,
-            "model": {"name": cfg.name, "source": loaded.source, "config": cfg.to_dict()},
+            "model": {"name": cfg.name, "source": loaded.source, "spec": spec.to_dict(), "config": cfg.to_dict()},
             "request": request.to_dict(),
             "prefill_len": request.prefill_len,
             "max_context": request.max_context,

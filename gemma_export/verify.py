@@ -81,3 +81,26 @@ def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequen
     test_gen = list(generate(test, prompt, new_tokens, stop_ids))
     t2 = time.perf_counter()
     return ParityResult(tf, ref_gen, test_gen, {"teacher_forced": round(t1 - t0, 2), "greedy": round(t2 - t1, 2)})
+
+
+def reference_for(manifest: dict, override: str | None = None, threads: int = 2):
+    """The PyTorch reference Session for an artifact: the model it was exported from, by default."""
+    from .api import open_session
+
+    spec = dict(manifest["model"].get("spec") or {})
+    if override:
+        spec = {"source": override, "random_weights": False, "seed": 0}
+    if not spec.get("source"):
+        from .errors import ArtifactError
+
+        raise ArtifactError("the manifest does not say which model it came from; pass --reference")
+    return open_session(spec["source"], random_weights=spec.get("random_weights", False), seed=spec.get("seed", 0),
+                        max_context=manifest["max_context"], prefill_len=manifest["prefill_len"], threads=threads)
+
+
+def thresholds_for(manifest: dict) -> Thresholds:
+    recipe = manifest.get("recipe") or {}
+    if isinstance(recipe, dict) and recipe.get("thresholds"):
+        return Thresholds.from_dict(recipe["thresholds"])
+    name = manifest.get("request", {}).get("recipe", "fp32")
+    return DEFAULT_THRESHOLDS.get(name, DEFAULT_THRESHOLDS["fp32"])
