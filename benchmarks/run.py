@@ -1,0 +1,142 @@
+"""`make bench`: long measurements, written as JSON under benchmarks/results/.
+
+  export   wall time, peak RSS and artifact size of each export (real 270M; 1B random weights)
+  parity   `gemma-export verify` of each real-270M artifact (teacher-forced 1,300 tokens + 32 greedy)
+  speed    prefill and decode tokens/s of each real-270M artifact (prompt 128, 128 new tokens)
+
+Usage: python -m benchmarks.run [--only export,parity,speed] [--formats onnx,tflite,pte] [--models 270m,1b]
+Each export runs in its own process so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "out" / "bench"
+GE = [sys.executable, "-m", "gemma_export"]
+MODELS = {"270m": ["gemma3-270m"], "1b": ["gemma3-1b", "--random-weights"]}
+
+
+def run_measured(cmd: list[str], log: Path) -> dict:
+    """Run a command; return wall seconds, peak RSS (its own, from wait4) and exit code."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return {
+        "command": " ".join(cmd[2:] if cmd[:3] == GE else cmd).replace("gemma_export", "gemma-export"),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "log": str(log.relative_to(ROOT)),
+    }
+
+
+def artifact_dir(model: str, fmt: str, recipe: str = "fp32") -> Path:
+    return OUT / f"{model}-{fmt}-{recipe}"
+
+
+def bench_export(models, formats, recipe="fp32") -> list[dict]:
+    rows = []
+    for model in models:
+        for fmt in formats:
+            out = artifact_dir(model, fmt, recipe)
+            cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe]
+            print(f"export {model} {fmt} {recipe} ...", flush=True)
+            row = {"model": model, "format": fmt, "recipe": recipe,
+                   **run_measured(cmd, OUT / f"export-{model}-{fmt}-{recipe}.log")}
+            if row["exit_code"] == 0:
+                m = json.loads((out / "manifest.json").read_text())
+                row["artifact_mib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1)
+                row["model_file_mib"] = round(m["files"][m["program"]["file"]]["bytes"] / 2**20, 1)
+            print(f"  {row}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench_parity(formats, recipe="fp32") -> list[dict]:
+    rows = []
+    for fmt in formats:
+        out = artifact_dir("270m", fmt, recipe)
+        report = OUT / f"parity-270m-{fmt}-{recipe}.json"
+        print(f"verify 270m {fmt} {recipe} ...", flush=True)
+        row = run_measured([*GE, "verify", str(out), "--json", str(report)], OUT / f"verify-270m-{fmt}-{recipe}.log")
+        if report.is_file():
+            row.update(json.loads(report.read_text()))
+        print(f"  pass={row.get('pass')} top1={row.get('top1_agreement')} kl={row.get('mean_kl')}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=2) -> list[dict]:
+    import numpy as np
+
+    from gemma_export.package import open_artifact
+
+    rows = []
+    for fmt in formats:
+        out = artifact_dir("270m", fmt, recipe)
+        opened = open_artifact(out, threads)
+        s = opened.session
+        ids = np.random.default_rng(0).integers(10, 200_000, size=prompt_len).tolist()
+        s.reset()
+        s.prefill(ids[: s.info.prefill_len], 0)  # warm-up
+        s.reset()
+        t0 = time.perf_counter()
+        pos = 0
+        logits = None
+        while pos < prompt_len:
+            chunk = ids[pos:pos + s.info.prefill_len]
+            logits = s.prefill(chunk, pos)
+            pos += len(chunk)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(logits[-1]))
+        for _ in range(new_tokens):
+            tok = int(np.argmax(s.decode(tok, pos)))
+            pos += 1
+        t2 = time.perf_counter()
+        row = {"format": fmt, "recipe": recipe, "threads": threads, "prompt_tokens": prompt_len,
+               "new_tokens": new_tokens, "prefill_tok_s": round(prompt_len / (t1 - t0), 1),
+               "decode_tok_s": round(new_tokens / (t2 - t1), 1), "time_to_first_token_s": round(t1 - t0, 3)}
+        print(f"  {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def write(name: str, rows) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    print(f"wrote benchmarks/results/{name}.json", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="export,parity,speed")
+    ap.add_argument("--formats", default="onnx,tflite,pte")
+    ap.add_argument("--models", default="270m,1b")
+    ap.add_argument("--recipes", default="fp32")
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    only, formats, models = args.only.split(","), args.formats.split(","), args.models.split(",")
+    for recipe in args.recipes.split(","):
+        if "export" in only:
+            write(f"export-{recipe}", bench_export(models, formats, recipe))
+        if "parity" in only:
+            write(f"parity-270m-{recipe}", bench_parity(formats, recipe))
+        if "speed" in only:
+            write(f"speed-270m-{recipe}", bench_speed(formats, recipe))
+
+
+if __name__ == "__main__":
+    main()
