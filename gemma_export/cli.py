@@ -202,7 +202,9 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--all", "all_", is_flag=True, help="ARTIFACT is a build folder: verify every artifact in it, and "
+              "compare the artifacts with each other.")
 @click.option("--reference", default=None, help="PyTorch model to compare with [default: the model the artifact came from].")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text to teacher-force [default: the bundled held-out English text].")
@@ -212,40 +214,73 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
 @click.option("--min-top1", type=float, default=None, help="Override the recipe's top-1 threshold.")
 @click.option("--max-mean-kl", type=float, default=None, help="Override the recipe's mean-KL threshold.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.md and parity.png into this folder.")
+@click.option("--outputs", "outputs_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Check outputs produced by a bundle runner (phone, simulator, desktop) instead of running.")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The golden bundle the --outputs came from [default: the one named in the outputs' index.json].")
 @click.option("--threads", type=int, default=2, show_default=True)
 @error_boundary
-def verify(artifact, reference, text, positions, new_tokens, prompt, min_top1, max_mean_kl, json_path, threads):
+def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_top1, max_mean_kl, json_path,
+           report_dir, outputs_dir, bundle_dir, threads):
     """Check an artifact against the PyTorch reference (exit 0 pass, 3 parity failure, 1 error)."""
-    import dataclasses
     from pathlib import Path
 
-    from .errors import ParityError
-    from .package import open_artifact, read_manifest
-    from .verify import parity, reference_for, thresholds_for
+    from .errors import ArtifactError, ParityError
 
-    manifest = read_manifest(artifact)
-    test = open_artifact(artifact, threads, hashes=True)
-    ref = reference_for(manifest, reference, threads)
-    th = thresholds_for(manifest)
-    th = dataclasses.replace(th, **{k: v for k, v in (("min_top1", min_top1), ("max_mean_kl", max_mean_kl)) if v is not None})
-    text_path = Path(text) if text else default_eval_text()
-    ids = test.tokenizer.encode(text_path.read_text())[:positions]
-    res = parity(ref.session, test.session, ids, test.tokenizer.encode(prompt), new_tokens, test.tokenizer.stop_ids)
-    summary = res.summary()
-    failures = res.failures(th)
-    report = {"artifact": str(artifact), "format": manifest["format"], "reference": ref.description,
-              "text": str(text_path), "thresholds": th.to_dict(), "pass": not failures, "failures": failures,
-              **summary}
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
-    for key in ("positions", "top1_agreement", "top5_overlap", "mean_kl", "max_kl", "max_abs_diff", "min_cosine",
-                "perplexity_reference", "perplexity_test", "greedy_equal_prefix", "greedy_tokens"):
-        if key in report:
-            v = report[key]
-            click.echo(f"{key:<22} {v:.6g}" if isinstance(v, float) else f"{key:<22} {v}")
-    if failures:
-        raise ParityError(f"{artifact}: parity FAILED: " + "; ".join(failures))
-    click.echo(f"PASS {artifact} ({manifest['format']}) against {ref.description}")
+    overrides = {k: v for k, v in (("min_top1", min_top1), ("max_mean_kl", max_mean_kl)) if v is not None}
+    if outputs_dir:
+        from .bundle import check_outputs
+
+        checked = check_outputs(outputs_dir, bundle_dir, artifact, overrides)
+        _write_json(json_path, checked)
+        for line in checked["lines"]:
+            click.echo(line)
+        if checked["failures"]:
+            raise ParityError(f"{outputs_dir}: parity FAILED against bundle {checked['bundle']}: "
+                              + "; ".join(checked["failures"]))
+        click.echo(f"PASS {outputs_dir} against bundle {checked['bundle']} ({checked['format']})")
+        return
+    if not artifact:
+        raise click.UsageError("give an ARTIFACT (or a build folder with --all, or --outputs DIR)")
+    from .report import VerifyPlan, build_json, build_table, summary_lines, verify_artifact, verify_build
+    from .report import write_build_report, write_report
+
+    plan = VerifyPlan(Path(text) if text else default_eval_text(), positions, new_tokens, prompt, reference,
+                      overrides, threads)
+    if all_:
+        build = verify_build(artifact, plan)
+        _write_json(json_path, build_json(build))
+        if report_dir:
+            write_build_report(report_dir, build)
+        click.echo(build_table(build))
+        errors = [r["artifact"] for r in build["artifacts"] if "error" in r]
+        failed = [r["artifact"] for r in build["artifacts"] if "error" not in r and not r["pass"]]
+        if errors:
+            raise ArtifactError(f"{len(errors)} artifact(s) could not be verified: {', '.join(errors)}")
+        if failed:
+            raise ParityError(f"parity FAILED for {len(failed)} of {len(build['artifacts'])} artifacts: "
+                              + ", ".join(failed))
+        click.echo(f"PASS all {len(build['artifacts'])} artifacts in {artifact}")
+        return
+    verified = verify_artifact(artifact, plan)
+    report = verified.report
+    _write_json(json_path, report)
+    if report_dir:
+        write_report(report_dir, verified)
+    for line in summary_lines(report):
+        click.echo(line)
+    if report["failures"]:
+        raise ParityError(f"{artifact}: parity FAILED: " + "; ".join(report["failures"]))
+    click.echo(f"PASS {artifact} ({report['format']}) against {report['reference']}")
+
+
+def _write_json(path, data) -> None:
+    if path:
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(data, indent=2))
 
 
 def default_eval_text():
