@@ -32,7 +32,7 @@ class _Cache(nn.Module):
     def __init__(self, model):
         super().__init__()
         for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
-            self.register_buffer(name, torch.zeros(shape, dtype=model.embed_tokens.weight.dtype))
+            self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
 
 
 class _Step(nn.Module):

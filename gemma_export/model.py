@@ -38,7 +38,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # mean of squares over the last dim, written as a 4D mean over dims (2, 3) with keepdim:
+        # the form XNNPACK delegates (a plain last-dim mean splits the ExecuTorch graph into
+        # hundreds of partitions, and lowering time grows with their count).
+        n = xf.shape[-1]
+        ms = (xf * xf).reshape(1, -1, n, 1).mean((2, 3), keepdim=True).reshape(xf.shape[:-1] + (1,))
+        y = xf * torch.rsqrt(ms + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype)
 
 
@@ -147,6 +152,11 @@ class Gemma3(nn.Module):
             persistent=False,
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation/cache dtype (read from a norm: the embedding may hold integer codes)."""
+        return self.norm.weight.dtype
+
     # --- cache ---------------------------------------------------------------------------
     def cache_lengths(self) -> list[int]:
         return [self.cfg.cache_len(i, self.max_context) for i in range(self.cfg.num_layers)]
@@ -160,7 +170,7 @@ class Gemma3(nn.Module):
         return shapes
 
     def new_cache(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        dtype = dtype or self.embed_tokens.weight.dtype
+        dtype = dtype or self.dtype
         return [torch.zeros(s, dtype=dtype) for s in self.cache_shapes()]
 
     # --- the step ------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class Gemma3(nn.Module):
         """
         cfg = self.cfg
         t = tokens.shape[1]
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.dtype
         q_pos = pos + torch.arange(t, dtype=pos.dtype)
         rep = cfg.num_heads // cfg.num_kv_heads
         ropes = {

@@ -43,7 +43,7 @@ def sample_inputs(model, t: int, decode: bool, with_cache: bool = True) -> dict[
     if not decode:
         inputs["length"] = torch.full((1,), t, dtype=torch.int32)
     if with_cache:
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.dtype
         for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
             inputs[name] = torch.zeros(shape, dtype=dtype)
     return inputs

@@ -1,0 +1,214 @@
+"""Quantization done once, in PyTorch: integer codes and scales that every converter lowers as-is.
+
+`quantize_(model, recipe, calibration_ids)` replaces matched linear layers (and the tied embedding
+table) with modules that hold int8 codes (4-bit codes use the range [-8, 7]) and scales. Scales
+are rounded to bfloat16-representable values, so the dequantized weights are the same numbers in
+every format's scale dtype (bf16 for XNNPACK, fp16/fp32 elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .recipes import QuantRecipe, Scheme
+
+MIN_SCALE = 2.0**-14  # an all-zero row still gets a usable (non-zero, fp16-normal) scale
+
+
+def _blocks(scheme: Scheme, in_features: int) -> int:
+    if scheme.granularity == "channel":
+        return in_features
+    if in_features % scheme.block_size:
+        raise ConfigError(f"input size {in_features} is not a multiple of block size {scheme.block_size}")
+    return scheme.block_size
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def rtn_scales(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Symmetric scales [out, in/block]: max |w| of each block maps to the largest code."""
+    out, inp = w.shape
+    amax = w.float().reshape(out, inp // block, block).abs().amax(-1)
+    scale = (amax / qrange(bits)[1]).clamp_min(MIN_SCALE)
+    return scale.to(torch.bfloat16).float()
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    out, inp = w.shape
+    lo, hi = qrange(bits)
+    s = scale.repeat_interleave(inp // scale.shape[1], dim=1)
+    return torch.clamp(torch.round(w.float() / s), lo, hi).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: float = 0.01,
+         step: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ with static per-block scales (the round-to-nearest grid, chosen before rounding).
+
+    Columns are rounded left to right; each rounding error is spread over the columns not yet
+    rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+    """
+    w = w.float().clone()
+    scale = rtn_scales(w, bits, block)
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    lo, hi = qrange(bits)
+    n = w.shape[1]
+    q = torch.zeros_like(w, dtype=torch.int8)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        w1, err1, hinv1 = w[:, a:b].clone(), torch.zeros_like(w[:, a:b]), hinv[a:b, a:b]
+        for i in range(b - a):
+            col, d = w1[:, i], hinv1[i, i]
+            s = scale[:, (a + i) // block]
+            qc = torch.clamp(torch.round(col / s), lo, hi)
+            q[:, a + i] = qc.to(torch.int8)
+            e = (col - qc * s) / d
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, b:] -= err1 @ hinv[a:b, b:]
+    return q, scale
+
+
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activations (asymmetric per token), simulated in float."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+    zero = torch.round(-128.0 - lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, -128, 127)
+    return (q - zero) * scale
+
+
+class QLinear(nn.Module):
+    """A linear layer holding integer codes and scales (no bias; Gemma has none)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.scheme = scheme
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+
+    def weight_float(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale)
+
+    def forward(self, x):
+        if self.scheme.activations == "int8-dynamic":
+            x = fake_quant_int8_per_token(x)
+        return F.linear(x, self.weight_float().to(x.dtype))
+
+
+class QEmbedding(nn.Module):
+    """The token table as integer codes with per-row (or per-block) scales; tied to the head."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.scheme = scheme
+        self.embedding_dim = qweight.shape[1]
+
+    def forward(self, ids):
+        rows = F.embedding(ids, self.qweight.to(torch.float32))
+        s = F.embedding(ids, self.scale)
+        block = self.embedding_dim // self.scale.shape[1]
+        return rows * s.repeat_interleave(block, dim=-1)
+
+    @property
+    def weight(self):  # the dequantized table (dtype / shape queries, tied head)
+        return dequantize(self.qweight, self.scale)
+
+
+class TiedQHead(nn.Module):
+    """The output head reusing the embedding's codes and scales (stored once)."""
+
+    def __init__(self, embedding: QEmbedding):
+        super().__init__()
+        self.embedding = [embedding]  # not a submodule: its buffers belong to the embedding
+
+    def forward(self, x):
+        e = self.embedding[0]
+        return F.linear(x, dequantize(e.qweight, e.scale).to(x.dtype))
+
+
+def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
+    """Sum of x x^T of each named linear's inputs over the calibration tokens."""
+    from .session import TorchSession, feed
+
+    modules = dict(model.named_modules())
+    hs = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            hs[name] += x.T @ x
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        session = TorchSession(model, prefill_len=prefill_len)
+        for ids in calibration:
+            session.reset()
+            for _ in feed(session, ids, schedule=[len(ids)] if len(ids) <= prefill_len else None):
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 2.0 * hs[n] / max(counts[n], 1) for n in names}
+
+
+def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = None, progress=lambda m: None):
+    """Quantize `model` in place following `recipe`; returns {module name: scheme label}."""
+    if recipe.is_float:
+        return {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    plan = {n: recipe.scheme_for(n) for n in linears}
+    plan = {n: s for n, s in plan.items() if s is not None}
+    gptq_names = [n for n, s in plan.items() if s.algorithm == "gptq"]
+    hessians = {}
+    if gptq_names:
+        if not calibration:
+            raise ConfigError(f"recipe {recipe.name} needs calibration data")
+        progress(f"calibrating: {len(calibration)} samples through {len(gptq_names)} linear layers")
+        # the padded calibration chunks are exactly prefill-sized (no padding rows)
+        hessians = collect_hessians(model, gptq_names, calibration, prefill_len=max(len(c) for c in calibration))
+    done = {}
+    for i, (name, scheme) in enumerate(plan.items()):
+        lin = linears[name]
+        block = _blocks(scheme, lin.in_features)
+        w = lin.weight.detach()
+        if scheme.algorithm == "gptq":
+            q, s = gptq(w, hessians.pop(name), scheme.bits, block)
+        else:
+            s = rtn_scales(w, scheme.bits, block)
+            q = quantize_with(w, s, scheme.bits)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QLinear(q, s, scheme))
+        done[name] = scheme.label
+        if i % 20 == 0:
+            progress(f"quantized {i + 1}/{len(plan)} linear layers")
+    emb_scheme = recipe.scheme_for("embed_tokens")
+    if emb_scheme is not None:
+        w = model.embed_tokens.weight.detach()
+        block = _blocks(emb_scheme, w.shape[1])
+        s = rtn_scales(w, emb_scheme.bits, block)
+        emb = QEmbedding(quantize_with(w, s, emb_scheme.bits), s, emb_scheme)
+        model.embed_tokens = emb
+        model.lm_head = TiedQHead(emb)
+        done["embed_tokens"] = emb_scheme.label
+    return done
