@@ -231,11 +231,11 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
 
     overrides = {k: v for k, v in (("min_top1", min_top1), ("max_mean_kl", max_mean_kl)) if v is not None}
     if outputs_dir:
-        from .bundle import check_outputs
+        from .bundle import check_outputs, outputs_lines
 
         checked = check_outputs(outputs_dir, bundle_dir, artifact, overrides)
         _write_json(json_path, checked)
-        for line in checked["lines"]:
+        for line in outputs_lines(checked):
             click.echo(line)
         if checked["failures"]:
             raise ParityError(f"{outputs_dir}: parity FAILED against bundle {checked['bundle']}: "
@@ -281,6 +281,115 @@ def _write_json(path, data) -> None:
         from pathlib import Path
 
         Path(path).write_text(json.dumps(data, indent=2))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@error_boundary
+def recipes(as_json):
+    """List the quantization recipes (presets; a .toml file works wherever a name does)."""
+    from .recipes import PRESETS
+
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in PRESETS.values()], indent=2))
+        return
+    for r in PRESETS.values():
+        click.echo(f"{r.name:<14} {r.description}")
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text to score [default: the bundled held-out English text].")
+@click.option("--positions", type=int, default=2048, show_default=True, help="Tokens of the text to score.")
+@click.option("--recipe", default="fp32", show_default=True,
+              help="For a PyTorch MODEL: quantize it in PyTorch with this recipe first.")
+@click.option("--reference", default=None,
+              help="fp32 PyTorch model to compare with (KL, top-1) [default: MODEL's own source].")
+@click.option("--no-reference", is_flag=True, help="Perplexity only.")
+@model_options
+@runtime_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON here.")
+@error_boundary
+def evaluate(model, text, positions, recipe, reference, no_reference, random_weights, seed, max_context,
+             prefill_len, threads, json_path):
+    """Perplexity of MODEL (PyTorch or artifact) on a text, and KL / top-1 agreement against fp32."""
+    from pathlib import Path
+
+    from .api import is_artifact, open_session
+    from .package import read_manifest
+    from .verify import perplexity_of, reference_for, teacher_forced
+
+    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    test = open_session(model, random_weights=random_weights, seed=seed, max_context=max_context,
+                        prefill_len=prefill_len, threads=threads, recipe=recipe, progress=progress)
+    text_path = Path(text) if text else default_eval_text()
+    ids = test.tokenizer.encode(text_path.read_text())[:positions]
+    result = {"model": test.description, "text": str(text_path), "positions": len(ids)}
+    if no_reference:
+        result["perplexity"] = perplexity_of(test.session, ids)
+    else:
+        if is_artifact(model):
+            ref = reference_for(read_manifest(model), reference, threads)
+        else:
+            ref = open_session(reference or model, random_weights=random_weights, seed=seed,
+                               max_context=test.session.info.max_context, prefill_len=prefill_len, threads=threads)
+        s = teacher_forced(ref.session, test.session, ids).summary()
+        result.update({"reference": ref.description, "perplexity": s["perplexity_test"],
+                       "perplexity_reference": s["perplexity_reference"],
+                       "perplexity_change": s["perplexity_test"] / s["perplexity_reference"] - 1,
+                       "mean_kl": s["mean_kl"], "top1_agreement": s["top1_agreement"],
+                       "top5_overlap": s["top5_overlap"]})
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    for k, v in result.items():
+        click.echo(f"{k:<22} {v:.6g}" if isinstance(v, float) else f"{k:<22} {v}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text to teacher-force [default: the bundled held-out English text].")
+@click.option("--positions", type=int, default=None,
+              help="Teacher-forced positions [default: two sliding windows plus a prefill chunk].")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy tokens.")
+@click.option("--prompt", default="The capital of France is", show_default=True, help="Prompt for the greedy run.")
+@click.option("--reference", default=None, help="PyTorch model for the reference outputs [default: the artifact's].")
+@click.option("--threads", type=int, default=2, show_default=True)
+@error_boundary
+def bundle(artifact, out, text, positions, new_tokens, prompt, reference, threads):
+    """Write a golden bundle: inputs, reference outputs and an adb runner script for ARTIFACT."""
+    import time
+    from pathlib import Path
+
+    from .bundle import BundlePlan, make_bundle
+
+    plan = BundlePlan(Path(text) if text else default_eval_text(), positions, new_tokens, prompt,
+                      reference=reference, threads=threads)
+    start = time.perf_counter()
+    index = make_bundle(artifact, out, plan, lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True))
+    calls = index["calls"]
+    click.echo(f"{out}: golden bundle for {index['artifact']['format']} artifact {index['artifact']['name']}: "
+               f"{index['positions']} positions in {calls['prefill']} prefill + {calls['decode']} decode calls, "
+               f"{index['greedy']['new_tokens']} greedy tokens; run it with {out}/{index['runner']['script']} "
+               f"or gemma-export bundle-run")
+
+
+@cli.command("bundle-run")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The artifact the bundle was made from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Outputs folder to write.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@error_boundary
+def bundle_run(bundle_dir, artifact, out, threads):
+    """Produce a bundle's outputs with the desktop runtime, in the layout a device runner writes."""
+    from .bundle import run_bundle
+
+    run_bundle(bundle_dir, artifact, out, threads)
+    click.echo(f"{out}: outputs of {artifact} on the desktop runtime; check them with "
+               f"gemma-export verify --outputs {out}")
 
 
 def default_eval_text():

@@ -1,0 +1,454 @@
+"""Golden bundles: fixed inputs and PyTorch reference outputs, to run an artifact anywhere.
+
+A bundle folder holds
+  index.json        what is where: the artifact (name, format, manifest sha256s), the call
+                    sequence, the thresholds, the input and output file layouts
+  inputs.npz        the golden inputs, and the same arrays as raw little-endian files in inputs/
+  reference.npz     the reference model's outputs: top-K logits (values + vocabulary ids) at every
+                    position, full logits at a few positions, greedy tokens
+  run_on_device.sh  pushes artifact + inputs to an adb-connected phone, runs the format's runner,
+                    pulls the outputs back
+
+A runner (on a phone, in a simulator, or `run_bundle` here on the desktop) writes the files of
+`OUTPUTS` into an outputs folder; `check_outputs` compares them with the reference outputs
+using the artifact's `Thresholds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, ConfigError
+from .metrics import Comparison, Thresholds
+from .package import MANIFEST, check_files, read_manifest, sha256_file, staging
+
+BUNDLE_VERSION = 1
+INDEX = "index.json"
+INPUTS_NPZ = "inputs.npz"
+INPUTS_DIR = "inputs"
+REFERENCE_NPZ = "reference.npz"
+OUTPUTS_NPZ = "outputs.npz"  # accepted instead of the .bin files
+SCRIPT = "run_on_device.sh"
+RUNNER_ENV = {"pte": "GEMMA_PTE_RUNNER", "tflite": "GEMMA_TFLITE_RUNNER", "onnx": "GEMMA_ONNX_RUNNER"}
+RUNNER_HINT = {
+    "pte": "an executor_runner-style binary linked with the ExecuTorch runtime that loads the\n"
+           "#                     methods `prefill` and `decode` of the .pte (the stock executor_runner runs one\n"
+           "#                     method once, so it cannot drive the cache; build one with this interface)",
+    "tflite": "a binary linked with LiteRT that runs the signatures `prefill_<T>` and `decode`\n"
+              "#                     of the .tflite, passing the k/v caches from each call to the next",
+    "onnx": "a binary linked with onnxruntime that runs model.onnx (external data beside it),\n"
+            "#                     passing `k_cache_i_out`/`v_cache_i_out` of each call to the next as inputs\n"
+            "#                     (onnxruntime_perf_test only times a graph; it cannot drive the cache)",
+}
+# arrays a runner reads (all int32) and writes; shapes use N positions, C calls, K, F, P, G, V
+INPUTS = ("tokens", "calls", "ref_topk_indices", "full_positions", "prompt", "new_tokens")
+OUTPUTS = {"topk_values": "float32", "topk_indices": "int32", "at_reference": "float32",
+           "full_logits": "float32", "greedy_tokens": "int32"}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    text: Path
+    positions: int | None = None  # None: two windows plus a prefill chunk, within the max context
+    new_tokens: int = 32
+    prompt: str = "The capital of France is"
+    topk: int = 64
+    reference: str | None = None  # None: the model the artifact came from
+    threads: int = 2
+
+
+def call_plan(n: int, prefill_len: int) -> np.ndarray:
+    """(pos, n) per call: full prefill chunks over the first half (at least one chunk), then decode
+    steps, the way a phone app runs a prompt and then generates."""
+    prefilled = min(n, prefill_len * max(1, (n // 2) // prefill_len))
+    calls = [(p, min(prefill_len, prefilled - p)) for p in range(0, prefilled, prefill_len)]
+    calls += [(p, 1) for p in range(prefilled, n)]
+    return np.asarray(calls, dtype=np.int32).reshape(-1, 2)
+
+
+def full_positions_for(n: int, window: int) -> list[int]:
+    """A handful of positions whose full logits are kept: the first, both sides of the window, the last."""
+    return sorted({p for p in (0, window - 1, window, n - 1) if 0 <= p < n})
+
+
+def default_positions(manifest: dict) -> int:
+    return min(2 * manifest["window"] + manifest["prefill_len"], manifest["max_context"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a bundle's inputs through a Session (the reference, or the artifact's desktop runtime)
+# ----------------------------------------------------------------------------------------------
+
+
+def _topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argpartition(logits, -k, axis=-1)[:, -k:]
+    vals = np.take_along_axis(logits, idx, -1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return np.take_along_axis(vals, order, -1), np.take_along_axis(idx, order, -1).astype(np.int32)
+
+
+def collect(session, inputs: dict, k: int, ref_indices: np.ndarray | None = None) -> dict:
+    """Run the call sequence and the greedy run; return the output arrays of `OUTPUTS`."""
+    from .session import generate
+
+    tokens, full = inputs["tokens"], set(inputs["full_positions"].tolist())
+    n = len(tokens)
+    topv = np.zeros((n, k), np.float32)
+    topi = np.zeros((n, k), np.int32)
+    at_ref = np.zeros((n, k), np.float32)
+    full_logits = {}
+    session.reset()
+    for pos, size in inputs["calls"].tolist():
+        if size > 1:
+            logits = session.prefill(tokens[pos:pos + size].tolist(), pos)
+        else:
+            logits = session.decode(int(tokens[pos]), pos)[None, :]
+        logits = np.asarray(logits, dtype=np.float32)
+        sl = slice(pos, pos + size)
+        topv[sl], topi[sl] = _topk(logits, k)
+        if ref_indices is not None:
+            at_ref[sl] = np.take_along_axis(logits, ref_indices[sl].astype(np.int64), -1)
+        full_logits.update({p: logits[p - pos] for p in range(pos, pos + size) if p in full})
+    greedy = list(generate(session, inputs["prompt"].tolist(), int(inputs["new_tokens"][0])))
+    return {"topk_values": topv, "topk_indices": topi, "at_reference": at_ref if ref_indices is not None else topv,
+            "full_logits": np.stack([full_logits[p] for p in inputs["full_positions"].tolist()]),
+            "greedy_tokens": np.asarray(greedy, dtype=np.int32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a bundle
+# ----------------------------------------------------------------------------------------------
+
+
+def _spec(arr: np.ndarray, file: str) -> dict:
+    return {"file": file, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+
+
+def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progress: Progress = lambda m: None) -> dict:
+    """Golden inputs + reference outputs for an artifact, written atomically into `out`."""
+    from .tokenizer import Tokenizer
+    from .verify import reference_for, thresholds_for
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest, hashes=True)
+    tok = Tokenizer(artifact / manifest["tokenizer"]["file"])
+    n = plan.positions or default_positions(manifest)
+    ids = tok.encode(Path(plan.text).read_text())[:n]
+    if len(ids) < n:
+        raise ConfigError(f"{plan.text}: {len(ids)} tokens, fewer than the {n} positions asked for")
+    if n > manifest["max_context"]:
+        raise ConfigError(f"{n} positions exceed the artifact's max context {manifest['max_context']}")
+    if not 2 <= plan.topk <= manifest["model"]["config"]["vocab_size"]:
+        raise ConfigError(f"top-k must be between 2 and the vocabulary size, got {plan.topk}")
+    prompt = tok.encode(plan.prompt)
+    inputs = {"tokens": np.asarray(ids, np.int32), "calls": call_plan(n, manifest["prefill_len"]),
+              "full_positions": np.asarray(full_positions_for(n, manifest["window"]), np.int32),
+              "prompt": np.asarray(prompt, np.int32), "new_tokens": np.asarray([plan.new_tokens], np.int32)}
+    progress(f"running the reference over {n} positions and {plan.new_tokens} greedy tokens")
+    ref = reference_for(manifest, plan.reference, plan.threads)
+    reference = collect(ref.session, inputs, plan.topk)
+    inputs["ref_topk_indices"] = reference["topk_indices"]
+    calls = inputs["calls"]
+    index = {
+        "bundle_version": BUNDLE_VERSION,
+        "artifact": {"name": artifact.resolve().name, "format": manifest["format"],
+                     "recipe": manifest.get("request", {}).get("recipe", "fp32"),
+                     "manifest_sha256": sha256_file(artifact / MANIFEST),
+                     "files": {k: v["sha256"] for k, v in manifest["files"].items()},
+                     "prefill_len": manifest["prefill_len"], "max_context": manifest["max_context"],
+                     "window": manifest["window"], "vocab_size": manifest["model"]["config"]["vocab_size"]},
+        "reference": {"description": ref.description, "file": REFERENCE_NPZ,
+                      "arrays": {k: _spec(v, REFERENCE_NPZ) for k, v in reference.items() if k != "at_reference"}},
+        "thresholds": thresholds_for(manifest).to_dict(),
+        "text": str(plan.text), "prompt": plan.prompt, "topk": plan.topk,
+        "positions": n, "full_positions": inputs["full_positions"].tolist(),
+        "greedy": {"prompt_tokens": len(prompt), "new_tokens": plan.new_tokens},
+        "calls": {"prefill": int((calls[:, 1] > 1).sum()), "decode": int((calls[:, 1] == 1).sum()),
+                  "sequence": calls.tolist()},
+        "inputs": {"npz": INPUTS_NPZ, "arrays": {k: _spec(inputs[k], f"{INPUTS_DIR}/{k}.bin") for k in INPUTS}},
+        "outputs": {k: {"file": f"{k}.bin", "dtype": dt, "shape": list(reference[k].shape)}
+                    for k, dt in OUTPUTS.items()},
+        "runner": {"script": SCRIPT, "env": RUNNER_ENV[manifest["format"]]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with staging(Path(out)) as tmp:
+        np.savez(tmp / INPUTS_NPZ, **inputs)
+        (tmp / INPUTS_DIR).mkdir()
+        for k in INPUTS:
+            inputs[k].astype("<i4").tofile(tmp / INPUTS_DIR / f"{k}.bin")
+        np.savez(tmp / REFERENCE_NPZ, **{k: v for k, v in reference.items() if k != "at_reference"})
+        (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        script = tmp / SCRIPT
+        script.write_text(runner_script(index, sha256_file(tmp / INDEX)))
+        script.chmod(0o755)
+    progress(f"wrote {out}")
+    return index
+
+
+def read_index(bundle_dir: str | Path) -> dict:
+    path = Path(bundle_dir) / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{bundle_dir}: no {INDEX}; not a golden bundle") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt bundle index ({e})") from None
+    if index.get("bundle_version") != BUNDLE_VERSION:
+        raise ArtifactError(f"{path}: not a golden bundle index (bundle_version {index.get('bundle_version')!r})")
+    return index
+
+
+def check_artifact(artifact: str | Path, index: dict) -> None:
+    """The artifact is the one the bundle was made from (same manifest.json, byte for byte)."""
+    path = Path(artifact) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{artifact}: no {MANIFEST}; not an artifact folder")
+    if sha256_file(path) != index["artifact"]["manifest_sha256"]:
+        raise ArtifactError(f"{artifact}: not the artifact this bundle was made from "
+                            f"({index['artifact']['format']} artifact {index['artifact']['name']}; manifest sha256 differs)")
+
+
+def _read_arrays(folder: Path, npz: str, specs: dict, what: str) -> dict:
+    """Arrays from folder/npz if present, else from the raw little-endian files the specs name."""
+    out = {}
+    packed = np.load(folder / npz) if (folder / npz).is_file() else None
+    for name, spec in specs.items():
+        if packed is not None and name in packed:
+            arr = packed[name]
+        else:
+            path = folder / spec["file"]
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing; {what} must hold {', '.join(s['file'] for s in specs.values())}")
+            arr = np.fromfile(path, dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+        if arr.size != int(np.prod(spec["shape"])):
+            raise ArtifactError(f"{folder / spec['file']}: {arr.size} values, expected shape {spec['shape']}")
+        out[name] = arr.reshape(spec["shape"]).astype(spec["dtype"])
+    return out
+
+
+def read_inputs(bundle_dir: str | Path, index: dict) -> dict:
+    return _read_arrays(Path(bundle_dir), INPUTS_NPZ, index["inputs"]["arrays"], "a bundle")
+
+
+# ----------------------------------------------------------------------------------------------
+# The desktop runner
+# ----------------------------------------------------------------------------------------------
+
+
+def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2) -> dict:
+    """Produce a bundle's outputs with the artifact's desktop runtime, in the device file layout."""
+    from .package import open_artifact
+
+    bundle_dir, out = Path(bundle_dir), Path(out)
+    index = read_index(bundle_dir)
+    check_artifact(artifact, index)
+    opened = open_artifact(artifact, threads, hashes=True)
+    inputs = read_inputs(bundle_dir, index)
+    outputs = collect(opened.session, inputs, index["topk"], inputs["ref_topk_indices"])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in index["outputs"].items():
+        outputs[name].astype(np.dtype(spec["dtype"]).newbyteorder("<")).tofile(out / spec["file"])
+    info = {"bundle": str(bundle_dir.resolve()), "bundle_sha256": sha256_file(bundle_dir / INDEX),
+            "produced_by": f"gemma-export bundle-run ({index['artifact']['format']} desktop runtime)",
+            "artifact": str(Path(artifact).resolve())}
+    (out / INDEX).write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking outputs produced anywhere
+# ----------------------------------------------------------------------------------------------
+
+
+def find_bundle(outputs_dir: Path) -> Path:
+    """The bundle named by the outputs' index.json, else the folder holding the outputs."""
+    info = outputs_dir / INDEX
+    if info.is_file():
+        try:
+            named = json.loads(info.read_text()).get("bundle")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ArtifactError(f"{info}: corrupt outputs index ({e})") from None
+        if named and (Path(named) / INDEX).is_file():
+            return Path(named)
+    if (outputs_dir.resolve().parent / INDEX).is_file():
+        return outputs_dir.resolve().parent
+    raise ConfigError(f"{outputs_dir}: cannot tell which bundle these outputs belong to; pass --bundle")
+
+
+def _topk_comparison(ref: dict, test: dict) -> Comparison:
+    """Metrics on the reference's top-K support; top-1 and top-5 from each side's own ranking."""
+    c = Comparison()
+    c.add(ref["topk_values"], test["at_reference"])
+    ri, ti = ref["topk_indices"], test["topk_indices"]
+    c.top1 = (ri[:, 0] == ti[:, 0]).astype(float).tolist()
+    k = min(5, ri.shape[1])
+    c.top5 = ((ri[:, :k, None] == ti[:, None, :k]).any(-1).mean(-1)).tolist()
+    return c
+
+
+def check_outputs(outputs_dir: str | Path, bundle_dir: str | Path | None = None, artifact: str | Path | None = None,
+                  overrides: dict | None = None) -> dict:
+    """Compare a runner's outputs with the bundle's reference outputs; the result says pass or why not."""
+    outputs_dir = Path(outputs_dir)
+    bundle_dir = Path(bundle_dir) if bundle_dir else find_bundle(outputs_dir)
+    index = read_index(bundle_dir)
+    info_path = outputs_dir / INDEX
+    if info_path.is_file():
+        made_from = json.loads(info_path.read_text()).get("bundle_sha256")
+        if made_from and made_from != sha256_file(bundle_dir / INDEX):
+            raise ArtifactError(f"{outputs_dir}: produced from another bundle than {bundle_dir}")
+    if artifact:
+        check_artifact(artifact, index)
+    ref = _read_arrays(bundle_dir, REFERENCE_NPZ, index["reference"]["arrays"], "a bundle")
+    test = _read_arrays(outputs_dir, OUTPUTS_NPZ, index["outputs"], "a runner's outputs folder")
+    vocab = index["artifact"]["vocab_size"]
+    for name in ("topk_indices", "greedy_tokens"):
+        if test[name].size and not (0 <= test[name].min() and test[name].max() < vocab):
+            raise ArtifactError(f"{outputs_dir / index['outputs'][name]['file']}: token ids outside the vocabulary")
+    th = dataclasses.replace(Thresholds.from_dict(index["thresholds"]), **(overrides or {}))
+    topk, full = _topk_comparison(ref, test), Comparison()
+    full.add(ref["full_logits"], test["full_logits"])
+    g_ref, g_test = ref["greedy_tokens"].tolist(), test["greedy_tokens"].tolist()
+    equal = next((i for i, (a, b) in enumerate(zip(g_ref, g_test)) if a != b), len(g_ref))
+    failures = [f"top-{index['topk']} logits: {f}" for f in topk.failures(th)]
+    failures += [f"full logits at positions {index['full_positions']}: {f}" for f in full.failures(th)]
+    if g_ref != g_test:
+        failures.append(f"greedy generation diverges at token {equal} of {len(g_ref)}")
+    return {"outputs": str(outputs_dir), "bundle": str(bundle_dir), "format": index["artifact"]["format"],
+            "artifact": index["artifact"]["name"], "reference": index["reference"]["description"],
+            "thresholds": th.to_dict(), "pass": not failures, "failures": failures,
+            "topk": {"k": index["topk"], **topk.summary()}, "full_logits": full.summary(),
+            "greedy_tokens": len(g_ref), "greedy_equal_prefix": equal, "greedy_equal": g_ref == g_test,
+            "greedy_reference": g_ref, "greedy_test": g_test}
+
+
+def outputs_lines(checked: dict) -> list[str]:
+    """The metric lines `verify --outputs` prints."""
+    t, f = checked["topk"], checked["full_logits"]
+    rows = [("positions", t["positions"]), ("top1_agreement", t["top1_agreement"]), ("top5_overlap", t["top5_overlap"]),
+            (f"mean_kl (top-{t['k']})", t["mean_kl"]), (f"max_abs_diff (top-{t['k']})", t["max_abs_diff"]),
+            ("full_logits positions", f["positions"]), ("mean_kl (full)", f["mean_kl"]),
+            ("max_abs_diff (full)", f["max_abs_diff"]), ("greedy_equal_prefix", checked["greedy_equal_prefix"]),
+            ("greedy_tokens", checked["greedy_tokens"])]
+    return [f"{k:<22} {v:.6g}" if isinstance(v, float) else f"{k:<22} {v}" for k, v in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# The device runner script
+# ----------------------------------------------------------------------------------------------
+
+_SCRIPT = r"""#!/bin/sh
+# run_on_device.sh: golden bundle for the {fmt} artifact {name}. Pushes the artifact and the
+# inputs to an adb-connected phone, runs the {fmt} on-device runner there, pulls the outputs back.
+#
+# Usage:  ./run_on_device.sh ARTIFACT_DIR [OUTPUTS_DIR]
+#   ARTIFACT_DIR  the artifact this bundle was made from (its manifest.json sha256 is checked)
+#   OUTPUTS_DIR   where the outputs land on this machine [default: outputs/ beside this script]
+# Then:   gemma-export verify --outputs OUTPUTS_DIR
+#
+# Environment:
+#   {env}  path, on this machine, of the on-device runner built for the phone:
+#                     {hint}
+#   ANDROID_SERIAL    which phone, when several are attached (read by adb itself)
+#   DEVICE_DIR        working folder on the phone [default: /data/local/tmp/gemma-bundle];
+#                     shared libraries the runner needs can be pushed there (LD_LIBRARY_PATH=.)
+#   ADB               the adb program [default: adb]
+#
+# Runner interface. On the phone, in DEVICE_DIR, the runner is started as
+#     ./runner bundle --artifact artifact --out outputs
+# (the arguments of `gemma-export bundle-run`, the desktop implementation of this interface).
+# The artifact's files are in artifact/ under the names its manifest.json lists. The runner
+#   reads   bundle/inputs/*.bin, raw little-endian int32 (shapes follow from the file sizes):
+#     tokens.bin           [N]     N={n} token ids; teacher forcing feeds tokens[p] at position p
+#     calls.bin            [C, 2]  C={c} calls (pos, n), in order, on one cache from an empty start:
+#                                  n > 1: prefill tokens[pos:pos+n] (padded with 0 to the static
+#                                  prefill length {prefill_len}, length = n); n = 1: decode tokens[pos]
+#     ref_topk_indices.bin [N, K]  K={k} vocabulary ids per position at which to report logits
+#     full_positions.bin   [F]     positions whose full logits to report
+#     prompt.bin           [P]     greedy run on an emptied cache: prefill the prompt in chunks of
+#     new_tokens.bin       [1]     {prefill_len} (the last may be shorter); then G = new_tokens tokens: the
+#                                  first is the argmax of the prompt's last logits, each next one the
+#                                  argmax of decoding the previous token at the next position
+#   writes  outputs/*.bin, raw little-endian:
+#     topk_values.bin      float32 [N, K]  its K largest logits at each position, descending
+#     topk_indices.bin     int32   [N, K]  their vocabulary ids
+#     at_reference.bin     float32 [N, K]  its logits at ref_topk_indices
+#     full_logits.bin      float32 [F, V]  all V={vocab} logits at each of full_positions
+#     greedy_tokens.bin    int32   [G]     the greedy tokens
+#   and exits 0.
+#
+# Exit status: 0 outputs pulled; 2 no adb, no device or no runner; 1 wrong artifact; otherwise
+# the status of the failing step.
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+FORMAT={fmt}
+MANIFEST_SHA256={manifest_sha}
+BUNDLE_SHA256={bundle_sha}
+ARTIFACT_FILES="{files}"
+INPUTS="{inputs}"
+OUTPUTS="{outputs}"
+ADB=${{ADB:-adb}}
+DEVICE_DIR=${{DEVICE_DIR:-/data/local/tmp/gemma-bundle}}
+RUNNER=${{{env}:-}}
+
+die() {{ code=$1; shift; echo "run_on_device.sh: $*" >&2; exit "$code"; }}
+
+[ $# -ge 1 ] || die 2 "usage: $0 ARTIFACT_DIR [OUTPUTS_DIR]"
+ARTIFACT=$1
+OUT=${{2:-$HERE/outputs}}
+
+command -v "$ADB" >/dev/null 2>&1 || die 2 "no device: adb not found (install Android platform-tools or set ADB)"
+DEVICES=$("$ADB" devices | awk 'NR > 1 && $2 == "device" {{ print $1 }}')
+[ -n "$DEVICES" ] || die 2 "no device attached ('$ADB devices' lists none); connect a phone with USB debugging on"
+if [ -z "${{ANDROID_SERIAL:-}}" ] && [ "$(echo "$DEVICES" | wc -l)" -gt 1 ]; then
+    die 2 "several devices attached; choose one with ANDROID_SERIAL"
+fi
+SERIAL=${{ANDROID_SERIAL:-$DEVICES}}
+[ -n "$RUNNER" ] || die 2 "set {env} to the on-device $FORMAT runner (see the header of $0)"
+[ -f "$RUNNER" ] || die 2 "{env}=$RUNNER: no such file"
+[ -f "$ARTIFACT/manifest.json" ] || die 1 "$ARTIFACT: no manifest.json; not an artifact folder"
+SHA=$( (sha256sum "$ARTIFACT/manifest.json" 2>/dev/null || shasum -a 256 "$ARTIFACT/manifest.json") | awk '{{ print $1 }}')
+[ "$SHA" = "$MANIFEST_SHA256" ] || die 1 "$ARTIFACT: not the artifact this bundle was made from (manifest sha256 differs)"
+
+echo "run_on_device.sh: pushing to $SERIAL:$DEVICE_DIR" >&2
+"$ADB" shell "rm -rf '$DEVICE_DIR' && mkdir -p '$DEVICE_DIR/bundle/inputs' '$DEVICE_DIR/artifact' '$DEVICE_DIR/outputs'"
+for f in $ARTIFACT_FILES manifest.json; do "$ADB" push "$ARTIFACT/$f" "$DEVICE_DIR/artifact/$f" >&2; done
+"$ADB" push "$HERE/index.json" "$DEVICE_DIR/bundle/index.json" >&2
+for a in $INPUTS; do "$ADB" push "$HERE/inputs/$a.bin" "$DEVICE_DIR/bundle/inputs/$a.bin" >&2; done
+"$ADB" push "$RUNNER" "$DEVICE_DIR/runner" >&2
+
+echo "run_on_device.sh: running the $FORMAT runner on $SERIAL" >&2
+status=0
+"$ADB" shell "cd '$DEVICE_DIR' && chmod 755 runner && LD_LIBRARY_PATH=. ./runner bundle --artifact artifact --out outputs" || status=$?
+[ "$status" -eq 0 ] || die "$status" "the runner failed on $SERIAL (exit $status)"
+
+mkdir -p "$OUT"
+for o in $OUTPUTS; do "$ADB" pull "$DEVICE_DIR/outputs/$o.bin" "$OUT/$o.bin" >&2; done
+printf '{{"bundle": "%s", "bundle_sha256": "%s", "produced_by": "run_on_device.sh on %s with %s"}}\n' \
+    "$HERE" "$BUNDLE_SHA256" "$SERIAL" "$RUNNER" > "$OUT/index.json"
+echo "run_on_device.sh: outputs in $OUT; check them with: gemma-export verify --outputs $OUT" >&2
+"""
+
+
+def runner_script(index: dict, bundle_sha: str) -> str:
+    a = index["artifact"]
+    files = sorted(a["files"])
+    if any(c in f for f in files for c in " '\"$`\\"):
+        raise ConfigError(f"artifact file names with spaces or quotes cannot be pushed by {SCRIPT}: {files}")
+    return _SCRIPT.format(
+        fmt=a["format"], name=a["name"], env=index["runner"]["env"], hint=RUNNER_HINT[a["format"]],
+        n=index["positions"], c=len(index["calls"]["sequence"]), k=index["topk"], prefill_len=a["prefill_len"],
+        vocab=a["vocab_size"], manifest_sha=a["manifest_sha256"], bundle_sha=bundle_sha, files=" ".join(files),
+        inputs=" ".join(INPUTS), outputs=" ".join(OUTPUTS),
+    )
