@@ -110,9 +110,17 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def check_files(folder: str | Path, manifest: dict, hashes: bool = True) -> None:
-    """Every file the manifest lists exists with its size (and sha256)."""
+    """The manifest and the folder agree: every file the manifest lists or names (program, external
+    data, tokenizer) exists with its size (and sha256); with `hashes`, the folder holds no
+    unlisted files either."""
     folder = Path(folder)
-    for name, info in manifest["files"].items():
+    listed = manifest["files"]
+    named = [manifest.get("program", {}).get(k) for k in ("file", "external_data")]
+    named.append(manifest.get("tokenizer", {}).get("file"))
+    for name in filter(None, named):
+        if name not in listed:
+            raise ArtifactError(f"{folder}: the manifest names {name} but does not list it with a size and sha256")
+    for name, info in listed.items():
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
@@ -121,6 +129,13 @@ def check_files(folder: str | Path, manifest: dict, hashes: bool = True) -> None
             raise ArtifactError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
         if hashes and sha256_file(path) != info["sha256"]:
             raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupted or replaced)")
+    if hashes:
+        extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                       if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in listed
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if extra:
+            raise ArtifactError(f"{folder}: {', '.join(extra[:5])} not listed in the manifest "
+                                "(added after export, or the manifest belongs to other files)")
 
 
 Progress = Callable[[str], None]
@@ -174,10 +189,11 @@ def open_artifact(folder: str | Path, threads: int = 2, hashes: bool = False):
 
     manifest = read_manifest(folder)
     check_files(folder, manifest, hashes=hashes)
-    fmt = converters.get(manifest["format"])
-    session = fmt.open(Path(folder), manifest, threads)
     tok = Tokenizer(Path(folder) / manifest["tokenizer"]["file"])
     vocab = manifest["model"]["config"]["vocab_size"]
     if tok.vocab_size != vocab:
-        raise ArtifactError(f"{folder}: tokenizer has {tok.vocab_size} tokens, the model {vocab}")
+        raise ArtifactError(f"{folder}: tokenizer {manifest['tokenizer']['file']} has {tok.vocab_size} tokens, "
+                            f"the model's vocabulary {vocab}; it is not this model's tokenizer")
+    fmt = converters.get(manifest["format"])
+    session = fmt.open(Path(folder), manifest, threads)
     return Opened(session, tok, f"{manifest['format']} artifact {folder}")
