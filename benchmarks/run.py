@@ -112,8 +112,17 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
     return rows
 
 
+KEYS = ("model", "format", "recipe")
+
+
 def write(name: str, rows) -> None:
+    """Write results, keeping earlier rows for (model, format, recipe) combinations not re-run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    if path.is_file():
+        fresh = {tuple(r.get(k) for k in KEYS) for r in rows}
+        old = json.loads(path.read_text()).get("results", [])
+        rows = [r for r in old if tuple(r.get(k) for k in KEYS) not in fresh] + list(rows)
     doc = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))

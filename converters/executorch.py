@@ -66,11 +66,12 @@ def export(model, request, workdir: Path, progress) -> dict:
         progress(f"torch.export {name} (T={t})")
         with torch.no_grad():
             entry[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=True)
-        logits = torch.zeros(1, t, model.cfg.vocab_size)
-        io[name] = describe_io(inputs, {"logits": logits})
+        io[name] = describe_io(inputs, {"logits": torch.zeros(1, t, model.cfg.vocab_size)})
+    del model, cache  # the exported programs hold the weights now; nothing else should
+    gc.collect()
     progress("lowering to XNNPACK")
     edge = to_edge_transform_and_lower(entry, partitioner=[XnnpackPartitioner()])
-    del entry
+    del entry  # delegated weights now live in XNNPACK's serialized data; free the float copies
     gc.collect()
     progress("emitting ExecuTorch program")
     program = edge.to_executorch(ExecutorchBackendConfig(

@@ -40,7 +40,7 @@ class Opened:
 
 
 def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefill_len=128, threads=2,
-                 dtype="float32") -> Opened:
+                 dtype="float32", recipe: str = "fp32", progress=lambda m: None) -> Opened:
     """A Session for a PyTorch model reference or an exported artifact folder."""
     import torch
 
@@ -53,5 +53,25 @@ def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefi
     from .session import TorchSession
 
     loaded = load(ModelSpec(ref, random_weights, seed, max_context, dtype))
+    tok = Tokenizer(loaded.tokenizer_path)
+    description = loaded.source
+    if recipe != "fp32":
+        description += f" quantized in PyTorch ({quantize_model(loaded.model, recipe, tok, progress)})"
     session = TorchSession(loaded.model, prefill_len=prefill_len)
-    return Opened(session, Tokenizer(loaded.tokenizer_path), loaded.source)
+    return Opened(session, tok, description)
+
+
+def quantize_model(model, recipe_ref: str, tokenizer, progress=lambda m: None) -> str:
+    """Quantize in place with a recipe (preset or file), calibrating on the bundled corpus."""
+    import calibration
+
+    from .quantize import quantize_
+    from .recipes import resolve
+
+    recipe = resolve(recipe_ref)
+    data, digest = None, None
+    if recipe.needs_calibration:
+        c = recipe.calibration
+        data, digest = calibration.build(tokenizer, c.samples, c.seq_len, c.seed)
+    quantize_(model, recipe, data, progress)
+    return f"recipe {recipe.name}" + (f", calibration sha256 {digest[:12]}" if digest else "")

@@ -213,9 +213,10 @@ def check_artifact(artifact: str | Path, index: dict) -> None:
     path = Path(artifact) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{artifact}: no {MANIFEST}; not an artifact folder")
-    if sha256_file(path) != index["artifact"]["manifest_sha256"]:
+    a = index["artifact"]
+    if sha256_file(path) != a["manifest_sha256"]:
         raise ArtifactError(f"{artifact}: not the artifact this bundle was made from "
-                            f"({index['artifact']['format']} artifact {index['artifact']['name']}; manifest sha256 differs)")
+                            f"({a['format']} artifact {a['name']}; manifest sha256 differs)")
 
 
 def _read_arrays(folder: Path, npz: str, specs: dict, what: str) -> dict:

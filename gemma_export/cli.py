@@ -190,7 +190,8 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
     start = time.perf_counter()
 
     def progress(msg):
-        click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+        rss, peak = memory_gib()
+        click.echo(f"[{time.perf_counter() - start:7.1f}s rss {rss:5.1f} GiB peak {peak:5.1f} GiB] {msg}", err=True)
 
     manifest = run_export(spec, request, Path(out), force=force, progress=progress)
     if as_json:
@@ -368,7 +369,11 @@ def bundle(artifact, out, text, positions, new_tokens, prompt, reference, thread
     plan = BundlePlan(Path(text) if text else default_eval_text(), positions, new_tokens, prompt,
                       reference=reference, threads=threads)
     start = time.perf_counter()
-    index = make_bundle(artifact, out, plan, lambda m: click.echo(f"[{time.perf_counter() - start:7.1f}s] {m}", err=True))
+
+    def progress(msg):
+        click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+
+    index = make_bundle(artifact, out, plan, progress)
     calls = index["calls"]
     click.echo(f"{out}: golden bundle for {index['artifact']['format']} artifact {index['artifact']['name']}: "
                f"{index['positions']} positions in {calls['prefill']} prefill + {calls['decode']} decode calls, "
@@ -390,6 +395,19 @@ def bundle_run(bundle_dir, artifact, out, threads):
     run_bundle(bundle_dir, artifact, out, threads)
     click.echo(f"{out}: outputs of {artifact} on the desktop runtime; check them with "
                f"gemma-export verify --outputs {out}")
+
+
+def memory_gib() -> tuple[float, float]:
+    """Current and peak resident memory of this process, in GiB (Linux)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        rss = float("nan")
+    return rss, peak
 
 
 def default_eval_text():

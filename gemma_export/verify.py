@@ -72,6 +72,20 @@ def teacher_forced(reference: Session, test: Session, ids: Sequence[int], schedu
     return c
 
 
+def perplexity_of(session: Session, ids: Sequence[int]) -> float:
+    import numpy as np
+
+    from .metrics import perplexity
+
+    session.reset()
+    nll = []
+    for p, logits in feed(session, ids):
+        k = min(len(logits), len(ids) - 1 - p)
+        if k > 0:
+            nll.append(np.log(perplexity(logits[:k], ids[p + 1:p + 1 + k])) * k)
+    return float(np.exp(sum(nll) / (len(ids) - 1)))
+
+
 def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequence[int], new_tokens: int,
            stop_ids: Sequence[int] = ()) -> ParityResult:
     t0 = time.perf_counter()

@@ -114,7 +114,8 @@ def test_changed_top1_and_greedy_fail_with_exit_3(outputs, tmp_path):
 
     res = run("verify", "--outputs", tampered(outputs, tmp_path / "a", "topk_indices", swap_first_two))
     assert res.exit_code == 3 and "top-64 logits: top1_agreement = 0.5, needs >= 0.999" in res.output
-    res = run("verify", "--outputs", tampered(outputs, tmp_path / "b", "greedy_tokens", lambda a: a.__setitem__(3, a[3] + 1)))
+    bad = tampered(outputs, tmp_path / "b", "greedy_tokens", lambda a: a.__setitem__(3, a[3] + 1))
+    res = run("verify", "--outputs", bad)
     assert res.exit_code == 3 and f"greedy generation diverges at token 3 of {NEW}" in res.output
 
 

@@ -1,0 +1,94 @@
+"""Recipes as data, and quantization in PyTorch (codes, scales, RTN vs GPTQ) on the tiny model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_export.errors import ConfigError
+from gemma_export.quantize import QEmbedding, QLinear, dequantize, gptq, qrange, quantize_, rtn_scales
+from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme, resolve
+from gemma_export.session import TorchSession, feed
+
+
+def test_presets_exist():
+    assert {"fp32", "int8", "int8-weights", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_recipe_round_trips_json_and_toml(name, tmp_path):
+    r = PRESETS[name]
+    assert QuantRecipe.from_dict(r.to_dict()) == r
+    f = tmp_path / "r.toml"
+    f.write_text(r.to_toml())
+    assert resolve(str(f)) == r
+
+
+def test_first_matching_rule_wins():
+    r = QuantRecipe("x", (Rule("layers.0.*", None), Rule("layers.*", Scheme(4, "block", 32))))
+    assert r.scheme_for("layers.0.mlp.up_proj") is None
+    assert r.scheme_for("layers.1.mlp.up_proj").bits == 4
+    assert r.scheme_for("norm") is None
+
+
+def test_bad_schemes_and_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="bits"):
+        Scheme(bits=3)
+    with pytest.raises(ConfigError, match="block size"):
+        Scheme(bits=4, granularity="block", block_size=48)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(str(bad))
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        resolve("int3")
+
+
+def test_rtn_codes_are_in_range_and_zero_rows_get_a_nonzero_scale():
+    w = torch.randn(8, 64)
+    w[3] = 0.0
+    s = rtn_scales(w, 4, 32)
+    assert (s > 0).all()
+    assert torch.equal(s, s.to(torch.bfloat16).float())  # bf16-representable
+    from gemma_export.quantize import quantize_with
+
+    q = quantize_with(w, s, 4)
+    lo, hi = qrange(4)
+    assert q.dtype == torch.int8 and q.min() >= lo and q.max() <= hi
+    assert (dequantize(q, s) - w).abs().max() <= s.max() * 0.51
+
+
+def test_gptq_beats_rtn_on_its_objective():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated inputs
+    h = 2 * x.T.double() @ x.double() / len(x)
+    q, s = gptq(w, h, 4, 32)
+    from gemma_export.quantize import quantize_with
+
+    rtn = dequantize(quantize_with(w, s, 4), s)
+    err_gptq = ((x @ (dequantize(q, s) - w).T) ** 2).mean()
+    err_rtn = ((x @ (rtn - w).T) ** 2).mean()
+    assert err_gptq < 0.8 * err_rtn
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-b32-rtn", "int4-b32"])
+def test_quantize_replaces_layers_and_stays_close(tiny, name):
+    m = copy.deepcopy(tiny)
+    calib = [np.random.default_rng(i).integers(3, 262_144, size=32).tolist() for i in range(4)]
+    done = quantize_(m, PRESETS[name], calib)
+    assert isinstance(m.layers[0].mlp.down_proj, QLinear) and isinstance(m.embed_tokens, QEmbedding)
+    assert len(done) == 2 * 7 + 1
+    ids = list(range(100, 160))
+    ref = np.concatenate([lg for _, lg in feed(TorchSession(tiny, prefill_len=16), ids)])
+    got = np.concatenate([lg for _, lg in feed(TorchSession(m, prefill_len=16), ids)])
+    rel = np.abs(ref - got).max() / np.abs(ref).max()
+    assert rel < (0.05 if name == "int8" else 0.5)
+
+
+def test_embedding_codes_are_shared_with_the_head(tiny):
+    m = copy.deepcopy(tiny)
+    quantize_(m, PRESETS["int4-b32-rtn"])
+    names = [n for n, _ in m.named_buffers() if "qweight" in n and "embed" in n]
+    assert names == ["embed_tokens.qweight"]  # stored once, the head reads the same buffer
