@@ -21,6 +21,7 @@ from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample
 FORMAT = "pte"
 FILE = "model.pte"
 SUPPORTED_RECIPES = ("fp32",)
+HIDDEN = "hidden"
 
 
 def check(request) -> None:
@@ -53,6 +54,19 @@ class _Step(nn.Module):
         return logits
 
 
+class _Hidden(nn.Module):
+    """Debug method: the residual stream per layer for a chunk at position 0 (cache untouched)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, length):
+        caches = [torch.zeros(s, dtype=self.model.dtype) for s in self.model.cache_shapes()]
+        _, _, hidden = self.model.step(tokens, torch.zeros(1, dtype=torch.int32), length, caches, hidden=True)
+        return hidden
+
+
 def export(model, request, workdir: Path, progress) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -67,6 +81,10 @@ def export(model, request, workdir: Path, progress) -> dict:
         with torch.no_grad():
             entry[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=True)
         io[name] = describe_io(inputs, {"logits": torch.zeros(1, t, model.cfg.vocab_size)})
+    progress(f"torch.export {HIDDEN} (debug, T={request.prefill_len})")
+    tokens, length = torch.zeros(1, request.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with torch.no_grad():
+        entry[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=True)
     del model, cache  # the exported programs hold the weights now; nothing else should
     gc.collect()
     progress("lowering to XNNPACK")
@@ -107,6 +125,7 @@ class PteSession:
             self._program = Runtime.get().load_program(str(path))
             self._prefill = self._program.load_method(PREFILL)
             self._decode = self._program.load_method(DECODE)
+            self._hidden = None
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
         cfg = manifest["model"]["config"]
@@ -124,6 +143,15 @@ class PteSession:
         t[0, :n] = torch.as_tensor(list(tokens), dtype=torch.int32)
         out = self._prefill.execute([t, torch.tensor([pos], dtype=torch.int32), torch.tensor([n], dtype=torch.int32)])
         return out[0][0, :n].numpy()
+
+    def hidden_states(self, tokens) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, 0, n)
+        t = torch.zeros(1, self.info.prefill_len, dtype=torch.int32)
+        t[0, :n] = torch.as_tensor(list(tokens), dtype=torch.int32)
+        if self._hidden is None:
+            self._hidden = self._program.load_method(HIDDEN)
+        return self._hidden.execute([t, torch.tensor([n], dtype=torch.int32)])[0][:, :n].numpy()
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         check_room(self.info, pos, 1)

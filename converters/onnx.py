@@ -24,6 +24,7 @@ FILE = "model.onnx"
 DATA = "model.onnx.data"
 OPSET = 18
 SUPPORTED_RECIPES = ("fp32",)
+HIDDEN = "hidden_states"  # debug output: residual stream after the embedding and each layer
 
 
 def check(request) -> None:
@@ -37,8 +38,8 @@ class _Graph(nn.Module):
         self.model = model
 
     def forward(self, tokens, pos, length, caches: list):
-        logits, new = self.model.step(tokens, pos, length, caches)
-        return (logits, *new)
+        logits, new, hidden = self.model.step(tokens, pos, length, caches, hidden=True)
+        return (logits, *new, hidden)
 
 
 def export(model, request, workdir: Path, progress) -> dict:
@@ -55,7 +56,7 @@ def export(model, request, workdir: Path, progress) -> dict:
             _Graph(model), (inputs["tokens"], inputs["pos"], inputs["length"], caches),
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
             input_names=["tokens", "pos", "length", *names],
-            output_names=["logits", *[f"{n}_out" for n in names]],
+            output_names=["logits", *[f"{n}_out" for n in names], HIDDEN],
             optimize=True, verbose=False,
         )
     progress("saving graph and external weights")
@@ -132,9 +133,11 @@ class OnnxSession:
         b.bind_output("logits", "cpu")
         for name in self._names:
             b.bind_output(f"{name}_out", "cpu")
+        b.bind_output(HIDDEN, "cpu")
         self._sess.run_with_iobinding(b)
         outs = b.get_outputs()
-        self._cache = dict(zip(self._names, outs[1:]))
+        self._cache = dict(zip(self._names, outs[1:-1]))
+        self._hidden = outs[-1]
         return outs[0].numpy()[0]
 
     def prefill(self, tokens, pos: int) -> np.ndarray:
@@ -145,6 +148,13 @@ class OnnxSession:
     def decode(self, token: int, pos: int) -> np.ndarray:
         check_room(self.info, pos, 1)
         return self._run(np.array([[token]], dtype=np.int32), pos, 1)[0]
+
+    def hidden_states(self, tokens) -> np.ndarray:
+        self.reset()
+        self.prefill(tokens, 0)
+        hidden = self._hidden.numpy()
+        self.reset()
+        return hidden
 
 
 def open(folder: Path, manifest: dict, threads: int) -> OnnxSession:  # noqa: A001 - protocol name

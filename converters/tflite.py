@@ -28,6 +28,21 @@ def prefill_name(t: int) -> str:
     return f"prefill_{t}"
 
 
+def hidden_name(t: int) -> str:
+    return f"hidden_{t}"  # debug signature: residual stream per layer (verify --locate)
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.names = cache_names(model.cfg.num_layers)
+
+    def forward(self, tokens, pos, length, **caches):
+        _, _, hidden = self.model.step(tokens, pos, length, [caches[n] for n in self.names], hidden=True)
+        return {"hidden_states": hidden}
+
+
 def check(request) -> None:
     if request.recipe not in SUPPORTED_RECIPES:
         raise UnsupportedError(f"format tflite does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
@@ -45,6 +60,7 @@ def export(model, request, workdir: Path, progress) -> dict:
         edge = (
             litert_torch.signature(prefill_name(t), prefill, sample_kwargs=prefill_inputs)
             .signature(DECODE, decode, sample_kwargs=decode_inputs)
+            .signature(hidden_name(t), _Hidden(model).eval(), sample_kwargs=prefill_inputs)
             # lightweight conversion keeps memory down for 1B+; its default runtime constant
             # folding writes constants the interpreter rejects ("Tensor N is invalidly
             # specified in schema"), so it is turned off.
@@ -67,7 +83,8 @@ def export(model, request, workdir: Path, progress) -> dict:
             prefill_name(t): outputs(prefill_inputs, t),
             DECODE: outputs(decode_inputs, 1),
         },
-        "program": {"file": FILE, "signatures": [prefill_name(t), DECODE], "kv_cache": "signature inputs -> outputs"},
+        "program": {"file": FILE, "signatures": [prefill_name(t), DECODE, hidden_name(t)],
+                    "kv_cache": "signature inputs -> outputs"},
         "versions": _versions(),
     }
 
@@ -91,6 +108,7 @@ class TfliteSession:
         self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
         self._prefill = prefill_name(self.info.prefill_len)
         self._names = cache_names(cfg["num_layers"])
+        self._layers, self._hidden = cfg["num_layers"], cfg["hidden_size"]
         self._shapes = {e["name"]: e["shape"] for e in manifest["entry_points"][DECODE]["inputs"]}
         cm = self._cm
         # Two cache sets; each step reads one and writes the other, then they swap.
@@ -128,6 +146,24 @@ class TfliteSession:
     def decode(self, token: int, pos: int) -> np.ndarray:
         check_room(self.info, pos, 1)
         return self._run(DECODE, np.array([[token]], dtype=np.int32), pos, 1)[0]
+
+    def hidden_states(self, tokens) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, 0, n)
+        sig, cm = hidden_name(self.info.prefill_len), self._cm
+        ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "pos", "length")}
+        padded = np.zeros((1, self.info.prefill_len), dtype=np.int32)
+        padded[0, :n] = tokens
+        ins["tokens"].write(padded)
+        ins["pos"].write(np.zeros(1, dtype=np.int32))
+        ins["length"].write(np.array([n], dtype=np.int32))
+        zeros = {k: cm.create_input_buffer_by_name(sig, k) for k in self._names}
+        for k, buf in zeros.items():
+            buf.write(np.zeros(self._shapes[k], dtype=np.float32))
+        out = cm.create_output_buffer_by_name(sig, "hidden_states")
+        cm.run_by_name(sig, {**ins, **zeros}, {"hidden_states": out})
+        layers, hid = self._layers + 1, self._hidden
+        return out.read(layers * self.info.prefill_len * hid, np.float32).reshape(layers, -1, hid)[:, :n]
 
 
 def open(folder: Path, manifest: dict, threads: int) -> TfliteSession:  # noqa: A001 - protocol name

@@ -190,11 +190,13 @@ class Gemma3(nn.Module):
         mask = torch.where(ok, 0.0, NEG_INF)
         return mask.repeat(rep, 1) if rep > 1 else mask
 
-    def step(self, tokens, pos, length, caches, all_logits: bool = True):
+    def step(self, tokens, pos, length, caches, all_logits: bool = True, hidden: bool = False):
         """tokens [1, T] int, pos [1] int (position of tokens[0]), length [1] int (valid tokens).
 
         Returns (logits [1, T or 1, V], new caches). With all_logits=False only the logits of
-        the last valid token are computed.
+        the last valid token are computed. With hidden=True a third result is the residual
+        stream after the embedding and after each layer, [L + 1, T, hidden] (the debug output
+        `verify --locate` uses to find the first diverging layer).
         """
         cfg = self.cfg
         t = tokens.shape[1]
@@ -212,15 +214,18 @@ class Gemma3(nn.Module):
             masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
             keeps[s] = length + torch.arange(s, dtype=length.dtype)
         x = self.embed_tokens(tokens) * torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype)
-        new_caches = []
+        new_caches, states = [], [x[0]]
         for i, layer in enumerate(self.layers):
             g, s = cfg.is_global(i), lengths[i]
             cos, sin = ropes[g]
             x, k, v = layer(x, cos, sin, masks[(s, g)], keeps[s], caches[2 * i], caches[2 * i + 1])
             new_caches += [k, v]
+            states.append(x[0])
         if not all_logits:
             x = torch.index_select(x, 1, length - 1)
         logits = self.lm_head(self.norm(x))
+        if hidden:
+            return logits, new_caches, torch.stack(states)
         return logits, new_caches
 
     def forward(self, tokens, pos, length, caches):

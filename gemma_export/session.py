@@ -34,6 +34,8 @@ class Session(Protocol):
 
     def decode(self, token: int, pos: int) -> np.ndarray: ...  # [V]
 
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray: ...  # [L + 1, n, hidden], at position 0
+
 
 def check_room(info: SessionInfo, pos: int, n: int) -> None:
     if n < 1:
@@ -82,6 +84,16 @@ class TorchSession:
     def decode(self, token: int, pos: int) -> np.ndarray:
         check_room(self.info, pos, 1)
         return self._run([int(token)], pos, 1)[0]
+
+    def hidden_states(self, tokens) -> np.ndarray:
+        torch = self._torch
+        n = len(tokens)
+        check_room(self.info, 0, n)
+        padded = list(tokens) + [0] * (self.info.prefill_len - n)
+        with torch.no_grad():
+            _, _, h = self.model.step(torch.tensor([padded], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                                   torch.tensor([n], dtype=torch.int32), self.model.new_cache(), hidden=True)
+        return h[:, :n].float().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,3 +118,37 @@ def thresholds_for(manifest: dict) -> Thresholds:
         return Thresholds.from_dict(recipe["thresholds"])
     name = manifest.get("request", {}).get("recipe", "fp32")
     return DEFAULT_THRESHOLDS.get(name, DEFAULT_THRESHOLDS["fp32"])
+
+
+# Relative L2 error of a layer's output above which `locate` calls it diverged (fp32 artifacts
+# sit near 1e-6; a wrong weight or a miscompiled op lands far above).
+LOCATE_THRESHOLD = 1e-2
+
+
+def locate(reference: Session, test: Session, ids: Sequence[int], threshold: float = LOCATE_THRESHOLD) -> dict:
+    """The first decoder layer whose output (residual stream) diverges from the reference.
+
+    Both sessions run one prefill chunk at position 0 through their debug entry point, which
+    returns the hidden state after the embedding and after every layer.
+    """
+    import numpy as np
+
+    ids = list(ids)[: test.info.prefill_len]
+    a, b = reference.hidden_states(ids), test.hidden_states(ids)
+    if a.shape != b.shape:
+        raise ValueError(f"hidden state shapes differ: reference {a.shape}, artifact {b.shape}")
+    rel = [float(np.linalg.norm(b[k] - a[k]) / max(np.linalg.norm(a[k]), 1e-30)) for k in range(len(a))]
+    first = next((k for k, r in enumerate(rel) if r > threshold), None)
+    if first is None:
+        where = None
+    elif first == 0:
+        where = "embedding"
+    else:
+        where = f"layer {first - 1}"
+    return {
+        "threshold": threshold,
+        "tokens": len(ids),
+        "relative_error": {("embedding" if k == 0 else f"layer {k - 1}"): r for k, r in enumerate(rel)},
+        "first_diverging": where,
+        "first_diverging_layer": None if first in (None, 0) else first - 1,
+    }

@@ -109,3 +109,23 @@ def test_export_cli_reports_progress_and_summary(tmp_path):
                                    "--prefill-len", "8", "--max-context", "64"])
     assert res.exit_code == 0, res.output
     assert "onnx artifact" in res.output and (out / "manifest.json").is_file()
+
+
+def test_locate_names_the_planted_faulty_layer(artifact, tiny, tmp_path):
+    import shutil
+
+    from faults import plant
+    from gemma_export.verify import locate
+
+    fmt, out = artifact
+    ids = list(range(1000, 1016))
+    ref = TorchSession(tiny, prefill_len=T)
+    clean = locate(ref, open_artifact(out).session, ids)
+    assert clean["first_diverging"] is None, clean
+    assert max(clean["relative_error"].values()) < 1e-4
+    bad = tmp_path / "faulty"
+    shutil.copytree(out, bad)
+    where = plant(bad, tiny.layers[1].mlp.down_proj.weight.detach().numpy())
+    found = locate(ref, open_artifact(bad, hashes=True).session, ids)
+    assert found["first_diverging"] == "layer 1", (where, found)
+    assert found["relative_error"]["layer 0"] < 1e-4
