@@ -221,10 +221,13 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
               help="Check outputs produced by a bundle runner (phone, simulator, desktop) instead of running.")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="The golden bundle the --outputs came from [default: the one named in the outputs' index.json].")
+@click.option("--locate", is_flag=True, help="Also name the first decoder layer whose hidden state diverges.")
+@click.option("--locate-threshold", type=float, default=None,
+              help="Relative error that counts as diverging for --locate [default: 0.01].")
 @click.option("--threads", type=int, default=2, show_default=True)
 @error_boundary
 def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_top1, max_mean_kl, json_path,
-           report_dir, outputs_dir, bundle_dir, threads):
+           report_dir, outputs_dir, bundle_dir, locate, locate_threshold, threads):
     """Check an artifact against the PyTorch reference (exit 0 pass, 3 parity failure, 1 error)."""
     from pathlib import Path
 
@@ -249,7 +252,7 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
     from .report import write_build_report, write_report
 
     plan = VerifyPlan(Path(text) if text else default_eval_text(), positions, new_tokens, prompt, reference,
-                      overrides, threads)
+                      overrides, threads, locate, locate_threshold)
     if all_:
         build = verify_build(artifact, plan)
         _write_json(json_path, build_json(build))
@@ -272,6 +275,11 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
         write_report(report_dir, verified)
     for line in summary_lines(report):
         click.echo(line)
+    if "locate" in report:
+        from .report import locate_lines
+
+        for line in locate_lines(report["locate"]):
+            click.echo(line)
     if report["failures"]:
         raise ParityError(f"{artifact}: parity FAILED: " + "; ".join(report["failures"]))
     click.echo(f"PASS {artifact} ({report['format']}) against {report['reference']}")

@@ -45,6 +45,8 @@ class VerifyPlan:
     reference: str | None = None  # model to compare with; None: the one the artifact came from
     overrides: dict = field(default_factory=dict)  # Thresholds fields that replace the recipe's
     threads: int = 2
+    locate: bool = False  # also name the first diverging layer (debug entry point)
+    locate_threshold: float | None = None
 
 
 @dataclass
@@ -109,7 +111,21 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
               "text": str(plan.text), "window": manifest["window"], "thresholds": th.to_dict(),
               "pass": not failures, "failures": failures, **res.summary(),
               "greedy_reference": res.greedy_reference, "greedy_test": res.greedy_test}
+    if plan.locate:
+        from .verify import LOCATE_THRESHOLD, locate
+
+        report["locate"] = locate(ref.session, test.session, ids, plan.locate_threshold or LOCATE_THRESHOLD)
     return Verified(report, res, test, ids, manifest["window"])
+
+
+def locate_lines(found: dict) -> list[str]:
+    lines = [f"per-layer relative error of the hidden state ({found['tokens']} tokens at position 0):"]
+    lines += [f"  {name:<12} {err:.3g}{'  <- diverges' if err > found['threshold'] else ''}"
+              for name, err in found["relative_error"].items()]
+    first = found["first_diverging"]
+    lines.append(f"first diverging: {first} (threshold {found['threshold']:g})" if first
+                 else f"no layer diverges beyond {found['threshold']:g}")
+    return lines
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -280,6 +296,13 @@ def markdown(report: dict, per_position: dict, tokenizer=None) -> str:
     if tokenizer is not None:
         md += ["", f"- reference: `{_text(tokenizer, r['greedy_reference'])}`",
                f"- {r['format']}: `{_text(tokenizer, r['greedy_test'])}`"]
+    if "locate" in r:
+        loc = r["locate"]
+        md += ["", "## Where it diverges (hidden state per layer)", "",
+               f"First diverging: **{loc['first_diverging'] or 'none'}** (relative error threshold "
+               f"{loc['threshold']:g}, {loc['tokens']} tokens at position 0).", "",
+               "| after | relative error |", "|---|---|"]
+        md += [f"| {name} | {err:.3g} |" for name, err in loc["relative_error"].items()]
     md += ["", f"![per-position KL and running top-1 agreement]({PARITY_PNG})", ""]
     return "\n".join(md)
 

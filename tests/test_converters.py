@@ -129,3 +129,20 @@ def test_locate_names_the_planted_faulty_layer(artifact, tiny, tmp_path):
     found = locate(ref, open_artifact(bad, hashes=True).session, ids)
     assert found["first_diverging"] == "layer 1", (where, found)
     assert found["relative_error"]["layer 0"] < 1e-4
+
+
+def test_verify_cli_locate_names_the_faulty_layer(tmp_path, tiny):
+    """`verify --locate` on an artifact with a planted fault: exit 3, and the layer is named."""
+    import shutil
+
+    from faults import plant
+
+    out = tmp_path / "onnx"
+    export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX), out)
+    plant(out, tiny.layers[0].self_attn.v_proj.weight.detach().numpy(), factor=-2.0)
+    report = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["verify", str(out), "--positions", "60", "--new-tokens", "4", "--locate",
+                                   "--report", str(report)])
+    assert res.exit_code == 3, res.output
+    assert "first diverging: layer 0" in res.output
+    assert "**layer 0**" in (report / "report.md").read_text()
