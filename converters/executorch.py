@@ -81,10 +81,11 @@ def export(model, request, workdir: Path, progress) -> dict:
         with torch.no_grad():
             entry[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=False)
         io[name] = describe_io(inputs, {"logits": torch.zeros(1, t, model.cfg.vocab_size)})
-    progress(f"torch.export {HIDDEN} (debug, T={request.prefill_len})")
-    tokens, length = torch.zeros(1, request.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    with torch.no_grad():
-        entry[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
+    if request.debug_outputs:
+        progress(f"torch.export {HIDDEN} (debug, T={request.prefill_len})")
+        tokens, length = torch.zeros(1, request.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+        with torch.no_grad():
+            entry[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
     del model, cache  # the exported programs hold the weights now; nothing else should
     gc.collect()
     progress("lowering to XNNPACK")
@@ -105,7 +106,8 @@ def export(model, request, workdir: Path, progress) -> dict:
 
     return {
         "entry_points": {PREFILL: io[PREFILL], DECODE: io[DECODE]},
-        "program": {"file": FILE, "backend": "XnnpackPartitioner", "kv_cache": "mutable buffers in the program"},
+        "program": {"file": FILE, "backend": "XnnpackPartitioner", "kv_cache": "mutable buffers in the program",
+                    "debug_entry_point": HIDDEN if request.debug_outputs else None},
         "versions": _versions(),
     }
 
@@ -150,6 +152,8 @@ class PteSession:
         t = torch.zeros(1, self.info.prefill_len, dtype=torch.int32)
         t[0, :n] = torch.as_tensor(list(tokens), dtype=torch.int32)
         if self._hidden is None:
+            if HIDDEN not in self._program.method_names:
+                raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
             self._hidden = self._program.load_method(HIDDEN)
         return self._hidden.execute([t, torch.tensor([n], dtype=torch.int32)])[0][:, :n].numpy()
 

@@ -57,10 +57,14 @@ def export(model, request, workdir: Path, progress) -> dict:
     prefill, decode = CacheIO(model, decode=False).eval(), CacheIO(model, decode=True).eval()
     progress(f"litert-torch conversion (signatures {prefill_name(t)}, {DECODE}; lightweight)")
     with torch.no_grad():
-        edge = (
+        sigs = (
             litert_torch.signature(prefill_name(t), prefill, sample_kwargs=prefill_inputs)
             .signature(DECODE, decode, sample_kwargs=decode_inputs)
-            .signature(hidden_name(t), _Hidden(model).eval(), sample_kwargs=prefill_inputs)
+        )
+        if request.debug_outputs:
+            sigs = sigs.signature(hidden_name(t), _Hidden(model).eval(), sample_kwargs=prefill_inputs)
+        edge = (
+            sigs
             # lightweight conversion keeps memory down for 1B+; its default runtime constant
             # folding writes constants the interpreter rejects ("Tensor N is invalidly
             # specified in schema"), so it is turned off.
@@ -83,7 +87,8 @@ def export(model, request, workdir: Path, progress) -> dict:
             prefill_name(t): outputs(prefill_inputs, t),
             DECODE: outputs(decode_inputs, 1),
         },
-        "program": {"file": FILE, "signatures": [prefill_name(t), DECODE, hidden_name(t)],
+        "program": {"file": FILE,
+                    "signatures": [prefill_name(t), DECODE] + ([hidden_name(t)] if request.debug_outputs else []),
                     "kv_cache": "signature inputs -> outputs"},
         "versions": _versions(),
     }
@@ -107,6 +112,7 @@ class TfliteSession:
         cfg = manifest["model"]["config"]
         self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
         self._prefill = prefill_name(self.info.prefill_len)
+        self._signatures = manifest["program"]["signatures"]
         self._names = cache_names(cfg["num_layers"])
         self._layers, self._hidden = cfg["num_layers"], cfg["hidden_size"]
         self._shapes = {e["name"]: e["shape"] for e in manifest["entry_points"][DECODE]["inputs"]}
@@ -151,6 +157,8 @@ class TfliteSession:
         n = len(tokens)
         check_room(self.info, 0, n)
         sig, cm = hidden_name(self.info.prefill_len), self._cm
+        if sig not in self._signatures:
+            raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
         ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "pos", "length")}
         padded = np.zeros((1, self.info.prefill_len), dtype=np.int32)
         padded[0, :n] = tokens

@@ -166,11 +166,14 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, random_wei
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
+              help="Include the per-layer hidden-state entry point that `verify --locate` uses.")
 @model_options
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 @error_boundary
-def export(model, fmt, out, recipe, force, random_weights, seed, max_context, prefill_len, threads, as_json):
+def export(model, fmt, out, recipe, force, debug_outputs, random_weights, seed, max_context, prefill_len, threads,
+           as_json):
     """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
     import time
     from pathlib import Path
@@ -185,7 +188,8 @@ def export(model, fmt, out, recipe, force, random_weights, seed, max_context, pr
 
     torch.set_num_threads(threads)
     ctx = max_context or min(DEFAULT_CONTEXT, read_config(model).max_position_embeddings)
-    request = ExportRequest(format=fmt, prefill_len=prefill_len, max_context=ctx, recipe=recipe)
+    request = ExportRequest(format=fmt, prefill_len=prefill_len, max_context=ctx, recipe=recipe,
+                            debug_outputs=debug_outputs)
     spec = ModelSpec(model, random_weights=random_weights, seed=seed, max_context=ctx)
     start = time.perf_counter()
 

@@ -34,6 +34,9 @@ class ExportRequest:
     prefill_len: int = 128
     max_context: int = 4096
     recipe: str = "fp32"
+    # a third entry point returning per-layer hidden states (verify --locate); shares the weights,
+    # but ExecuTorch lowers every method separately, so it costs export time and memory there
+    debug_outputs: bool = True
 
     def __post_init__(self):
         if self.prefill_len < 2:
