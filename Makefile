@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m gemma_export.prepare
 	touch $(STAMP)
 
+# the main job on the bundled real Gemma 3 270M: export, prove parity, run the artifact
 demo: install
-	$(GE) generate gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
+	$(GE) export gemma3-270m --format onnx --out $(OUT)/demo-onnx --force
+	$(GE) verify $(OUT)/demo-onnx --report $(OUT)/demo-onnx-report --json $(OUT)/demo-onnx-report/parity.json
+	$(GE) generate $(OUT)/demo-onnx --prompt "The capital of France is" --max-new-tokens 32
 
 test: install
 	$(PY) -m pytest -q -rs
