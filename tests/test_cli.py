@@ -69,3 +69,24 @@ def test_preset_without_weights_needs_random_flag():
 def test_bad_max_context():
     res = run("generate", "tiny", "--random-weights", "--prompt", "x", "--max-context", "99999")
     assert res.exit_code == 1 and "max context" in res.output
+
+
+def test_recipes_lists_presets():
+    res = run("recipes", "--json")
+    assert res.exit_code == 0
+    assert {r["name"] for r in json.loads(res.output)} >= {"fp32", "int8", "int4-b32", "int4-b32-rtn"}
+
+
+def test_eval_quantized_tiny_against_fp32(tmp_path):
+    out = tmp_path / "eval.json"
+    res = run("eval", "tiny", "--random-weights", "--recipe", "int4-b32-rtn", "--positions", "80",
+              "--prefill-len", "16", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert r["positions"] == 80 and 0 < r["mean_kl"] and 0 < r["top1_agreement"] <= 1
+    assert r["perplexity"] > 0 and r["perplexity_reference"] > 0
+
+
+def test_unknown_recipe_is_one_line_error():
+    res = run("eval", "tiny", "--random-weights", "--recipe", "int3")
+    assert res.exit_code == 1 and "unknown recipe" in res.output
