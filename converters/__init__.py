@@ -11,13 +11,31 @@ from __future__ import annotations
 
 import importlib
 
-from gemma_export.errors import BackendMissingError, ConfigError
+from gemma_export.errors import BackendMissingError, ConfigError, UnsupportedError
 
 FORMATS = {
     "pte": "converters.executorch",
     "onnx": "converters.onnx",
     "tflite": "converters.tflite",
 }
+
+
+# What each format can lower today: (format -> recipes). Quantized recipes run in PyTorch
+# (`gemma-export eval --recipe`); lowering their codes into each format is not done yet.
+SUPPORTED_RECIPES = {
+    "pte": ("fp32",),
+    "onnx": ("fp32",),
+    "tflite": ("fp32",),
+}
+
+
+def check_recipe(fmt: str, request) -> None:
+    """Refuse an unsupported (format, recipe) pair before any work starts."""
+    supported = SUPPORTED_RECIPES[fmt]
+    if request.recipe not in supported:
+        raise UnsupportedError(
+            f"format {fmt} does not support recipe {request.recipe!r} (supported: {', '.join(supported)})"
+        )
 
 
 def get(name: str):

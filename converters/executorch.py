@@ -15,19 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters import check_recipe
 from gemma_export.errors import ArtifactError, UnsupportedError
 from gemma_export.session import SessionInfo, check_room
 from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs
 
 FORMAT = "pte"
 FILE = "model.pte"
-SUPPORTED_RECIPES = ("fp32",)
 HIDDEN = "hidden"
 
 
 def check(request) -> None:
-    if request.recipe not in SUPPORTED_RECIPES:
-        raise UnsupportedError(f"format pte does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+    check_recipe(FORMAT, request)
 
 
 class _Cache(nn.Module):

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gemma_export.errors import ArtifactError, ExportError, UnsupportedError
+from converters import check_recipe
+from gemma_export.errors import ArtifactError, ExportError
 from gemma_export.session import SessionInfo, check_room
 from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs
 
@@ -23,13 +24,11 @@ FORMAT = "onnx"
 FILE = "model.onnx"
 DATA = "model.onnx.data"
 OPSET = 18
-SUPPORTED_RECIPES = ("fp32",)
 HIDDEN = "hidden_states"  # debug output: residual stream after the embedding and each layer
 
 
 def check(request) -> None:
-    if request.recipe not in SUPPORTED_RECIPES:
-        raise UnsupportedError(f"format onnx does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+    check_recipe(FORMAT, request)
 
 
 class _Graph(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters import check_recipe
 from gemma_export.errors import ArtifactError, UnsupportedError
 from gemma_export.session import SessionInfo, check_room
 from gemma_export.trace import CacheIO, cache_names, describe_io, sample_inputs
@@ -21,7 +22,6 @@ from gemma_export.trace import CacheIO, cache_names, describe_io, sample_inputs
 FORMAT = "tflite"
 FILE = "model.tflite"
 DECODE = "decode"
-SUPPORTED_RECIPES = ("fp32",)
 
 
 def prefill_name(t: int) -> str:
@@ -44,8 +44,7 @@ class _Hidden(torch.nn.Module):
 
 
 def check(request) -> None:
-    if request.recipe not in SUPPORTED_RECIPES:
-        raise UnsupportedError(f"format tflite does not support recipe {request.recipe!r} (supported: {SUPPORTED_RECIPES})")
+    check_recipe(FORMAT, request)
 
 
 def export(model, request, workdir: Path, progress) -> dict:

@@ -146,3 +146,18 @@ def test_verify_cli_locate_names_the_faulty_layer(tmp_path, tiny):
     assert res.exit_code == 3, res.output
     assert "first diverging: layer 0" in res.output
     assert "**layer 0**" in (report / "report.md").read_text()
+
+
+def _unsupported_pairs():
+    from converters import SUPPORTED_RECIPES
+    from gemma_export.recipes import PRESETS
+
+    return [(f, r) for f in FORMATS for r in sorted(PRESETS) if r not in SUPPORTED_RECIPES[f]]
+
+
+@pytest.mark.parametrize("fmt,recipe", _unsupported_pairs())
+def test_unsupported_format_recipe_pairs_are_refused_with_the_typed_error(fmt, recipe, tmp_path):
+    """The other half of the contract: supported pairs export and pass parity (above)."""
+    with pytest.raises(UnsupportedError, match=f"format {fmt} does not support recipe"):
+        export(TINY, ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
