@@ -24,7 +24,7 @@ FORMATS = {
 # (`gemma-export eval --recipe`); lowering their codes into each format is not done yet.
 SUPPORTED_RECIPES = {
     "pte": ("fp32",),
-    "onnx": ("fp32",),
+    "onnx": ("fp32", "int8", "int8-weights", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"),
     "tflite": ("fp32",),
 }
 

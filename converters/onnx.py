@@ -24,6 +24,7 @@ FORMAT = "onnx"
 FILE = "model.onnx"
 DATA = "model.onnx.data"
 OPSET = 18
+QUANT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 HIDDEN = "hidden_states"  # debug output: residual stream after the embedding and each layer
 
 
@@ -44,6 +45,9 @@ class _Graph(nn.Module):
 def export(model, request, workdir: Path, progress) -> dict:
     import onnx
 
+    from gemma_export.quantize import float_twin
+
+    codes = float_twin(model)  # trace a float graph; quantized weights are put back below
     names = cache_names(model.cfg.num_layers)
     inputs = sample_inputs(model, request.prefill_len, decode=False)
     caches = [inputs.pop(n) for n in names]
@@ -62,6 +66,11 @@ def export(model, request, workdir: Path, progress) -> dict:
     program.save(str(workdir / FILE), external_data=True)
     del program
     gc.collect()
+    opset = OPSET
+    if codes:
+        progress(f"replacing {len(codes)} weights by DequantizeLinear of their integer codes")
+        _lower_codes(workdir, codes)
+        opset = QUANT_OPSET
     data = workdir / DATA
     if not data.is_file():
         raise ExportError(f"onnx export wrote no external data file {DATA}")
@@ -73,9 +82,94 @@ def export(model, request, workdir: Path, progress) -> dict:
             PREFILL: {"graph": FILE, "chunk": f"1..{request.prefill_len}", **_io(graph)},
             DECODE: {"graph": FILE, "chunk": "1", **_io(graph)},
         },
-        "program": {"file": FILE, "external_data": DATA, "opset": OPSET, "kv_cache": "graph inputs -> outputs"},
+        "program": {"file": FILE, "external_data": DATA, "opset": opset, "kv_cache": "graph inputs -> outputs",
+                    "quantized_weights": sorted(codes)},
         "versions": _versions(),
     }
+
+
+def _lower_codes(workdir: Path, codes: dict) -> None:
+    """Replace each quantized weight's float initializer by DequantizeLinear(codes, scales).
+
+    The exporter may store a weight as given ([out, in]) or transposed ([in, out]); initializers
+    are matched by their exact float values (codes x scales), so either layout is found.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = workdir / FILE
+    model = onnx.load(str(path))  # with external data
+    wanted = {}
+    for name, (q, s, scheme) in codes.items():
+        w = (q.float() * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)).numpy()
+        for layout, arr in (("oi", w), ("io", w.T)):
+            wanted[hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()] = (name, layout)
+    graph, found, keep = model.graph, set(), []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 else None
+        hit = wanted.get(hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()) if arr is not None else None
+        if hit is None:
+            keep.append(init)
+            continue
+        name, layout = hit
+        q, s, scheme = codes[name]
+        qa, sa = q.numpy(), s.numpy().astype(np.float32)
+        block = qa.shape[1] // sa.shape[1]
+        if layout == "io":
+            qa, sa, axis = qa.T, sa.T, 0
+        else:
+            axis = 1
+        per_channel = scheme.granularity == "channel"
+        if per_channel:  # one scale per output channel: a 1-D scale along the output axis
+            sa, axis = sa.reshape(-1), 1 - axis
+        qt = _codes_tensor(f"{init.name}.codes", np.ascontiguousarray(qa), scheme.bits)
+        st = numpy_helper.from_array(np.ascontiguousarray(sa), f"{init.name}.scales")
+        attrs = {"axis": axis} if per_channel else {"axis": axis, "block_size": block}
+        graph.node.insert(0, helper.make_node("DequantizeLinear", [qt.name, st.name], [init.name],
+                                              name=f"dq_{init.name}", **attrs))
+        keep += [qt, st]
+        found.add(name)
+    missing = sorted(set(codes) - found)
+    if missing:
+        raise ExportError(f"onnx: could not find the traced weight of {missing[0]} to lower its codes")
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, QUANT_OPSET)
+    (workdir / DATA).unlink()  # saving appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA,
+              size_threshold=1024)
+
+
+def _codes_tensor(name: str, q: np.ndarray, bits: int):
+    """INT8 codes as bytes; INT4 codes packed two per byte, first element in the low nibble."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if bits == 8:
+        return numpy_helper.from_array(q.astype(np.int8), name)
+    flat = q.reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, list(q.shape), packed.tobytes(), raw=True)
+
+
+def read_codes(folder: Path, manifest: dict) -> dict:
+    """The integer codes stored in an exported artifact, by weight name ([out, in] layout)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / manifest["program"]["file"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".codes"):
+            arr = numpy_helper.to_array(inits[node.input[0]])
+            out[node.output[0]] = arr
+    return out
 
 
 def _io(graph) -> dict:

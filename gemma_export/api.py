@@ -40,7 +40,7 @@ class Opened:
 
 
 def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefill_len=128, threads=2,
-                 dtype="float32", recipe: str = "fp32", progress=lambda m: None) -> Opened:
+                 dtype="float32", recipe="fp32", progress=lambda m: None) -> Opened:
     """A Session for a PyTorch model reference or an exported artifact folder."""
     import torch
 
@@ -56,13 +56,17 @@ def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefi
     tok = Tokenizer(loaded.tokenizer_path)
     description = loaded.source
     if recipe != "fp32":
-        description += f" quantized in PyTorch ({quantize_model(loaded.model, recipe, tok, progress)})"
+        q = quantize_model(loaded.model, recipe, tok, progress)
+        description += f" quantized in PyTorch (recipe {q['recipe']['name']})"
     session = TorchSession(loaded.model, prefill_len=prefill_len)
     return Opened(session, tok, description)
 
 
-def quantize_model(model, recipe_ref: str, tokenizer, progress=lambda m: None) -> str:
-    """Quantize in place with a recipe (preset or file), calibrating on the bundled corpus."""
+def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None) -> dict:
+    """Quantize in place with a recipe (preset or file), calibrating on the bundled corpus.
+
+    Returns what the manifest records: the recipe, the calibration set's sha256, the schemes.
+    """
     import calibration
 
     from .quantize import quantize_
@@ -73,5 +77,6 @@ def quantize_model(model, recipe_ref: str, tokenizer, progress=lambda m: None) -
     if recipe.needs_calibration:
         c = recipe.calibration
         data, digest = calibration.build(tokenizer, c.samples, c.seq_len, c.seed)
-    quantize_(model, recipe, data, progress)
-    return f"recipe {recipe.name}" + (f", calibration sha256 {digest[:12]}" if digest else "")
+    schemes = quantize_(model, recipe, data, progress)
+    return {"recipe": recipe.to_dict(), "calibration_sha256": digest, "quantized_modules": len(schemes),
+            "thresholds": recipe.thresholds.to_dict()}

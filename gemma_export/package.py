@@ -163,6 +163,13 @@ def export(spec, request: ExportRequest, out: Path, force: bool = False,
         progress(f"converting to {request.format} (prefill {request.prefill_len}, context {request.max_context})")
         # the converter gets the only reference to the model, so it can free the eager weights
         # as soon as the format holds its own copy
+        quant = {}
+        if request.recipe != "fp32":
+            from .api import quantize_model
+            from .tokenizer import Tokenizer
+
+            progress(f"quantizing in PyTorch (recipe {request.recipe})")
+            quant = quantize_model(loaded.model, request.recipe, Tokenizer(loaded.tokenizer_path), progress)
         parts = fmt.export(loaded.take_model(), request, tmp, progress)
         shutil.copy(loaded.tokenizer_path, tmp / TOKENIZER)
         progress("writing manifest (sha256 of every file)")
@@ -178,6 +185,8 @@ def export(spec, request: ExportRequest, out: Path, force: bool = False,
                           "stop": ["<end_of_turn>", "<eos>"],
                           "chat_template": "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"},
             "export_seconds": round(time.perf_counter() - t0, 1),
+            "recipe": quant.get("recipe") or {"name": "fp32"},
+            "quantization": {k: v for k, v in quant.items() if k != "recipe"},
             **parts,
         })
     progress(f"wrote {out}")

@@ -212,3 +212,29 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
         model.lm_head = TiedQHead(emb)
         done["embed_tokens"] = emb_scheme.label
     return done
+
+
+def float_twin(model) -> dict:
+    """Swap quantized modules back to float modules holding exactly the dequantized weights.
+
+    Returns {parameter name: (codes int8, scales fp32, scheme)} for the converters that trace the
+    float graph and then replace each weight by a dequantize of these codes (ONNX).
+    """
+    codes = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin.weight = nn.Parameter(mod.weight_float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+            codes[f"{name}.weight"] = (mod.qweight, mod.scale, mod.scheme)
+    emb = model.embed_tokens
+    if isinstance(emb, QEmbedding):
+        table = nn.Embedding(emb.qweight.shape[0], emb.embedding_dim)
+        table.weight = nn.Parameter(emb.weight, requires_grad=False)
+        model.embed_tokens = table
+        head = nn.Linear(emb.embedding_dim, emb.qweight.shape[0], bias=False)
+        head.weight = table.weight
+        model.lm_head = head
+        codes["embed_tokens.weight"] = (emb.qweight, emb.scale, emb.scheme)
+    return codes

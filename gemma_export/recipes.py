@@ -142,15 +142,19 @@ def _int4(block: int, algorithm: str, description: str, thresholds: Thresholds) 
     return QuantRecipe(name, (Rule(EMBED, emb), Rule(LINEARS, w4)), thresholds=thresholds, description=description)
 
 
-_LOOSE4 = Thresholds(min_top1=0.80, max_mean_kl=0.15)
+# A quantized artifact is verified against the same recipe applied in PyTorch (same codes), so
+# these thresholds measure the lowering, not the quantization; `eval` measures the quantization.
+# The formats compute int8 activations their own way, hence not exact.
+_INT8 = Thresholds(min_top1=0.98, max_mean_kl=1e-2)
+_LOOSE4 = Thresholds(min_top1=0.95, max_mean_kl=5e-2)
 PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("fp32", (), thresholds=Thresholds(min_top1=0.999, min_top5=0.99, max_mean_kl=1e-4),
                 description="no quantization"),
     QuantRecipe("int8", (Rule(EMBED, Scheme(8)), Rule(LINEARS, Scheme(8, activations="int8-dynamic"))),
-                thresholds=Thresholds(min_top1=0.95, max_mean_kl=0.02),
+                thresholds=_INT8,
                 description="int8 weights per channel (embedding per row), int8 dynamic activations"),
     QuantRecipe("int8-weights", (Rule(EMBED, Scheme(8)), Rule(LINEARS, Scheme(8))),
-                thresholds=Thresholds(min_top1=0.95, max_mean_kl=0.02),
+                thresholds=_INT8,
                 description="int8 weights per channel, float activations"),
     _int4(32, "gptq", "calibrated (GPTQ) int4 block-32 weights, int8 dynamic activations", _LOOSE4),
     _int4(128, "gptq", "calibrated (GPTQ) int4 block-128 weights, int8 dynamic activations", _LOOSE4),
@@ -159,8 +163,12 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
 )}
 
 
-def resolve(ref: str) -> QuantRecipe:
-    """A preset name, or a .toml / .json recipe file."""
+def resolve(ref) -> QuantRecipe:
+    """A preset name, a .toml / .json recipe file, or a recipe dict (as stored in a manifest)."""
+    if isinstance(ref, QuantRecipe):
+        return ref
+    if isinstance(ref, dict):
+        return QuantRecipe.from_dict(ref)
     if ref in PRESETS:
         return PRESETS[ref]
     path = Path(ref)

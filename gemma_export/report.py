@@ -77,7 +77,8 @@ class References:
         from .verify import reference_for
 
         spec = manifest["model"].get("spec") or {}
-        key = (self.plan.reference or json.dumps(spec, sort_keys=True), manifest["max_context"])
+        key = (self.plan.reference or json.dumps(spec, sort_keys=True), manifest["max_context"],
+               json.dumps(manifest.get("recipe"), sort_keys=True))
         if key not in self._loaded:
             self._loaded[key] = reference_for(manifest, self.plan.reference, self.plan.threads)
         ref = self._loaded[key]

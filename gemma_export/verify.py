@@ -108,8 +108,11 @@ def reference_for(manifest: dict, override: str | None = None, threads: int = 2)
         from .errors import ArtifactError
 
         raise ArtifactError("the manifest does not say which model it came from; pass --reference")
+    recipe = manifest.get("recipe") or {"name": "fp32"}
+    # a quantized artifact is compared with the same recipe applied in PyTorch (the same codes)
     return open_session(spec["source"], random_weights=spec.get("random_weights", False), seed=spec.get("seed", 0),
-                        max_context=manifest["max_context"], prefill_len=manifest["prefill_len"], threads=threads)
+                        max_context=manifest["max_context"], prefill_len=manifest["prefill_len"], threads=threads,
+                        recipe="fp32" if recipe.get("name") == "fp32" else recipe)
 
 
 def thresholds_for(manifest: dict) -> Thresholds:

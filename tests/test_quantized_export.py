@@ -1,0 +1,59 @@
+"""Quantized artifacts: the integer codes in the file are the PyTorch codes, bit for bit."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from converters import SUPPORTED_RECIPES
+from converters.onnx import read_codes
+from gemma_export.metrics import Thresholds
+from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
+from gemma_export.quantize import QEmbedding, QLinear, quantize_
+from gemma_export.recipes import PRESETS
+from gemma_export.session import TorchSession
+from gemma_export.verify import teacher_forced
+from test_converters import CTX, T, TINY
+
+# the tiny random model's logits are nearly flat, so its top-1 is fragile: judge by KL
+LOWERING = Thresholds(min_top1=0.85, max_mean_kl=1e-4)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4-b32-rtn"])
+def quantized(request, tmp_path_factory, tiny):
+    recipe = request.param
+    assert recipe in SUPPORTED_RECIPES["onnx"]
+    out = tmp_path_factory.mktemp(recipe) / "art"
+    export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX, recipe=recipe), out)
+    eager = copy.deepcopy(tiny)
+    quantize_(eager, PRESETS[recipe])
+    return recipe, out, eager
+
+
+def test_codes_in_the_onnx_file_equal_the_pytorch_codes(quantized):
+    recipe, out, eager = quantized
+    stored = list(read_codes(out, read_manifest(out)).values())
+    ours = {n: m.qweight.numpy() for n, m in eager.named_modules() if isinstance(m, (QLinear, QEmbedding))}
+    assert len(stored) == len(ours) == 15
+    for name, q in ours.items():
+        assert any(s.shape in (q.shape, q.T.shape) and (np.array_equal(s, q) or np.array_equal(s, q.T))
+                   for s in stored), name
+    bits = PRESETS[recipe].scheme_for("layers.0.mlp.up_proj").bits
+    assert max(int(np.abs(s).max()) for s in stored) <= 2 ** (bits - 1)
+
+
+def test_quantized_artifact_matches_the_pytorch_quantized_model(quantized):
+    recipe, out, eager = quantized
+    m = read_manifest(out)
+    assert m["recipe"]["name"] == recipe and m["program"]["opset"] == 21
+    ids = np.random.default_rng(2).integers(3, 262_144, size=80).tolist()
+    c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, ids)
+    assert not c.failures(LOWERING), c.summary()
+
+
+def test_int4_artifact_is_smaller(quantized):
+    recipe, out, _ = quantized
+    m = read_manifest(out)
+    size = m["files"]["model.onnx"]["bytes"] + m["files"]["model.onnx.data"]["bytes"]
+    fp32 = 16_832_448 * 4  # tiny's parameters in fp32
+    assert size < fp32 * (0.3 if recipe.startswith("int4") else 0.4)
