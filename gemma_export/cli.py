@@ -293,6 +293,7 @@ def _write_json(path, data) -> None:
     if path:
         from pathlib import Path
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2))
 
 
