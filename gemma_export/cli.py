@@ -343,8 +343,9 @@ def evaluate(model, text, positions, recipe, reference, no_reference, random_wei
     if no_reference:
         result["perplexity"] = perplexity_of(test.session, ids)
     else:
-        if is_artifact(model):
-            ref = reference_for(read_manifest(model), reference, threads)
+        if is_artifact(model):  # quality is judged against the fp32 model the artifact came from
+            manifest = read_manifest(model)
+            ref = reference_for({**manifest, "recipe": {"name": "fp32"}}, reference, threads)
         else:
             ref = open_session(reference or model, random_weights=random_weights, seed=seed,
                                max_context=test.session.info.max_context, prefill_len=prefill_len, threads=threads)
