@@ -23,7 +23,8 @@ FORMATS = {
 # What each format can lower today: (format -> recipes). Quantized recipes run in PyTorch
 # (`gemma-export eval --recipe`); lowering their codes into each format is not done yet.
 SUPPORTED_RECIPES = {
-    "pte": ("fp32",),
+    # XNNPACK lowers integer weights only with int8 dynamic activations (no int8-weights)
+    "pte": ("fp32", "int8", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"),
     "onnx": ("fp32", "int8", "int8-weights", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"),
     "tflite": ("fp32",),
 }

@@ -83,13 +83,42 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: fl
 
 
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic int8 activations (asymmetric per token), simulated in float."""
+    """Dynamic int8 activations (asymmetric per token), simulated with plain float ops (ONNX)."""
     lo = x.amin(-1, keepdim=True).clamp(max=0.0)
     hi = x.amax(-1, keepdim=True).clamp(min=0.0)
     scale = ((hi - lo) / 255.0).clamp_min(1e-12)
     zero = torch.round(-128.0 - lo / scale)
     q = torch.clamp(torch.round(x / scale) + zero, -128, 127)
     return (q - zero) * scale
+
+
+def dynamic_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activations (asymmetric per token) as torchao's quant primitives.
+
+    XNNPACK recognises this choose-qparams / quantize / dequantize pattern feeding a linear layer
+    and runs the layer as an int8-activation integer GEMM on the weight codes.
+    """
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        choose_qparams_affine,
+        dequantize_affine,
+        quantize_affine,
+    )
+
+    block = (1,) * (x.dim() - 1) + (x.shape[-1],)
+    scale, zero = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, quant_min=-128,
+                                        quant_max=127, zero_point_dtype=torch.int8)
+    q = quantize_affine(x, block, scale, zero, torch.int8, quant_min=-128, quant_max=127)
+    return dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
+
+
+def _affine_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes x scales, written as torchao's dequantize_affine (the form XNNPACK lowers)."""
+    from torchao.quantization.quant_primitives import dequantize_affine
+
+    lo, hi = qrange(bits)
+    return dequantize_affine(q, (1, q.shape[1] // scale.shape[1]), scale, zero, torch.int8, lo, hi,
+                             output_dtype=torch.float32)
 
 
 class QLinear(nn.Module):
@@ -99,6 +128,7 @@ class QLinear(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))  # symmetric
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
 
@@ -107,8 +137,8 @@ class QLinear(nn.Module):
 
     def forward(self, x):
         if self.scheme.activations == "int8-dynamic":
-            x = fake_quant_int8_per_token(x)
-        return F.linear(x, self.weight_float().to(x.dtype))
+            x = dynamic_int8_per_token(x)
+        return F.linear(x, _affine_weight(self.qweight, self.scale, self.zero_point, self.scheme.bits).to(x.dtype))
 
 
 class QEmbedding(nn.Module):
@@ -118,22 +148,27 @@ class QEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))
         self.scheme = scheme
         self.embedding_dim = qweight.shape[1]
 
     def forward(self, ids):
-        rows = F.embedding(ids, self.qweight.to(torch.float32))
+        rows = F.embedding(ids, self.qweight).to(torch.float32)  # gather int8 codes, then scale
         s = F.embedding(ids, self.scale)
         block = self.embedding_dim // self.scale.shape[1]
         return rows * s.repeat_interleave(block, dim=-1)
 
     @property
-    def weight(self):  # the dequantized table (dtype / shape queries, tied head)
+    def weight(self):  # the dequantized table
         return dequantize(self.qweight, self.scale)
 
 
 class TiedQHead(nn.Module):
-    """The output head reusing the embedding's codes and scales (stored once)."""
+    """The output head reusing the embedding's codes and scales (stored once).
+
+    Its input is quantized dynamically when the embedding scheme says int8-dynamic (XNNPACK only
+    delegates integer weights with int8 dynamic activations).
+    """
 
     def __init__(self, embedding: QEmbedding):
         super().__init__()
@@ -141,7 +176,9 @@ class TiedQHead(nn.Module):
 
     def forward(self, x):
         e = self.embedding[0]
-        return F.linear(x, dequantize(e.qweight, e.scale).to(x.dtype))
+        if e.scheme.activations == "int8-dynamic":
+            x = dynamic_int8_per_token(x)
+        return F.linear(x, _affine_weight(e.qweight, e.scale, e.zero_point, e.scheme.bits).to(x.dtype))
 
 
 def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
@@ -223,7 +260,7 @@ def float_twin(model) -> dict:
     codes = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin = _FloatLinear(mod.in_features, mod.out_features, mod.scheme.activations == "int8-dynamic")
             lin.weight = nn.Parameter(mod.weight_float(), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
@@ -233,8 +270,19 @@ def float_twin(model) -> dict:
         table = nn.Embedding(emb.qweight.shape[0], emb.embedding_dim)
         table.weight = nn.Parameter(emb.weight, requires_grad=False)
         model.embed_tokens = table
-        head = nn.Linear(emb.embedding_dim, emb.qweight.shape[0], bias=False)
+        head = _FloatLinear(emb.embedding_dim, emb.qweight.shape[0], emb.scheme.activations == "int8-dynamic")
         head.weight = table.weight
         model.lm_head = head
         codes["embed_tokens.weight"] = (emb.qweight, emb.scale, emb.scheme)
     return codes
+
+
+class _FloatLinear(nn.Linear):
+    """Float weights (exactly codes x scales) with the dynamic int8 activations as float ops."""
+
+    def __init__(self, in_features: int, out_features: int, act_quant: bool):
+        super().__init__(in_features, out_features, bias=False)
+        self.act_quant = act_quant
+
+    def forward(self, x):
+        return super().forward(fake_quant_int8_per_token(x) if self.act_quant else x)

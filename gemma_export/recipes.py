@@ -137,7 +137,8 @@ EMBED = "embed_tokens"
 
 def _int4(block: int, algorithm: str, description: str, thresholds: Thresholds) -> QuantRecipe:
     w4 = Scheme(bits=4, granularity="block", block_size=block, activations="int8-dynamic", algorithm=algorithm)
-    emb = Scheme(bits=4, granularity="block", block_size=block, activations="float", algorithm="rtn")
+    # the embedding's activations are the head's input (the table itself is gathered)
+    emb = Scheme(bits=4, granularity="block", block_size=block, activations="int8-dynamic", algorithm="rtn")
     name = f"int4-b{block}" + ("-rtn" if algorithm == "rtn" else "")
     return QuantRecipe(name, (Rule(EMBED, emb), Rule(LINEARS, w4)), thresholds=thresholds, description=description)
 
@@ -150,7 +151,8 @@ _LOOSE4 = Thresholds(min_top1=0.95, max_mean_kl=5e-2)
 PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("fp32", (), thresholds=Thresholds(min_top1=0.999, min_top5=0.99, max_mean_kl=1e-4),
                 description="no quantization"),
-    QuantRecipe("int8", (Rule(EMBED, Scheme(8)), Rule(LINEARS, Scheme(8, activations="int8-dynamic"))),
+    QuantRecipe("int8", (Rule(EMBED, Scheme(8, activations="int8-dynamic")),
+                         Rule(LINEARS, Scheme(8, activations="int8-dynamic"))),
                 thresholds=_INT8,
                 description="int8 weights per channel (embedding per row), int8 dynamic activations"),
     QuantRecipe("int8-weights", (Rule(EMBED, Scheme(8)), Rule(LINEARS, Scheme(8))),
