@@ -131,7 +131,6 @@ def export(model, request, workdir: Path, progress) -> dict:
     gc.collect()
     with (workdir / FILE).open("wb") as f:
         program.write_to_file(f)
-    import executorch
 
     return {
         "entry_points": {PREFILL: io[PREFILL], DECODE: io[DECODE]},

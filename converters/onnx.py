@@ -18,7 +18,7 @@ from torch import nn
 from converters import check_recipe
 from gemma_export.errors import ArtifactError, ExportError
 from gemma_export.session import SessionInfo, check_room
-from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs
+from gemma_export.trace import DECODE, PREFILL, cache_names, sample_inputs
 
 FORMAT = "onnx"
 FILE = "model.onnx"

@@ -16,7 +16,7 @@ def is_artifact(ref: str) -> bool:
 
 def read_config(ref: str) -> Gemma3Config:
     """The model config behind any reference, without loading weights."""
-    from .checkpoints import _open_gguf, config_from_gguf, config_from_hf
+    from .checkpoints import _open_gguf, config_from_gguf
     from .loading import describe
 
     if ref in PRESETS:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import ArtifactError, ConfigError
 from .metrics import Comparison, Thresholds
-from .package import MANIFEST, check_files, read_manifest, sha256_file, staging
+from .package import MANIFEST, check_files, read_json, read_manifest, sha256_file, staging
 
 BUNDLE_VERSION = 1
 INDEX = "index.json"
@@ -197,12 +197,7 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
 
 def read_index(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{bundle_dir}: no {INDEX}; not a golden bundle") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: corrupt bundle index ({e})") from None
+    index = read_json(path, f"{bundle_dir}: no {INDEX}; not a golden bundle", "bundle index")
     if index.get("bundle_version") != BUNDLE_VERSION:
         raise ArtifactError(f"{path}: not a golden bundle index (bundle_version {index.get('bundle_version')!r})")
     return index

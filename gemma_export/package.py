@@ -98,14 +98,19 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     return manifest
 
 
+def read_json(path: Path, missing: str, what: str) -> dict:
+    """A JSON file the user pointed us at, with one-line typed errors."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt {what} ({e})") from None
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not an artifact folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+    m = read_json(path, f"{folder}: no {MANIFEST}; not an artifact folder", "manifest")
     for key in ("format", "model", "files", "entry_points"):
         if key not in m:
             raise ArtifactError(f"{path}: manifest has no {key!r} field")

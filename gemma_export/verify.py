@@ -9,18 +9,11 @@ from dataclasses import dataclass, field
 from .metrics import Comparison, Thresholds
 from .session import Session, feed, generate
 
-# Chunk pattern for teacher forcing: full prefill chunks, decode steps and partial chunks, so
-# every entry point and padding path is exercised on both sides of the window boundary.
-MIXED = (0, 1, 1, 0.75, 1, 0.25)
-
-# Default thresholds per recipe family (an artifact's recipe may carry its own).
-DEFAULT_THRESHOLDS = {
-    "fp32": Thresholds(min_top1=0.999, min_top5=0.99, max_mean_kl=1e-4),
-}
-
-
 def schedule_for(prefill_len: int) -> list[int]:
-    return [max(1, int(round(f * prefill_len))) if f not in (0, 1) else (prefill_len if f == 0 else 1) for f in MIXED]
+    """Chunk pattern for teacher forcing: a full prefill chunk, decode steps, and partial chunks,
+    so every entry point and padding path runs on both sides of the window boundary."""
+    t = prefill_len
+    return [t, 1, 1, max(2, round(0.75 * t)), 1, max(2, round(0.25 * t))]
 
 
 @dataclass
@@ -119,8 +112,10 @@ def thresholds_for(manifest: dict) -> Thresholds:
     recipe = manifest.get("recipe") or {}
     if isinstance(recipe, dict) and recipe.get("thresholds"):
         return Thresholds.from_dict(recipe["thresholds"])
+    from .recipes import PRESETS
+
     name = manifest.get("request", {}).get("recipe", "fp32")
-    return DEFAULT_THRESHOLDS.get(name, DEFAULT_THRESHOLDS["fp32"])
+    return (PRESETS.get(name) or PRESETS["fp32"]).thresholds
 
 
 # Relative L2 error of a layer's output above which `locate` calls it diverged (fp32 artifacts

@@ -133,8 +133,6 @@ def test_locate_names_the_planted_faulty_layer(artifact, tiny, tmp_path):
 
 def test_verify_cli_locate_names_the_faulty_layer(tmp_path, tiny):
     """`verify --locate` on an artifact with a planted fault: exit 3, and the layer is named."""
-    import shutil
-
     from faults import plant
 
     out = tmp_path / "onnx"

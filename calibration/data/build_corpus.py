@@ -15,7 +15,7 @@ that the translators left untranslated (English fallback text inside a
 translated document) are dropped; paragraphs that are mostly symbols, URLs
 or commands are dropped; duplicate paragraphs removed.
 """
-import glob
+
 import html.parser
 import os
 import re
