@@ -101,6 +101,10 @@ def export(model, request, workdir: Path, progress) -> dict:
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
+    from gemma_export.quantize import use_xnnpack_pattern
+
+    if use_xnnpack_pattern(model):
+        progress("quantized layers written as torchao's pattern for XNNPACK's integer kernels")
     cache = _Cache(model)
     entry, io = {}, {}
     for name, t, decode in ((PREFILL, request.prefill_len, False), (DECODE, 1, True)):

@@ -83,7 +83,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: fl
 
 
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic int8 activations (asymmetric per token), simulated with plain float ops (ONNX)."""
+    """Dynamic int8 activations (asymmetric per token) in plain float ops: the reference
+    semantics, and exactly what the ONNX graph computes."""
     lo = x.amin(-1, keepdim=True).clamp(max=0.0)
     hi = x.amax(-1, keepdim=True).clamp(min=0.0)
     scale = ((hi - lo) / 255.0).clamp_min(1e-12)
@@ -93,7 +94,7 @@ def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 def dynamic_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic int8 activations (asymmetric per token) as torchao's quant primitives.
+    """Dynamic int8 activations (asymmetric per token) as torchao's quant primitives (ExecuTorch).
 
     XNNPACK recognises this choose-qparams / quantize / dequantize pattern feeding a linear layer
     and runs the layer as an int8-activation integer GEMM on the weight codes.
@@ -135,10 +136,18 @@ class QLinear(nn.Module):
     def weight_float(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scale)
 
+    # Set by the ExecuTorch converter: write the layer as torchao's quant pattern, which XNNPACK
+    # runs as an integer GEMM (its own dynamic activation quantization, not bit-identical to ours).
+    xnnpack_pattern = False
+
     def forward(self, x):
+        if self.xnnpack_pattern:
+            if self.scheme.activations == "int8-dynamic":
+                x = dynamic_int8_per_token(x)
+            return F.linear(x, _affine_weight(self.qweight, self.scale, self.zero_point, self.scheme.bits))
         if self.scheme.activations == "int8-dynamic":
-            x = dynamic_int8_per_token(x)
-        return F.linear(x, _affine_weight(self.qweight, self.scale, self.zero_point, self.scheme.bits).to(x.dtype))
+            x = fake_quant_int8_per_token(x)
+        return F.linear(x, self.weight_float().to(x.dtype))
 
 
 class QEmbedding(nn.Module):
@@ -174,11 +183,17 @@ class TiedQHead(nn.Module):
         super().__init__()
         self.embedding = [embedding]  # not a submodule: its buffers belong to the embedding
 
+    xnnpack_pattern = False  # see QLinear
+
     def forward(self, x):
         e = self.embedding[0]
+        if self.xnnpack_pattern:
+            if e.scheme.activations == "int8-dynamic":
+                x = dynamic_int8_per_token(x)
+            return F.linear(x, _affine_weight(e.qweight, e.scale, e.zero_point, e.scheme.bits))
         if e.scheme.activations == "int8-dynamic":
-            x = dynamic_int8_per_token(x)
-        return F.linear(x, _affine_weight(e.qweight, e.scale, e.zero_point, e.scheme.bits).to(x.dtype))
+            x = fake_quant_int8_per_token(x)
+        return F.linear(x, dequantize(e.qweight, e.scale).to(x.dtype))
 
 
 def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
@@ -286,3 +301,13 @@ class _FloatLinear(nn.Linear):
 
     def forward(self, x):
         return super().forward(fake_quant_int8_per_token(x) if self.act_quant else x)
+
+
+def use_xnnpack_pattern(model) -> int:
+    """Switch quantized layers to the torchao pattern XNNPACK lowers; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (QLinear, TiedQHead)):
+            m.xnnpack_pattern = True
+            n += 1
+    return n
