@@ -200,6 +200,11 @@ class OnnxSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and, by default
+        # (accuracy level 4), quantizes the activations again inside it: logits moved by up to
+        # 0.1 on the tiny model. The graph already carries the recipe's activation quantization,
+        # so the fused kernel must compute in fp32 (level 1): then it matches PyTorch exactly.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:

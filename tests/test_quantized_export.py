@@ -15,8 +15,11 @@ from gemma_export.session import TorchSession
 from gemma_export.verify import teacher_forced
 from test_converters import CTX, T, TINY
 
-# the tiny random model's logits are nearly flat, so its top-1 is fragile: judge by KL
-LOWERING = Thresholds(min_top1=0.85, max_mean_kl=1e-4)
+# Same codes, but activation quantization rounds a few values differently in each runtime (ONNX
+# evaluates the same float ops in another order; XNNPACK uses its own kernel). The tiny random
+# model's logits are nearly flat, so its top-1 is fragile: judge mainly by KL.
+LOWERING = {"onnx": Thresholds(min_top1=0.9, max_mean_kl=1e-5),
+            "pte": Thresholds(min_top1=0.85, max_mean_kl=1e-4)}
 
 
 @pytest.fixture(scope="module", params=[("onnx", "int8"), ("onnx", "int4-b32-rtn"), ("pte", "int4-b32-rtn")])
@@ -53,7 +56,7 @@ def test_quantized_artifact_matches_the_pytorch_quantized_model(quantized):
     assert m["recipe"]["name"] == recipe and m["format"] == fmt
     ids = np.random.default_rng(2).integers(3, 262_144, size=80).tolist()
     c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, ids)
-    assert not c.failures(LOWERING), c.summary()
+    assert not c.failures(LOWERING[fmt]), c.summary()
 
 
 def test_int4_artifact_is_smaller(quantized):
