@@ -1,12 +1,14 @@
 """Quantized artifacts: the integer codes in the file are the PyTorch codes, bit for bit."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
 
-from converters import SUPPORTED_RECIPES
+from converters import EXPERIMENTAL_ENV, EXPERIMENTAL_RECIPES
 from converters.onnx import read_codes
+from gemma_export.errors import UnsupportedError
 from gemma_export.metrics import Thresholds
 from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
 from gemma_export.quantize import QEmbedding, QLinear, quantize_
@@ -25,9 +27,16 @@ LOWERING = {"onnx": Thresholds(min_top1=0.9, max_mean_kl=1e-5),
 @pytest.fixture(scope="module", params=[("onnx", "int8"), ("onnx", "int4-b32-rtn"), ("pte", "int4-b32-rtn")])
 def quantized(request, tmp_path_factory, tiny):
     fmt, recipe = request.param
-    assert recipe in SUPPORTED_RECIPES[fmt]
+    assert recipe in EXPERIMENTAL_RECIPES[fmt]
     out = tmp_path_factory.mktemp(f"{fmt}-{recipe}") / "art"
-    export(TINY, ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe, debug_outputs=False), out)
+    req = ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe, debug_outputs=False)
+    with pytest.raises(UnsupportedError, match=EXPERIMENTAL_ENV):
+        export(TINY, req, out)
+    os.environ[EXPERIMENTAL_ENV] = "1"
+    try:
+        export(TINY, req, out)
+    finally:
+        del os.environ[EXPERIMENTAL_ENV]
     eager = copy.deepcopy(tiny)
     quantize_(eager, PRESETS[recipe])
     return fmt, recipe, out, eager
