@@ -122,6 +122,14 @@ def _affine_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
                              output_dtype=torch.float32)
 
 
+def _quant_linear(x, q, scale, zero, scheme: Scheme, xnnpack: bool):
+    """x @ (codes x scales)^T with the scheme's activation quantization, in one of two spellings."""
+    dynamic = scheme.activations == "int8-dynamic"
+    if xnnpack:
+        return F.linear(dynamic_int8_per_token(x) if dynamic else x, _affine_weight(q, scale, zero, scheme.bits))
+    return F.linear(fake_quant_int8_per_token(x) if dynamic else x, dequantize(q, scale).to(x.dtype))
+
+
 class QLinear(nn.Module):
     """A linear layer holding integer codes and scales (no bias; Gemma has none)."""
 
@@ -141,13 +149,7 @@ class QLinear(nn.Module):
     xnnpack_pattern = False
 
     def forward(self, x):
-        if self.xnnpack_pattern:
-            if self.scheme.activations == "int8-dynamic":
-                x = dynamic_int8_per_token(x)
-            return F.linear(x, _affine_weight(self.qweight, self.scale, self.zero_point, self.scheme.bits))
-        if self.scheme.activations == "int8-dynamic":
-            x = fake_quant_int8_per_token(x)
-        return F.linear(x, self.weight_float().to(x.dtype))
+        return _quant_linear(x, self.qweight, self.scale, self.zero_point, self.scheme, self.xnnpack_pattern)
 
 
 class QEmbedding(nn.Module):
@@ -187,13 +189,7 @@ class TiedQHead(nn.Module):
 
     def forward(self, x):
         e = self.embedding[0]
-        if self.xnnpack_pattern:
-            if e.scheme.activations == "int8-dynamic":
-                x = dynamic_int8_per_token(x)
-            return F.linear(x, _affine_weight(e.qweight, e.scale, e.zero_point, e.scheme.bits))
-        if e.scheme.activations == "int8-dynamic":
-            x = fake_quant_int8_per_token(x)
-        return F.linear(x, dequantize(e.qweight, e.scale).to(x.dtype))
+        return _quant_linear(x, e.qweight, e.scale, e.zero_point, e.scheme, self.xnnpack_pattern)
 
 
 def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
