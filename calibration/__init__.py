@@ -13,10 +13,6 @@ def calibration_files() -> list[Path]:
     return sorted(DATA.glob("calib-*.txt"))
 
 
-def eval_files() -> list[Path]:
-    return sorted(DATA.glob("eval-*.txt"))
-
-
 def chat_samples() -> list[dict]:
     path = DATA / "calib-chat.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

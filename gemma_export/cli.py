@@ -425,11 +425,9 @@ def memory_gib() -> tuple[float, float]:
 
 
 def default_eval_text():
-    from pathlib import Path
-
     import calibration
 
-    return Path(calibration.__file__).parent / "data" / "eval-en-maintguide.txt"
+    return calibration.DATA / "eval-en-maintguide.txt"
 
 
 def main():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +177,10 @@ def _convert_tokenizer(folder: Path, gguf_file: str | None, key: str) -> Path:
         raise CheckpointError(f"{where}: could not read its tokenizer ({e})") from None
     tmp = out.with_name(out.name + ".tmp")
     tok.save_pretrained(str(tmp))
-    tmp.replace(out) if not out.exists() else None
+    if out.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
     return target
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -183,7 +183,3 @@ def resolve(ref) -> QuantRecipe:
             raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
         return QuantRecipe.from_dict(data)
     raise ConfigError(f"unknown recipe {ref!r}; presets: {', '.join(PRESETS)} (or a .toml/.json file)")
-
-
-def with_name(recipe: QuantRecipe, name: str) -> QuantRecipe:
-    return replace(recipe, name=name)
