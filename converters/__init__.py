@@ -20,38 +20,62 @@ FORMATS = {
 }
 
 
-# What each format can lower today: (format -> recipes), checked before any work starts.
-SUPPORTED_RECIPES = {
-    "pte": ("fp32",),
-    "onnx": ("fp32",),
-    "tflite": ("fp32",),
+# What each format lowers, as scheme properties, so recipe files are judged by their content:
+# weight (bits, granularity) pairs and activation modes. Checked before any work starts.
+LOWERS = {
+    # DequantizeLinear of the codes (per channel or blocked, INT8/INT4); activation quantization as
+    # float ops that compute exactly the PyTorch reference
+    "onnx": ({(8, "channel"), (8, "block"), (4, "channel"), (4, "block")},
+             {"float", "int8-dynamic", "int8-static", "int16-static"}),
+    # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
+    "pte": ({(8, "channel"), (4, "block")}, {"int8-dynamic"}),
+    # litert-torch's converter rejects integer weights computed in PyTorch (see README)
+    "tflite": (set(), set()),
 }
-# Quantized lowering that writes the exact PyTorch codes into the file (tested bit for bit), but
-# whose parity on real weights is not yet within the recipes' thresholds (activation quantization
-# rounds differently per runtime). Opt in with GEMMA_EXPORT_EXPERIMENTAL=1.
-EXPERIMENTAL_RECIPES = {
-    "pte": ("int8", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"),
-    "onnx": ("int8", "int8-weights", "int4-b32", "int4-b128", "int4-b32-rtn", "int4-b128-rtn"),
-    "tflite": (),
-}
+# Quantized lowering writes the exact PyTorch codes into the file (tested bit for bit), but parity
+# on real weights is not yet within every recipe's thresholds (activation quantization rounds
+# differently per runtime), so it is opt-in: GEMMA_EXPORT_EXPERIMENTAL=1.
 EXPERIMENTAL_ENV = "GEMMA_EXPORT_EXPERIMENTAL"
+
+
+def unsupported_reason(fmt: str, recipe) -> str | None:
+    """Why `fmt` cannot lower `recipe` (a QuantRecipe), or None when it can."""
+    weights, activations = LOWERS[fmt]
+    for rule in recipe.rules:
+        sc = rule.scheme
+        if sc is None:
+            continue
+        if (sc.bits, sc.granularity) not in weights:
+            kind = "per-channel" if sc.granularity == "channel" else "block-wise"
+            return f"{kind} int{sc.bits} weights (rule {rule.pattern!r})"
+        if sc.activations not in activations:
+            return f"{sc.activations} activations (rule {rule.pattern!r})"
+    return None
 
 
 def check_recipe(fmt: str, request) -> None:
     """Refuse an unsupported (format, recipe) pair before any work starts."""
     import os
 
-    supported = SUPPORTED_RECIPES[fmt]
-    if request.recipe in supported:
+    from gemma_export.recipes import resolve
+
+    recipe = resolve(request.recipe)
+    if recipe.is_float:
         return
-    if request.recipe in EXPERIMENTAL_RECIPES[fmt]:
-        if os.environ.get(EXPERIMENTAL_ENV) == "1":
-            return
+    reason = unsupported_reason(fmt, recipe)
+    if reason:
+        raise UnsupportedError(f"format {fmt} does not support recipe {recipe.name!r}: cannot lower {reason}")
+    if os.environ.get(EXPERIMENTAL_ENV) != "1":
         raise UnsupportedError(
-            f"format {fmt} does not support recipe {request.recipe!r} yet (experimental: set "
-            f"{EXPERIMENTAL_ENV}=1; supported: {', '.join(supported)})"
+            f"format {fmt}: quantized recipe {recipe.name!r} is experimental (parity on real weights not yet "
+            f"within thresholds); set {EXPERIMENTAL_ENV}=1 to export it anyway"
         )
-    raise UnsupportedError(f"format {fmt} does not support recipe {request.recipe!r} (supported: {', '.join(supported)})")
+
+
+def supported_presets(fmt: str) -> list[str]:
+    from gemma_export.recipes import PRESETS
+
+    return [n for n, r in PRESETS.items() if r.is_float or unsupported_reason(fmt, r) is None]
 
 
 def get(name: str):

@@ -302,13 +302,19 @@ def _write_json(path, data) -> None:
 @error_boundary
 def recipes(as_json):
     """List the quantization recipes (presets; a .toml file works wherever a name does)."""
+    from converters import FORMATS, supported_presets
+
     from .recipes import PRESETS
 
+    formats = {f: supported_presets(f) for f in FORMATS}
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in PRESETS.values()], indent=2))
+        click.echo(json.dumps([{**r.to_dict(), "formats": [f for f in FORMATS if r.name in formats[f]]}
+                               for r in PRESETS.values()], indent=2))
         return
     for r in PRESETS.values():
-        click.echo(f"{r.name:<14} {r.description}")
+        where = ",".join(f for f in FORMATS if r.name in formats[f]) or "-"
+        click.echo(f"{r.name:<14} {where:<16} {r.description}")
+    click.echo("(quantized lowering is experimental: GEMMA_EXPORT_EXPERIMENTAL=1)")
 
 
 @cli.command(name="eval")

@@ -122,22 +122,40 @@ def _affine_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
                              output_dtype=torch.float32)
 
 
-def _quant_linear(x, q, scale, zero, scheme: Scheme, xnnpack: bool):
+def fake_quant_static(x: torch.Tensor, act_scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static activations: symmetric per-tensor int8/int16 with a scale calibrated ahead of time."""
+    lo, hi = qrange(bits)
+    return torch.clamp(torch.round(x / act_scale), lo, hi) * act_scale
+
+
+def quantize_activations(x: torch.Tensor, activations: str, act_scale: torch.Tensor | None) -> torch.Tensor:
+    """The scheme's activation quantization as plain float ops (the reference semantics)."""
+    if activations == "int8-dynamic":
+        return fake_quant_int8_per_token(x)
+    if activations == "int8-static":
+        return fake_quant_static(x, act_scale, 8)
+    if activations == "int16-static":
+        return fake_quant_static(x, act_scale, 16)
+    return x
+
+
+def _quant_linear(x, q, scale, zero, scheme: Scheme, xnnpack: bool, act_scale=None):
     """x @ (codes x scales)^T with the scheme's activation quantization, in one of two spellings."""
-    dynamic = scheme.activations == "int8-dynamic"
     if xnnpack:
+        dynamic = scheme.activations == "int8-dynamic"
         return F.linear(dynamic_int8_per_token(x) if dynamic else x, _affine_weight(q, scale, zero, scheme.bits))
-    return F.linear(fake_quant_int8_per_token(x) if dynamic else x, dequantize(q, scale).to(x.dtype))
+    return F.linear(quantize_activations(x, scheme.activations, act_scale), dequantize(q, scale).to(x.dtype))
 
 
 class QLinear(nn.Module):
     """A linear layer holding integer codes and scales (no bias; Gemma has none)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, act_scale: float = 0.0):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))  # symmetric
+        self.register_buffer("act_scale", torch.tensor(float(act_scale)))  # static activations only
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
 
@@ -149,7 +167,8 @@ class QLinear(nn.Module):
     xnnpack_pattern = False
 
     def forward(self, x):
-        return _quant_linear(x, self.qweight, self.scale, self.zero_point, self.scheme, self.xnnpack_pattern)
+        return _quant_linear(x, self.qweight, self.scale, self.zero_point, self.scheme, self.xnnpack_pattern,
+                             self.act_scale)
 
 
 class QEmbedding(nn.Module):
@@ -160,6 +179,7 @@ class QEmbedding(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))
+        self.register_buffer("act_scale", torch.tensor(0.0))  # the head's input, static schemes only
         self.scheme = scheme
         self.embedding_dim = qweight.shape[1]
 
@@ -189,7 +209,7 @@ class TiedQHead(nn.Module):
 
     def forward(self, x):
         e = self.embedding[0]
-        return _quant_linear(x, e.qweight, e.scale, e.zero_point, e.scheme, self.xnnpack_pattern)
+        return _quant_linear(x, e.qweight, e.scale, e.zero_point, e.scheme, self.xnnpack_pattern, e.act_scale)
 
 
 def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
@@ -220,6 +240,81 @@ def collect_hessians(model, names: list[str], calibration: list[list[int]], pref
     return {n: 2.0 * hs[n] / max(counts[n], 1) for n in names}
 
 
+def collect_absmax(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
+    """Per-input-channel max |x| of each named linear's inputs over the calibration tokens."""
+    from .session import TorchSession, feed
+
+    modules = dict(model.named_modules())
+    amax = {n: torch.zeros(modules[n].in_features) for n in names}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            torch.maximum(amax[name], x, out=amax[name])
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        session = TorchSession(model, prefill_len=prefill_len)
+        for ids in calibration:
+            session.reset()
+            for _ in feed(session, ids, schedule=[len(ids)] if len(ids) <= prefill_len else None):
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+@torch.no_grad()
+def smooth_(model, calibration: list[list[int]], alpha: float, progress=lambda m: None) -> int:
+    """Move activation outliers into the weights before quantizing (SmoothQuant, Xiao et al. 2022).
+
+    For each group of linears reading the same input, input channel j is divided by
+    s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha) and the weights' column j multiplied by it, so
+    the float model computes the same function while per-token int8 activations see flatter rows.
+    The division is folded into what produces the input: the RMSNorm scale (1 + w) before q/k/v and
+    gate/up, the up projection before down, the value projection before the output projection
+    (one factor per KV-head channel, shared by the query heads of the group).
+    """
+    cfg = model.cfg
+    readers = {}
+    for i, layer in enumerate(model.layers):
+        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+        readers[f"{a}.q_proj"] = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        readers[f"{m}.gate_proj"] = [layer.mlp.gate_proj, layer.mlp.up_proj]
+        readers[f"{m}.down_proj"] = [layer.mlp.down_proj]
+        readers[f"{a}.o_proj"] = [layer.self_attn.o_proj]
+    progress(f"smoothing (alpha {alpha}): activation ranges of {len(readers)} linear inputs")
+    amax = collect_absmax(model, list(readers), calibration, prefill_len=max(len(c) for c in calibration))
+    rep, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+
+    def factors(name, tie=None):
+        wmax = torch.stack([lin.weight.abs().amax(0) for lin in readers[name]]).amax(0)
+        xmax = amax[name]
+        if tie == "kv":  # [H*d] -> max over the query heads of each KV head -> [kv*d]
+            xmax = xmax.view(cfg.num_kv_heads, rep, d).amax(1).reshape(-1)
+            wmax = wmax.view(cfg.num_kv_heads, rep, d).amax(1).reshape(-1)
+        s = xmax.clamp_min(1e-5).pow(alpha) / wmax.clamp_min(1e-5).pow(1 - alpha)
+        return s.clamp(1e-2, 1e2)
+
+    for i, layer in enumerate(model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        for norm, name in ((layer.input_layernorm, f"layers.{i}.self_attn.q_proj"),
+                           (layer.pre_feedforward_layernorm, f"layers.{i}.mlp.gate_proj")):
+            s = factors(name)
+            norm.weight.copy_((1 + norm.weight) / s - 1)
+            for lin in readers[name]:
+                lin.weight.mul_(s)
+        s = factors(f"layers.{i}.mlp.down_proj")
+        mlp.up_proj.weight.div_(s[:, None])
+        mlp.down_proj.weight.mul_(s)
+        s = factors(f"layers.{i}.self_attn.o_proj", tie="kv")
+        att.v_proj.weight.div_(s[:, None])
+        att.o_proj.weight.mul_(s.view(cfg.num_kv_heads, 1, d).expand(-1, rep, -1).reshape(-1))
+    return len(readers)
+
+
 def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = None, progress=lambda m: None):
     """Quantize `model` in place following `recipe`; returns {module name: scheme label}."""
     if recipe.is_float:
@@ -228,10 +323,21 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     plan = {n: recipe.scheme_for(n) for n in linears}
     plan = {n: s for n, s in plan.items() if s is not None}
     gptq_names = [n for n, s in plan.items() if s.algorithm == "gptq"]
+    emb_scheme = recipe.scheme_for("embed_tokens")
+    static = [n for n, s in plan.items() if s.activations.endswith("static")]
+    if emb_scheme is not None and emb_scheme.activations.endswith("static"):
+        static.append("lm_head")
+    if recipe.needs_calibration and not calibration:
+        raise ConfigError(f"recipe {recipe.name} needs calibration data")
+    if recipe.smoothing:
+        smooth_(model, calibration, recipe.smoothing, progress)
+    ranges = {}
+    if static:
+        progress(f"calibrating activation ranges of {len(static)} linear layers")
+        ranges = {n: float(a.max()) for n, a in collect_absmax(model, static, calibration,
+                                                               max(len(c) for c in calibration)).items()}
     hessians = {}
     if gptq_names:
-        if not calibration:
-            raise ConfigError(f"recipe {recipe.name} needs calibration data")
         progress(f"calibrating: {len(calibration)} samples through {len(gptq_names)} linear layers")
         # the padded calibration chunks are exactly prefill-sized (no padding rows)
         hessians = collect_hessians(model, gptq_names, calibration, prefill_len=max(len(c) for c in calibration))
@@ -246,20 +352,28 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
             s = rtn_scales(w, scheme.bits, block)
             q = quantize_with(w, s, scheme.bits)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QLinear(q, s, scheme))
+        setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name))))
         done[name] = scheme.label
         if i % 20 == 0:
             progress(f"quantized {i + 1}/{len(plan)} linear layers")
-    emb_scheme = recipe.scheme_for("embed_tokens")
     if emb_scheme is not None:
         w = model.embed_tokens.weight.detach()
         block = _blocks(emb_scheme, w.shape[1])
         s = rtn_scales(w, emb_scheme.bits, block)
         emb = QEmbedding(quantize_with(w, s, emb_scheme.bits), s, emb_scheme)
+        emb.act_scale.fill_(_act_scale(emb_scheme, ranges.get("lm_head")))
         model.embed_tokens = emb
         model.lm_head = TiedQHead(emb)
         done["embed_tokens"] = emb_scheme.label
     return done
+
+
+def _act_scale(scheme: Scheme, amax: float | None) -> float:
+    """Per-tensor static activation scale from a calibrated range (0 when not static)."""
+    if amax is None:
+        return 0.0
+    bits = 16 if scheme.activations == "int16-static" else 8
+    return max(amax, 1e-6) / qrange(bits)[1]
 
 
 def float_twin(model) -> dict:
@@ -271,7 +385,7 @@ def float_twin(model) -> dict:
     codes = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QLinear):
-            lin = _FloatLinear(mod.in_features, mod.out_features, mod.scheme.activations == "int8-dynamic")
+            lin = _FloatLinear(mod.in_features, mod.out_features, mod.scheme.activations, mod.act_scale)
             lin.weight = nn.Parameter(mod.weight_float(), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
@@ -281,7 +395,7 @@ def float_twin(model) -> dict:
         table = nn.Embedding(emb.qweight.shape[0], emb.embedding_dim)
         table.weight = nn.Parameter(emb.weight, requires_grad=False)
         model.embed_tokens = table
-        head = _FloatLinear(emb.embedding_dim, emb.qweight.shape[0], emb.scheme.activations == "int8-dynamic")
+        head = _FloatLinear(emb.embedding_dim, emb.qweight.shape[0], emb.scheme.activations, emb.act_scale)
         head.weight = table.weight
         model.lm_head = head
         codes["embed_tokens.weight"] = (emb.qweight, emb.scale, emb.scheme)
@@ -291,12 +405,13 @@ def float_twin(model) -> dict:
 class _FloatLinear(nn.Linear):
     """Float weights (exactly codes x scales) with the dynamic int8 activations as float ops."""
 
-    def __init__(self, in_features: int, out_features: int, act_quant: bool):
+    def __init__(self, in_features: int, out_features: int, activations: str, act_scale: torch.Tensor):
         super().__init__(in_features, out_features, bias=False)
-        self.act_quant = act_quant
+        self.activations = activations
+        self.register_buffer("act_scale", act_scale.clone())
 
     def forward(self, x):
-        return super().forward(fake_quant_int8_per_token(x) if self.act_quant else x)
+        return super().forward(quantize_activations(x, self.activations, self.act_scale))
 
 
 def use_xnnpack_pattern(model) -> int:

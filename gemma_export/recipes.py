@@ -71,6 +71,8 @@ class QuantRecipe:
     name: str
     rules: tuple[Rule, ...] = ()
     calibration: Calibration = field(default_factory=Calibration)
+    # SmoothQuant strength (0 = off): activation outliers moved into the weights before quantizing
+    smoothing: float = 0.0
     # parity thresholds against the fp32 reference that `verify` applies to this recipe
     thresholds: Thresholds = field(default_factory=Thresholds)
     description: str = ""
@@ -81,14 +83,18 @@ class QuantRecipe:
                 return rule.scheme
         return None
 
+    def __post_init__(self):
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"recipe {self.name!r}: smoothing must be in [0, 1), got {self.smoothing}")
+
     @property
     def is_float(self) -> bool:
         return all(r.scheme is None for r in self.rules)
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.scheme and (r.scheme.algorithm != "rtn" or r.scheme.activations.endswith("static"))
-                   for r in self.rules)
+        return self.smoothing > 0 or any(
+            r.scheme and (r.scheme.algorithm != "rtn" or r.scheme.activations.endswith("static")) for r in self.rules)
 
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -108,6 +114,7 @@ class QuantRecipe:
                 calibration=Calibration(**d.get("calibration", {})),
                 thresholds=Thresholds(**d.get("thresholds", {})),
                 description=d.get("description", ""),
+                smoothing=float(d.get("smoothing", 0.0)),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"invalid recipe: {e}") from None
@@ -116,7 +123,8 @@ class QuantRecipe:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_toml(self) -> str:
-        lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}", ""]
+        lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}",
+                 f"smoothing = {self.smoothing}", ""]
         lines.append("[calibration]")
         lines += [f"{k} = {v}" for k, v in asdict(self.calibration).items()]
         lines += ["", "[thresholds]"]

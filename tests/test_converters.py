@@ -97,8 +97,10 @@ def test_existing_destination_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_unsupported_recipe_refused_before_work(fmt, tmp_path):
-    with pytest.raises(UnsupportedError):
+def test_unknown_recipe_refused_before_work(fmt, tmp_path):
+    from gemma_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown recipe 'nonsense'"):
         export(TINY, ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe="nonsense"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -147,10 +149,12 @@ def test_verify_cli_locate_names_the_faulty_layer(tmp_path, tiny):
 
 
 def _unsupported_pairs():
-    from converters import SUPPORTED_RECIPES
+    from converters import supported_presets
     from gemma_export.recipes import PRESETS
 
-    return [(f, r) for f in FORMATS for r in sorted(PRESETS) if r not in SUPPORTED_RECIPES[f]]
+    pairs = [(f, r) for f in FORMATS for r in sorted(PRESETS) if r not in supported_presets(f)]
+    assert ("tflite", "int8") in pairs and ("pte", "int8-weights") in pairs
+    return pairs
 
 
 @pytest.mark.parametrize("fmt,recipe", _unsupported_pairs())
@@ -159,3 +163,20 @@ def test_unsupported_format_recipe_pairs_are_refused_with_the_typed_error(fmt, r
     with pytest.raises(UnsupportedError, match=f"format {fmt} does not support recipe"):
         export(TINY, ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_recipe_files_are_judged_by_content(tmp_path):
+    """A recipe file is refused for what it asks (static activations on XNNPACK), not for its name."""
+    from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme
+
+    rules = (Rule("layers.*", Scheme(8, activations="int8-static")),)
+    path = tmp_path / "static.toml"
+    path.write_text(QuantRecipe("my-static", rules).to_toml())
+    with pytest.raises(UnsupportedError, match="cannot lower int8-static activations"):
+        export(TINY, ExportRequest("pte", prefill_len=T, max_context=CTX, recipe=str(path)), tmp_path / "x")
+    # the same content under a preset's name is refused as well
+    path.write_text(QuantRecipe("int8", rules).to_toml())
+    with pytest.raises(UnsupportedError, match="int8-static"):
+        export(TINY, ExportRequest("pte", prefill_len=T, max_context=CTX, recipe=str(path)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert PRESETS["int8"].scheme_for("layers.0.mlp.up_proj").activations == "int8-dynamic"

@@ -92,3 +92,56 @@ def test_embedding_codes_are_shared_with_the_head(tiny):
     quantize_(m, PRESETS["int4-b32-rtn"])
     names = [n for n, _ in m.named_buffers() if "qweight" in n and "embed" in n]
     assert names == ["embed_tokens.qweight"]  # stored once, the head reads the same buffer
+
+
+def _logits(model, ids):
+    return np.concatenate([lg for _, lg in feed(TorchSession(model, prefill_len=16), ids)])
+
+
+def test_smoothing_keeps_the_function_and_flattens_activation_outliers(tiny):
+    from gemma_export.quantize import collect_absmax, smooth_
+
+    m = copy.deepcopy(tiny)
+    with torch.no_grad():  # plant an outlier channel in the q/k/v input and in the down_proj input
+        m.layers[0].input_layernorm.weight[3] = 40.0
+        m.layers[1].mlp.up_proj.weight[5] *= 30.0
+    calib = [np.random.default_rng(i).integers(3, 262_144, size=32).tolist() for i in range(4)]
+    names = ["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"]
+    spread = lambda a: float(a.max() / a.median())  # noqa: E731
+    before = {n: spread(a) for n, a in collect_absmax(m, names, calib, 32).items()}
+    ids = list(range(100, 160))
+    ref = _logits(m, ids)
+    assert smooth_(m, calib, alpha=0.5) == 4 * 2
+    after = {n: spread(a) for n, a in collect_absmax(m, names, calib, 32).items()}
+    got = _logits(m, ids)
+    assert np.abs(ref - got).max() / np.abs(ref).max() < 1e-4  # same function
+    for n in names:
+        assert after[n] < 0.5 * before[n], (n, before[n], after[n])
+
+
+def test_static_activation_schemes_calibrate_a_scale_and_need_data(tiny):
+    rules = (Rule("embed_tokens", Scheme(8, activations="int16-static")),
+             Rule("layers.*", Scheme(8, activations="int8-static")))
+    recipe = QuantRecipe("static", rules)
+    assert recipe.needs_calibration
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize_(copy.deepcopy(tiny), recipe)
+    m = copy.deepcopy(tiny)
+    calib = [np.random.default_rng(i).integers(3, 262_144, size=32).tolist() for i in range(4)]
+    quantize_(m, recipe, calib)
+    scales = [float(mod.act_scale) for mod in m.modules() if isinstance(mod, (QLinear, QEmbedding))]
+    assert len(scales) == 15 and all(s > 0 for s in scales)
+    ids = list(range(100, 160))
+    ref, got = _logits(tiny, ids), _logits(m, ids)
+    rel = np.abs(ref - got).max() / np.abs(ref).max()
+    assert 0 < rel < 0.1
+
+
+def test_smoothing_round_trips_and_is_validated(tmp_path):
+    r = QuantRecipe("s", (Rule("layers.*", Scheme(8, activations="int8-dynamic")),), smoothing=0.5)
+    assert r.needs_calibration
+    path = tmp_path / "s.toml"
+    path.write_text(r.to_toml())
+    assert resolve(str(path)) == r
+    with pytest.raises(ConfigError, match="smoothing"):
+        QuantRecipe("bad", smoothing=1.5)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from converters import EXPERIMENTAL_ENV, EXPERIMENTAL_RECIPES
+from converters import EXPERIMENTAL_ENV, supported_presets
 from converters.onnx import read_codes
 from gemma_export.errors import UnsupportedError
 from gemma_export.metrics import Thresholds
@@ -27,7 +27,7 @@ LOWERING = {"onnx": Thresholds(min_top1=0.9, max_mean_kl=1e-5),
 @pytest.fixture(scope="module", params=[("onnx", "int8"), ("onnx", "int4-b32-rtn"), ("pte", "int4-b32-rtn")])
 def quantized(request, tmp_path_factory, tiny):
     fmt, recipe = request.param
-    assert recipe in EXPERIMENTAL_RECIPES[fmt]
+    assert recipe in supported_presets(fmt)
     out = tmp_path_factory.mktemp(f"{fmt}-{recipe}") / "art"
     req = ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe, debug_outputs=False)
     with pytest.raises(UnsupportedError, match=EXPERIMENTAL_ENV):
