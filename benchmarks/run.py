@@ -3,9 +3,14 @@
   export   wall time, peak RSS and artifact size of each export (real 270M; 1B random weights)
   parity   `gemma-export verify` of each real-270M artifact (teacher-forced 1,300 tokens + 32 greedy)
   speed    prefill and decode tokens/s of each real-270M artifact (prompt 128, 128 new tokens)
+  eval     `gemma-export eval` of each real-270M artifact: perplexity on held-out text, and KL /
+           top-1 agreement against the fp32 PyTorch model (the recipe x format quality table)
 
-Usage: python -m benchmarks.run [--only export,parity,speed] [--formats onnx,tflite,pte] [--models 270m,1b]
-Each export runs in its own process so its peak RSS is its own.
+Usage: python -m benchmarks.run [--only export,parity,speed,eval] [--formats onnx,tflite,pte]
+                                [--models 270m,1b] [--recipes fp32,int8,int4-b32,int4-b32-rtn]
+Each export runs in its own process so its peak RSS is its own. Quantized recipes are exported
+with GEMMA_EXPORT_EXPERIMENTAL=1; a (format, recipe) pair the format cannot lower is recorded as
+a row with "unsupported" and the reason, not skipped silently.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ GE = [sys.executable, "-m", "gemma_export"]
 MODELS = {"270m": ["gemma3-270m"], "1b": ["gemma3-1b", "--random-weights"]}
 
 
+def unsupported(fmt: str, recipe: str) -> str | None:
+    from converters import unsupported_reason
+    from gemma_export.recipes import resolve
+
+    return unsupported_reason(fmt, resolve(recipe))
+
+
 def run_measured(cmd: list[str], log: Path) -> dict:
     """Run a command; return wall seconds, peak RSS (its own, from wait4) and exit code."""
     start = time.perf_counter()
+    env = {**os.environ, "GEMMA_EXPORT_EXPERIMENTAL": "1"}
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     return {
         "command": " ".join(cmd[2:] if cmd[:3] == GE else cmd).replace("gemma_export", "gemma-export"),
@@ -49,6 +62,9 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
     rows = []
     for model in models:
         for fmt in formats:
+            if reason := unsupported(fmt, recipe):
+                rows.append({"model": model, "format": fmt, "recipe": recipe, "unsupported": reason})
+                continue
             out = artifact_dir(model, fmt, recipe)
             cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe]
             if model != "270m":
@@ -68,6 +84,8 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
 def bench_parity(formats, recipe="fp32") -> list[dict]:
     rows = []
     for fmt in formats:
+        if unsupported(fmt, recipe):
+            continue
         out = artifact_dir("270m", fmt, recipe)
         report = OUT / f"parity-270m-{fmt}-{recipe}.json"
         print(f"verify 270m {fmt} {recipe} ...", flush=True)
@@ -86,6 +104,8 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
 
     rows = []
     for fmt in formats:
+        if unsupported(fmt, recipe):
+            continue
         out = artifact_dir("270m", fmt, recipe)
         opened = open_artifact(out, threads)
         s = opened.session
@@ -114,6 +134,26 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
     return rows
 
 
+def bench_eval(formats, recipe="fp32", positions=1024) -> list[dict]:
+    rows = []
+    for fmt in formats:
+        if unsupported(fmt, recipe):
+            continue
+        out = artifact_dir("270m", fmt, recipe)
+        report = OUT / f"eval-270m-{fmt}-{recipe}.json"
+        print(f"eval 270m {fmt} {recipe} ...", flush=True)
+        row = {"format": fmt, "recipe": recipe,
+               **run_measured([*GE, "eval", str(out), "--positions", str(positions), "--json", str(report)],
+                              OUT / f"eval-270m-{fmt}-{recipe}.log")}
+        if report.is_file():
+            row.update(json.loads(report.read_text()))
+            m = json.loads((out / "manifest.json").read_text())
+            row["artifact_mib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1)
+        print(f"  ppl={row.get('perplexity')} kl={row.get('mean_kl')} top1={row.get('top1_agreement')}", flush=True)
+        rows.append(row)
+    return rows
+
+
 KEYS = ("model", "format", "recipe")
 
 
@@ -133,10 +173,10 @@ def write(name: str, rows) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="export,parity,speed")
+    ap.add_argument("--only", default="export,parity,speed,eval")
     ap.add_argument("--formats", default="onnx,tflite,pte")
     ap.add_argument("--models", default="270m,1b")
-    ap.add_argument("--recipes", default="fp32")
+    ap.add_argument("--recipes", default="fp32,int8,int4-b32,int4-b32-rtn")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     only, formats, models = args.only.split(","), args.formats.split(","), args.models.split(",")
@@ -147,6 +187,8 @@ def main(argv=None):
             write(f"parity-270m-{recipe}", bench_parity(formats, recipe))
         if "speed" in only:
             write(f"speed-270m-{recipe}", bench_speed(formats, recipe))
+        if "eval" in only:
+            write(f"eval-270m-{recipe}", bench_eval(formats, recipe))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ LOWERS = {
              {"float", "int8-dynamic", "int8-static", "int16-static"}),
     # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
     "pte": ({(8, "channel"), (4, "block")}, {"int8-dynamic"}),
-    # litert-torch's converter rejects integer weights computed in PyTorch (see README)
-    "tflite": (set(), set()),
+    # dynamic-range kernels (XNNPACK): int8 per channel or int4 blocks, activations quantized by
+    # the kernel; one weight scheme for the whole model (see UNIFORM)
+    "tflite": ({(8, "channel"), (4, "block")}, {"int8-dynamic"}),
 }
+# formats whose quantized lowering applies one weight scheme to every linear and the embedding
+UNIFORM = {"tflite"}
 # Quantized lowering writes the exact PyTorch codes into the file (tested bit for bit), but parity
 # on real weights is not yet within every recipe's thresholds (activation quantization rounds
 # differently per runtime), so it is opt-in: GEMMA_EXPORT_EXPERIMENTAL=1.
@@ -41,6 +44,14 @@ EXPERIMENTAL_ENV = "GEMMA_EXPORT_EXPERIMENTAL"
 def unsupported_reason(fmt: str, recipe) -> str | None:
     """Why `fmt` cannot lower `recipe` (a QuantRecipe), or None when it can."""
     weights, activations = LOWERS[fmt]
+    if fmt in UNIFORM:
+        kinds = {(r.scheme.bits, r.scheme.granularity, r.scheme.block_size) if r.scheme else None
+                 for r in recipe.rules}
+        names = ["embed_tokens"] + [f"layers.0.{m}" for m in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        if len(kinds) > 1 or any(recipe.scheme_for(n) is None for n in names):
+            return "a mix of weight schemes (this format takes one scheme for all layers and the embedding)"
     for rule in recipe.rules:
         sc = rule.scheme
         if sc is None:

@@ -50,6 +50,9 @@ def check(request) -> None:
 def export(model, request, workdir: Path, progress) -> dict:
     import litert_torch
 
+    from gemma_export.quantize import float_twin
+
+    codes = float_twin(model, activation_ops=False)  # the runtime's kernels quantize activations
     t = request.prefill_len
     prefill_inputs = sample_inputs(model, t, decode=False)
     decode_inputs = sample_inputs(model, 1, decode=True)
@@ -73,6 +76,11 @@ def export(model, request, workdir: Path, progress) -> dict:
         edge.export(str(workdir / FILE))
     del edge
     gc.collect()
+    quantized = []
+    if codes:
+        from converters.tflite_codes import quantize_file
+
+        quantized = quantize_file(workdir / FILE, codes, progress)
 
     def outputs(inputs, t_):
         names = cache_names(model.cfg.num_layers)
@@ -88,7 +96,7 @@ def export(model, request, workdir: Path, progress) -> dict:
         },
         "program": {"file": FILE,
                     "signatures": [prefill_name(t), DECODE] + ([hidden_name(t)] if request.debug_outputs else []),
-                    "kv_cache": "signature inputs -> outputs"},
+                    "kv_cache": "signature inputs -> outputs", "quantized_weights": quantized},
         "versions": _versions(),
     }
 
@@ -96,7 +104,7 @@ def export(model, request, workdir: Path, progress) -> dict:
 def _versions():
     from gemma_export.package import versions
 
-    return versions("litert-torch", "ai-edge-litert")
+    return versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer")
 
 
 class TfliteSession:

@@ -153,7 +153,7 @@ def _unsupported_pairs():
     from gemma_export.recipes import PRESETS
 
     pairs = [(f, r) for f in FORMATS for r in sorted(PRESETS) if r not in supported_presets(f)]
-    assert ("tflite", "int8") in pairs and ("pte", "int8-weights") in pairs
+    assert ("tflite", "int8-weights") in pairs and ("pte", "int8-weights") in pairs
     return pairs
 
 
@@ -178,5 +178,11 @@ def test_recipe_files_are_judged_by_content(tmp_path):
     path.write_text(QuantRecipe("int8", rules).to_toml())
     with pytest.raises(UnsupportedError, match="int8-static"):
         export(TINY, ExportRequest("pte", prefill_len=T, max_context=CTX, recipe=str(path)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    mixed = (Rule("embed_tokens", Scheme(8, activations="int8-dynamic")),
+             Rule("layers.*", Scheme(4, "block", 32, activations="int8-dynamic")))
+    path.write_text(QuantRecipe("mixed", mixed).to_toml())
+    with pytest.raises(UnsupportedError, match="mix of weight schemes"):
+        export(TINY, ExportRequest("tflite", prefill_len=T, max_context=CTX, recipe=str(path)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert PRESETS["int8"].scheme_for("layers.0.mlp.up_proj").activations == "int8-dynamic"
