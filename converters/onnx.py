@@ -115,6 +115,10 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
             continue
         name, layout = hit
         q, s, scheme = codes[name]
+        if name == TABLE and layout == "oi":  # gathered and used as the tied head
+            keep += _lower_table(graph, init.name, q.numpy(), s.numpy().astype(np.float32), scheme)
+            found.add(name)
+            continue
         qa, sa = q.numpy(), s.numpy().astype(np.float32)
         block = qa.shape[1] // sa.shape[1]
         if layout == "io":
@@ -136,12 +140,118 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
         raise ExportError(f"onnx: could not find the traced weight of {missing[0]} to lower its codes")
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    if any(n.domain == "com.microsoft" for n in graph.node):
+        _toposort(graph)
+        if not any(op.domain == "com.microsoft" for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = max(op.version, QUANT_OPSET)
     (workdir / DATA).unlink()  # saving appends to an existing data file
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA,
               size_threshold=1024)
+
+
+TABLE = "embed_tokens.weight"
+
+
+def _nbits_layout(q: np.ndarray, s: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes [N, K] and scales as MatMulNBits wants them: unsigned codes (zero point 2^(bits-1))
+    in blocks [N, K/block, block*bits/8], scales [N * K/block]. A per-row scale becomes the same
+    scale repeated over the row's blocks (the same numbers)."""
+    n, k = q.shape
+    if scheme.granularity == "block":
+        block = scheme.block_size
+    else:
+        block = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+        if block is None:
+            raise ExportError(f"onnx: embedding width {k} is not a multiple of 16")
+        s = np.repeat(s.reshape(n, 1), k // block, axis=1)
+    u = (q.astype(np.int16) + 2 ** (scheme.bits - 1)).astype(np.uint8).reshape(n, k // block, block)
+    if scheme.bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return np.ascontiguousarray(u), np.ascontiguousarray(s.reshape(-1)), block
+
+
+def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+    """The tied table once, as MatMulNBits weights: the head runs MatMulNBits on them and the
+    embedding gathers and decodes rows of the same bytes (no whole-table dequantize per step)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, width = q.shape
+    packed, scales, block = _nbits_layout(q, s, scheme)
+    nblk, bits = width // block, scheme.bits
+    b_name, s_name = f"{table}.nbits", f"{table}.nbits_scales"
+    inits = [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)]
+    consts = {f"{table}.c_{k}": v for k, v in {
+        "flat": np.array([-1], np.int64), "rows": np.array([vocab, nblk], np.int64),
+        "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),
+        "zero": np.array(2 ** (bits - 1), np.float32), "mask": np.array(15, np.uint8),
+        "four": np.array(4, np.uint8), "last": np.array([-1], np.int64)}.items()}
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    c = {k.rsplit("_", 1)[-1]: k for k in consts}
+    users = [n for n in graph.node if table in n.input]
+    new_nodes, drop = [], []
+    for node in users:
+        p = f"{node.name or node.output[0]}_nb"
+        if node.op_type == "Gather" and node.input[0] == table and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            ids, out = node.input[1], node.output[0]
+            mk = lambda op, ins, outs, **kw: new_nodes.append(helper.make_node(op, ins, outs, **kw))  # noqa: E731
+            mk("Reshape", [ids, c["flat"]], [f"{p}_ids"])
+            mk("Gather", [b_name, f"{p}_ids"], [f"{p}_bytes"], axis=0)  # [n, nblk, block*bits/8]
+            if bits == 4:
+                mk("BitwiseAnd", [f"{p}_bytes", c["mask"]], [f"{p}_lo"])
+                mk("BitShift", [f"{p}_bytes", c["four"]], [f"{p}_hi"], direction="RIGHT")
+                mk("Unsqueeze", [f"{p}_lo", c["last"]], [f"{p}_lo1"])
+                mk("Unsqueeze", [f"{p}_hi", c["last"]], [f"{p}_hi1"])
+                mk("Concat", [f"{p}_lo1", f"{p}_hi1"], [f"{p}_pairs"], axis=-1)
+                mk("Reshape", [f"{p}_pairs", c["blk"]], [f"{p}_codes"])
+            else:
+                mk("Identity", [f"{p}_bytes"], [f"{p}_codes"])
+            mk("Cast", [f"{p}_codes"], [f"{p}_f"], to=TensorProto.FLOAT)
+            mk("Sub", [f"{p}_f", c["zero"]], [f"{p}_centered"])
+            mk("Reshape", [s_name, c["rows"]], [f"{p}_scale_rows"])
+            mk("Gather", [f"{p}_scale_rows", f"{p}_ids"], [f"{p}_s"], axis=0)
+            mk("Unsqueeze", [f"{p}_s", c["last"]], [f"{p}_s1"])
+            mk("Mul", [f"{p}_centered", f"{p}_s1"], [f"{p}_rows"])  # [n, nblk, block]
+            mk("Shape", [ids], [f"{p}_ids_shape"])
+            mk("Concat", [f"{p}_ids_shape", c["width"]], [f"{p}_out_shape"], axis=0)
+            mk("Reshape", [f"{p}_rows", f"{p}_out_shape"], [out])
+            drop.append(node)
+        elif node.op_type == "Transpose" and [a.ints for a in node.attribute if a.name == "perm"] in ([], [[1, 0]]):
+            matmuls = [n for n in graph.node if node.output[0] in n.input]
+            if not matmuls or any(m.op_type != "MatMul" or m.input[1] != node.output[0] for m in matmuls):
+                raise ExportError("onnx: the tied head is not a MatMul on the transposed table")
+            for m in matmuls:
+                new_nodes.append(helper.make_node(
+                    "MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
+                    domain="com.microsoft", K=width, N=vocab, bits=bits, block_size=block, accuracy_level=1))
+                drop.append(m)
+            drop.append(node)
+        else:
+            raise ExportError(f"onnx: cannot lower the quantized table used by a {node.op_type} node")
+    for node in drop:
+        graph.node.remove(node)
+    graph.node.extend(new_nodes)  # put in topological order by the caller, once initializers are final
+    return inits
+
+
+def _toposort(graph) -> None:
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered, pending = [], list(graph.node)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError(f"onnx: graph has a cycle or a missing input near node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _codes_tensor(name: str, q: np.ndarray, bits: int):
@@ -169,6 +279,13 @@ def read_codes(folder: Path, manifest: dict) -> dict:
         if node.op_type == "DequantizeLinear" and node.input[0].endswith(".codes"):
             arr = numpy_helper.to_array(inits[node.input[0]])
             out[node.output[0]] = arr
+        elif node.op_type == "MatMulNBits" and node.input[1] not in out:
+            attrs = {a.name: a.i for a in node.attribute}
+            u = numpy_helper.to_array(inits[node.input[1]])  # [N, K/block, block*bits/8]
+            if attrs["bits"] == 4:
+                u = np.stack([u & 0x0F, u >> 4], axis=-1)
+            codes = u.astype(np.int16).reshape(attrs["N"], attrs["K"]) - 2 ** (attrs["bits"] - 1)
+            out[node.input[1]] = codes.astype(np.int8)
     return out
 
 
