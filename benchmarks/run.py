@@ -75,7 +75,9 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
             if row["exit_code"] == 0:
                 m = json.loads((out / "manifest.json").read_text())
                 row["artifact_mib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1)
-                row["model_file_mib"] = round(m["files"][m["program"]["file"]]["bytes"] / 2**20, 1)
+                # the model itself: graph/program and external weights, without the tokenizer
+                row["model_file_mib"] = round(sum(f["bytes"] for name, f in m["files"].items()
+                                                  if name.startswith("model.")) / 2**20, 1)
             print(f"  {row}", flush=True)
             rows.append(row)
     return rows

@@ -11,7 +11,10 @@ from converters.onnx import read_codes
 from gemma_export.errors import UnsupportedError
 from gemma_export.metrics import Thresholds
 from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
-from gemma_export.quantize import QEmbedding, QLinear, quantize_
+from gemma_export.api import quantize_model
+from gemma_export.loading import load
+from gemma_export.quantize import QEmbedding, QLinear
+from gemma_export.tokenizer import Tokenizer
 from gemma_export.recipes import PRESETS
 from gemma_export.session import TorchSession
 from gemma_export.verify import teacher_forced
@@ -41,7 +44,8 @@ def quantized(request, tmp_path_factory, tiny):
     finally:
         del os.environ[EXPERIMENTAL_ENV]
     eager = copy.deepcopy(tiny)
-    quantize_(eager, PRESETS[recipe])
+    loaded = load(TINY)  # the same tokenizer and calibration set the export used
+    quantize_model(eager, recipe, Tokenizer(loaded.tokenizer_path))
     return fmt, recipe, out, eager
 
 

@@ -1,0 +1,59 @@
+"""The README's recipe x format table, from the JSON that `make bench` wrote.
+
+Usage: python -m benchmarks.table   (prints Markdown; missing measurements show as "-")
+"""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.run import RESULTS
+
+
+def _rows(kind: str) -> dict:
+    out = {}
+    for path in sorted(RESULTS.glob(f"{kind}-*.json")):
+        for r in json.loads(path.read_text()).get("results", []):
+            out[(r.get("model", "270m"), r["format"], r["recipe"])] = r
+    return out
+
+
+def table(model: str = "270m") -> str:
+    exports, evals, speeds = _rows("export"), _rows("eval"), _rows("speed")
+    keys = sorted({k for k in (*exports, *evals, *speeds) if k[0] == model}, key=lambda k: (k[2], k[1]))
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| recipe | format | model file MiB | perplexity | change | mean KL | top-1 | prefill tok/s | decode tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in keys:
+        e, v, s = exports.get(key, {}), evals.get(key, {}), speeds.get(key, {})
+        if "unsupported" in e:
+            lines.append(f"| {key[2]} | {key[1]} | not supported: {e['unsupported']} |||||||")
+            continue
+        change, top1 = v.get("perplexity_change"), v.get("top1_agreement")
+        lines.append(
+            f"| {key[2]} | {key[1]} | {fmt(e.get('model_file_mib'), '.1f')} | {fmt(v.get('perplexity'), '.2f')} | "
+            f"{'-' if change is None else f'{100 * change:+.1f}%'} | {fmt(v.get('mean_kl'), '.2g')} | "
+            f"{'-' if top1 is None else f'{100 * top1:.1f}%'} | "
+            f"{fmt(s.get('prefill_tok_s'), '.0f')} | {fmt(s.get('decode_tok_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def sizes(model: str = "1b") -> str:
+    from gemma_export.config import PRESETS
+
+    cfg = PRESETS[f"gemma3-{model}"]
+    params = cfg.param_counts()["total"]
+    lines = ["| recipe | format | model file MiB | bytes / parameter |", "|---|---|---:|---:|"]
+    for (m, f, r), e in sorted(_rows("export").items()):
+        if m != model or "model_file_mib" not in e:
+            continue
+        per = f"{e['model_file_mib'] * 2**20 / params:.3f}"
+        lines.append(f"| {r} | {f} | {e['model_file_mib']:.1f} | {per} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print("Real 270M:\n")
+    print(table("270m"))
+    print("\n1B (random weights, sizes):\n")
+    print(sizes("1b"))
