@@ -91,3 +91,26 @@ def test_int4_artifact_is_smaller(quantized):
     fp32 = 16_832_448 * 4  # tiny's parameters in fp32
     # pte keeps the gathered embedding as int8 beside the head's int4 copy
     assert size < fp32 * (0.3 if recipe.startswith("int4") and fmt != "pte" else 0.45)
+
+
+def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, tiny):
+    """Static int8/int16 activations (calibrated per-tensor scales) from a recipe file, through ONNX."""
+    from gemma_export.recipes import QuantRecipe, Rule, Scheme
+
+    rules = (Rule("embed_tokens", Scheme(8, activations="int16-static")),
+             Rule("layers.*", Scheme(8, "block", 32, activations="int8-static")))
+    path = tmp_path / "static.toml"
+    path.write_text(QuantRecipe("static-test", rules).to_toml())
+    out = tmp_path / "art"
+    os.environ[EXPERIMENTAL_ENV] = "1"
+    try:
+        export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX, recipe=str(path), debug_outputs=False), out)
+    finally:
+        del os.environ[EXPERIMENTAL_ENV]
+    assert read_manifest(out)["recipe"]["name"] == "static-test"
+    eager = copy.deepcopy(tiny)
+    quantize_model(eager, str(path), Tokenizer(load(TINY).tokenizer_path))
+    assert all(float(m.act_scale) > 0 for m in eager.modules() if isinstance(m, QLinear))
+    ids = np.random.default_rng(3).integers(3, 262_144, size=60).tolist()
+    c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, ids)
+    assert not c.failures(LOWERING["onnx"]), c.summary()
