@@ -129,11 +129,11 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
         if per_channel:  # one scale per output channel: a 1-D scale along the output axis
             sa, axis = sa.reshape(-1), 1 - axis
         qt = _codes_tensor(f"{init.name}.codes", np.ascontiguousarray(qa), scheme.bits)
-        st = numpy_helper.from_array(np.ascontiguousarray(sa), f"{init.name}.scales")
+        scale_inits, scale_name = _scales(graph, f"{init.name}.scales", np.ascontiguousarray(sa))
         attrs = {"axis": axis} if per_channel else {"axis": axis, "block_size": block}
-        graph.node.insert(0, helper.make_node("DequantizeLinear", [qt.name, st.name], [init.name],
+        graph.node.insert(0, helper.make_node("DequantizeLinear", [qt.name, scale_name], [init.name],
                                               name=f"dq_{init.name}", **attrs))
-        keep += [qt, st]
+        keep += [qt, *scale_inits]
         found.add(name)
     missing = sorted(set(codes) - found)
     if missing:
@@ -153,6 +153,19 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
 
 
 TABLE = "embed_tokens.weight"
+
+
+def _scales(graph, name: str, scales: np.ndarray) -> tuple[list, str]:
+    """Scales stored as fp16 when that is exact (our scales are bf16 values >= 2^-14, so always),
+    with a Cast to fp32 that onnxruntime folds at load: the file carries 2 bytes per scale, the
+    kernels see the same fp32 numbers (and still fuse DequantizeLinear + MatMul into MatMulNBits)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = scales.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), scales):
+        return [numpy_helper.from_array(scales, name)], name
+    graph.node.insert(0, helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"cast_{name}", to=TensorProto.FLOAT))
+    return [numpy_helper.from_array(half, f"{name}.fp16")], name
 
 
 def _nbits_layout(q: np.ndarray, s: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, int]:
@@ -182,7 +195,8 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
     packed, scales, block = _nbits_layout(q, s, scheme)
     nblk, bits = width // block, scheme.bits
     b_name, s_name = f"{table}.nbits", f"{table}.nbits_scales"
-    inits = [numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)]
+    scale_inits, _ = _scales(graph, s_name, scales)
+    inits = [numpy_helper.from_array(packed, b_name), *scale_inits]
     consts = {f"{table}.c_{k}": v for k, v in {
         "flat": np.array([-1], np.int64), "rows": np.array([vocab, nblk], np.int64),
         "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),
