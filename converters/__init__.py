@@ -43,6 +43,8 @@ EXPERIMENTAL_ENV = "GEMMA_EXPORT_EXPERIMENTAL"
 
 def unsupported_reason(fmt: str, recipe) -> str | None:
     """Why `fmt` cannot lower `recipe` (a QuantRecipe), or None when it can."""
+    if recipe.is_float:
+        return None
     weights, activations = LOWERS[fmt]
     if fmt in UNIFORM:
         kinds = {(r.scheme.bits, r.scheme.granularity, r.scheme.block_size) if r.scheme else None

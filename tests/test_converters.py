@@ -186,3 +186,14 @@ def test_recipe_files_are_judged_by_content(tmp_path):
         export(TINY, ExportRequest("tflite", prefill_len=T, max_context=CTX, recipe=str(path)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert PRESETS["int8"].scheme_for("layers.0.mlp.up_proj").activations == "int8-dynamic"
+
+
+def test_every_format_lowers_fp32_and_the_table_agrees_with_the_check():
+    from converters import supported_presets, unsupported_reason
+    from gemma_export.recipes import PRESETS
+
+    for fmt in FORMATS:
+        assert unsupported_reason(fmt, PRESETS["fp32"]) is None
+        assert "fp32" in supported_presets(fmt)
+        for name in supported_presets(fmt):
+            assert unsupported_reason(fmt, PRESETS[name]) is None
