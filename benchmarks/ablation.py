@@ -1,0 +1,79 @@
+"""Where int8 loses quality on the real 270M: one recipe variant at a time, in PyTorch.
+
+Each variant quantizes a copy of the fp32 model and is compared with it over the held-out eval
+text (teacher-forced, the same chunking as `verify`): perplexity, mean KL, top-1 agreement.
+
+Usage: python -m benchmarks.ablation [--positions 1024] [VARIANT ...]   (default: all)
+Writes benchmarks/results/ablation-int8.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme
+
+E, L = "embed_tokens", "layers.*"
+W8, D8 = Scheme(8), Scheme(8, activations="int8-dynamic")
+B8 = Scheme(8, "block", 32)
+VARIANTS = {
+    "embedding-only": (Rule(E, W8),),
+    "linears-only": (Rule(L, W8),),
+    "linears-only-dynamic": (Rule(L, D8),),
+    "int8-weights": PRESETS["int8-weights"].rules,
+    "int8-unsmoothed": PRESETS["int8"].rules,
+    "int8": PRESETS["int8"],
+    "block32-weights": (Rule(E, B8), Rule(L, B8)),
+    "linears-gptq": (Rule(L, Scheme(8, algorithm="gptq")),),
+    "down-proj-dynamic-only": (Rule("layers.*.down_proj", D8), Rule(L, W8)),
+}
+
+
+def main(argv=None):
+    import calibration
+    import torch
+
+    from benchmarks.run import RESULTS
+    from gemma_export.cli import default_eval_text
+    from gemma_export.loading import ModelSpec, load
+    from gemma_export.quantize import quantize_
+    from gemma_export.session import TorchSession
+    from gemma_export.tokenizer import Tokenizer
+    from gemma_export.verify import teacher_forced
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--positions", type=int, default=1024)
+    ap.add_argument("variants", nargs="*", default=list(VARIANTS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    loaded = load(ModelSpec("gemma3-270m"))
+    tok = Tokenizer(loaded.tokenizer_path)
+    ids = tok.encode(default_eval_text().read_text())[:args.positions]
+    ref = TorchSession(loaded.model, prefill_len=128)
+    rows = []
+    for name in args.variants:
+        v = VARIANTS[name]
+        recipe = v if isinstance(v, QuantRecipe) else QuantRecipe(name, v)
+        c = recipe.calibration
+        data = calibration.build(tok, c.samples, c.seq_len, c.seed)[0] if recipe.needs_calibration else None
+        model = copy.deepcopy(loaded.model)
+        t0 = time.perf_counter()
+        quantize_(model, recipe, data)
+        s = teacher_forced(ref, TorchSession(model, prefill_len=128), ids).summary()
+        row = {"variant": name, "recipe": recipe.to_dict(), "positions": len(ids),
+               "perplexity": s["perplexity_test"], "perplexity_fp32": s["perplexity_reference"],
+               "mean_kl": s["mean_kl"], "top1_agreement": s["top1_agreement"],
+               "quantize_s": round(time.perf_counter() - t0, 1)}
+        print(f"{name:<24} ppl {row['perplexity']:.3f} (fp32 {row['perplexity_fp32']:.3f})  "
+              f"KL {row['mean_kl']:.4f}  top-1 {100 * row['top1_agreement']:.1f}%", flush=True)
+        rows.append(row)
+        del model
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ablation-int8.json").write_text(json.dumps({"benchmark": "ablation-int8", "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
