@@ -376,19 +376,20 @@ def _act_scale(scheme: Scheme, amax: float | None) -> float:
     return max(amax, 1e-6) / qrange(bits)[1]
 
 
-def float_twin(model, activation_ops: bool = True) -> dict:
+def float_twin(model, activation_ops=True) -> dict:
     """Swap quantized modules back to float modules holding exactly the dequantized weights.
 
     Returns {parameter name: (codes int8, scales fp32, scheme)} for the converters that trace the
     float graph and then replace each weight by its codes (ONNX, TFLite). With
     `activation_ops=False` the activation quantization is left to the runtime's kernels (TFLite's
-    dynamic-range kernels quantize activations themselves).
+    dynamic-range kernels quantize activations themselves); a callable decides per scheme.
     """
+    keep = activation_ops if callable(activation_ops) else (lambda scheme: activation_ops)
     codes = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QLinear):
             lin = _FloatLinear(mod.in_features, mod.out_features,
-                               mod.scheme.activations if activation_ops else "float", mod.act_scale)
+                               mod.scheme.activations if keep(mod.scheme) else "float", mod.act_scale)
             lin.weight = nn.Parameter(mod.weight_float(), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
@@ -399,7 +400,7 @@ def float_twin(model, activation_ops: bool = True) -> dict:
         table.weight = nn.Parameter(emb.weight, requires_grad=False)
         model.embed_tokens = table
         head = _FloatLinear(emb.embedding_dim, emb.qweight.shape[0],
-                            emb.scheme.activations if activation_ops else "float", emb.act_scale)
+                            emb.scheme.activations if keep(emb.scheme) else "float", emb.act_scale)
         head.weight = table.weight
         model.lm_head = head
         codes["embed_tokens.weight"] = (emb.qweight, emb.scale, emb.scheme)

