@@ -73,12 +73,10 @@ def check_recipe(fmt: str, request) -> None:
     from gemma_export.recipes import resolve
 
     recipe = resolve(request.recipe)
-    if recipe.is_float:
-        return
     reason = unsupported_reason(fmt, recipe)
     if reason:
         raise UnsupportedError(f"format {fmt} does not support recipe {recipe.name!r}: cannot lower {reason}")
-    if os.environ.get(EXPERIMENTAL_ENV) != "1":
+    if not recipe.is_float and os.environ.get(EXPERIMENTAL_ENV) != "1":
         raise UnsupportedError(
             f"format {fmt}: quantized recipe {recipe.name!r} is experimental (parity on real weights not yet "
             f"within thresholds); set {EXPERIMENTAL_ENV}=1 to export it anyway"
@@ -88,7 +86,7 @@ def check_recipe(fmt: str, request) -> None:
 def supported_presets(fmt: str) -> list[str]:
     from gemma_export.recipes import PRESETS
 
-    return [n for n, r in PRESETS.items() if r.is_float or unsupported_reason(fmt, r) is None]
+    return [n for n, r in PRESETS.items() if unsupported_reason(fmt, r) is None]
 
 
 def get(name: str):

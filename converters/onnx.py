@@ -121,8 +121,9 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
             keep += _lower_table(graph, init.name, q.numpy(), s.numpy().astype(np.float32), scheme)
             found.add(name)
             continue
-        if layout == "io" and _matmul_users(graph, init.name):  # x @ W^T: run it as MatMulNBits
-            keep += _lower_matmuls(graph, init.name, q.numpy(), s.numpy().astype(np.float32), scheme)
+        users = _matmul_users(graph, init.name) if layout == "io" else []
+        if users:  # x @ W^T: run it as MatMulNBits
+            keep += _lower_matmuls(graph, users, init.name, q.numpy(), s.numpy().astype(np.float32), scheme)
             found.add(name)
             continue
         qa, sa = q.numpy(), s.numpy().astype(np.float32)
@@ -210,23 +211,32 @@ def _matmul_users(graph, name: str) -> list:
     return users if ok else []
 
 
-def _lower_matmuls(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
-    """MatMul(x, W^T) -> MatMulNBits(x, codes, scales): onnxruntime only fuses blocked INT4
-    DequantizeLinear + MatMul itself; a per-channel INT8 DequantizeLinear would dequantize the
-    whole weight every step (decode 1.7 tok/s on the 270M int8), MatMulNBits reads the codes."""
+def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme):
+    """The initializers of one weight in MatMulNBits layout, and a maker of MatMulNBits nodes on them."""
     from onnx import helper, numpy_helper
 
-    out_features, in_features = q.shape
+    n, k = q.shape
     packed, scales, block = _nbits_layout(q, s, scheme)
     b_name, s_name = f"{weight}.nbits", f"{weight}.nbits_scales"
     scale_inits, _ = _scales(graph, s_name, scales)
-    for m in _matmul_users(graph, weight):
-        node = helper.make_node("MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
-                                domain="com.microsoft", K=in_features, N=out_features, bits=scheme.bits,
-                                block_size=block, accuracy_level=_accuracy_level(scheme))
-        graph.node.insert(list(graph.node).index(m), node)
+
+    def matmul(m):  # MatMul(x, W^T) -> MatMulNBits(x, codes, scales), same outputs
+        return helper.make_node("MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
+                                domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block,
+                                accuracy_level=_accuracy_level(scheme))
+
+    return [numpy_helper.from_array(packed, b_name), *scale_inits], (b_name, s_name, block), matmul
+
+
+def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+    """MatMul(x, W^T) -> MatMulNBits(x, codes, scales): onnxruntime only fuses blocked INT4
+    DequantizeLinear + MatMul itself; a per-channel INT8 DequantizeLinear would dequantize the
+    whole weight every step (decode 1.7 tok/s on the 270M int8), MatMulNBits reads the codes."""
+    inits, _, matmul = _nbits_weights(graph, weight, q, s, scheme)
+    for m in users:
         graph.node.remove(m)
-    return [numpy_helper.from_array(packed, b_name), *scale_inits]
+        graph.node.append(matmul(m))  # topological order restored by the caller
+    return inits
 
 
 def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
@@ -235,11 +245,8 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
     from onnx import TensorProto, helper, numpy_helper
 
     vocab, width = q.shape
-    packed, scales, block = _nbits_layout(q, s, scheme)
+    inits, (b_name, s_name, block), matmul = _nbits_weights(graph, table, q, s, scheme)
     nblk, bits = width // block, scheme.bits
-    b_name, s_name = f"{table}.nbits", f"{table}.nbits_scales"
-    scale_inits, _ = _scales(graph, s_name, scales)
-    inits = [numpy_helper.from_array(packed, b_name), *scale_inits]
     consts = {f"{table}.c_{k}": v for k, v in {
         "flat": np.array([-1], np.int64), "rows": np.array([vocab, nblk], np.int64),
         "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),
@@ -279,12 +286,8 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
             matmuls = [n for n in graph.node if node.output[0] in n.input]
             if not matmuls or any(m.op_type != "MatMul" or m.input[1] != node.output[0] for m in matmuls):
                 raise ExportError("onnx: the tied head is not a MatMul on the transposed table")
-            for m in matmuls:
-                new_nodes.append(helper.make_node(
-                    "MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
-                    domain="com.microsoft", K=width, N=vocab, bits=bits, block_size=block,
-                    accuracy_level=_accuracy_level(scheme)))
-                drop.append(m)
+            new_nodes += [matmul(m) for m in matmuls]
+            drop += matmuls
             drop.append(node)
         else:
             raise ExportError(f"onnx: cannot lower the quantized table used by a {node.op_type} node")

@@ -212,19 +212,16 @@ class TiedQHead(nn.Module):
         return _quant_linear(x, e.qweight, e.scale, e.zero_point, e.scheme, self.xnnpack_pattern, e.act_scale)
 
 
-def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
-    """Sum of x x^T of each named linear's inputs over the calibration tokens."""
+def _observe_inputs(model, names: list[str], calibration: list[list[int]], prefill_len: int, observe) -> None:
+    """Run the calibration tokens through the model, calling observe(name, x) with each named
+    module's input x flattened to [tokens, features]."""
     from .session import TorchSession, feed
 
     modules = dict(model.named_modules())
-    hs = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
-    counts = dict.fromkeys(names, 0)
 
     def hook(name):
         def fn(mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            hs[name] += x.T @ x
-            counts[name] += x.shape[0]
+            observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
         return fn
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -237,32 +234,32 @@ def collect_hessians(model, names: list[str], calibration: list[list[int]], pref
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
+    """Sum of x x^T of each named linear's inputs over the calibration tokens."""
+    modules = dict(model.named_modules())
+    hs = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
+    counts = dict.fromkeys(names, 0)
+
+    def observe(name, x):
+        x = x.double()
+        hs[name] += x.T @ x
+        counts[name] += x.shape[0]
+
+    _observe_inputs(model, names, calibration, prefill_len, observe)
     return {n: 2.0 * hs[n] / max(counts[n], 1) for n in names}
 
 
 def collect_absmax(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
     """Per-input-channel max |x| of each named linear's inputs over the calibration tokens."""
-    from .session import TorchSession, feed
-
     modules = dict(model.named_modules())
     amax = {n: torch.zeros(modules[n].in_features) for n in names}
 
-    def hook(name):
-        def fn(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-            torch.maximum(amax[name], x, out=amax[name])
-        return fn
+    def observe(name, x):
+        torch.maximum(amax[name], x.abs().amax(0).float(), out=amax[name])
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        session = TorchSession(model, prefill_len=prefill_len)
-        for ids in calibration:
-            session.reset()
-            for _ in feed(session, ids, schedule=[len(ids)] if len(ids) <= prefill_len else None):
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    _observe_inputs(model, names, calibration, prefill_len, observe)
     return amax
 
 
