@@ -91,17 +91,22 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
     return rows
 
 
+def run_with_report(command: str, stage: str, fmt: str, recipe: str, args=()) -> dict:
+    """`gemma-export COMMAND ARTIFACT --json REPORT` on a 270M artifact, measured, merged with its report."""
+    out, report = artifact_dir("270m", fmt, recipe), OUT / f"{stage}-270m-{fmt}-{recipe}.json"
+    print(f"{command} 270m {fmt} {recipe} ...", flush=True)
+    row = run_measured([*GE, command, str(out), *args, "--json", str(report)], OUT / f"{command}-270m-{fmt}-{recipe}.log")
+    if report.is_file():
+        row.update(json.loads(report.read_text()))
+    return row
+
+
 def bench_parity(formats, recipe="fp32") -> list[dict]:
     rows = []
     for fmt in formats:
         if unsupported(fmt, recipe):
             continue
-        out = artifact_dir("270m", fmt, recipe)
-        report = OUT / f"parity-270m-{fmt}-{recipe}.json"
-        print(f"verify 270m {fmt} {recipe} ...", flush=True)
-        row = run_measured([*GE, "verify", str(out), "--json", str(report)], OUT / f"verify-270m-{fmt}-{recipe}.log")
-        if report.is_file():
-            row.update(json.loads(report.read_text()))
+        row = run_with_report("verify", "parity", fmt, recipe)
         print(f"  pass={row.get('pass')} top1={row.get('top1_agreement')} kl={row.get('mean_kl')}", flush=True)
         rows.append(row)
     return rows
@@ -149,15 +154,10 @@ def bench_eval(formats, recipe="fp32", positions=1024) -> list[dict]:
     for fmt in formats:
         if unsupported(fmt, recipe):
             continue
-        out = artifact_dir("270m", fmt, recipe)
-        report = OUT / f"eval-270m-{fmt}-{recipe}.json"
-        print(f"eval 270m {fmt} {recipe} ...", flush=True)
         row = {"format": fmt, "recipe": recipe,
-               **run_measured([*GE, "eval", str(out), "--positions", str(positions), "--json", str(report)],
-                              OUT / f"eval-270m-{fmt}-{recipe}.log")}
-        if report.is_file():
-            row.update(json.loads(report.read_text()))
-            m = json.loads((out / "manifest.json").read_text())
+               **run_with_report("eval", "eval", fmt, recipe, ["--positions", str(positions)])}
+        if "perplexity" in row:
+            m = json.loads((artifact_dir("270m", fmt, recipe) / "manifest.json").read_text())
             row["artifact_mib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1)
         print(f"  ppl={row.get('perplexity')} kl={row.get('mean_kl')} top1={row.get('top1_agreement')}", flush=True)
         rows.append(row)
