@@ -3,6 +3,11 @@
 The KV cache lives inside the program as mutable buffers shared by both methods
 (`MemoryPlanningPass(share_mutable_buffers=True)`), each sized per layer type exactly as in the
 PyTorch model. Weights are stored once (XNNPACK's named data store deduplicates them).
+
+The tied token table is read twice: gathered by the program (a portable op) and multiplied by
+XNNPACK as the head, which keeps its own copy of its weights. Both are tagged for an external
+data file (`model.ptd`), where ExecuTorch's serializer stores identical bytes once; the packed
+layout of quantized tables (quantize.pack_for_gather) is chosen to equal XNNPACK's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from gemma_export.trace import DECODE, PREFILL, cache_names, describe_io, sample
 
 FORMAT = "pte"
 FILE = "model.pte"
+DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and the head
 HIDDEN = "hidden"
 
 
@@ -120,6 +126,8 @@ def export(model, request, workdir: Path, progress) -> dict:
             entry[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
     del model, cache  # the exported programs hold the weights now; nothing else should
     gc.collect()
+    for ep in entry.values():
+        _tag_table_for_delegate(ep)
     progress("lowering to XNNPACK")
     with _share_weights_on_deepcopy():
         edge = to_edge_transform_and_lower(entry, partitioner=[XnnpackPartitioner()])
@@ -130,18 +138,56 @@ def export(model, request, workdir: Path, progress) -> dict:
         passes=[InitializedMutableBufferPass(["cache"])],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
+        external_constants=lambda node: DATA_TAG if _is_table(node.name) else None,
     ))
     del edge
     gc.collect()
     with (workdir / FILE).open("wb") as f:
         program.write_to_file(f)
+    program.write_tensor_data_to_file(str(workdir))
+    data_file = f"{DATA_TAG}.ptd"
+    if not (workdir / data_file).exists():
+        raise ArtifactError(f"ExecuTorch wrote no {data_file} for the token table")
 
     return {
         "entry_points": {PREFILL: io[PREFILL], DECODE: io[DECODE]},
-        "program": {"file": FILE, "backend": "XnnpackPartitioner", "kv_cache": "mutable buffers in the program",
+        "program": {"file": FILE, "external_data": data_file, "backend": "XnnpackPartitioner",
+                    "kv_cache": "mutable buffers in the program",
                     "debug_entry_point": HIDDEN if request.debug_outputs else None},
         "versions": _versions(),
     }
+
+
+def _is_table(name: str) -> bool:
+    # the tied parameter may come out of lowering under either of its names
+    return "embed_tokens" in name or "lm_head" in name
+
+
+def _tag_table_for_delegate(ep) -> None:
+    """Mark the token table's placeholders so XNNPACK puts its copy in the external data file."""
+    sig = {**ep.graph_signature.inputs_to_parameters, **ep.graph_signature.inputs_to_buffers}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and _is_table(sig.get(node.name, "")):
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+
+
+def read_named_data(folder: Path, manifest: dict) -> dict[str, bytes]:
+    """Every named blob of the artifact (XNNPACK's weights and scales, the external token table),
+    by key, from the .pte and its .ptd. XNNPACK keeps int4 codes as pack_nibbles lays them out
+    and int8 codes as they are, so they can be compared byte for byte with PyTorch's."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    prog = manifest["program"]
+    pte = deserialize_pte_binary((folder / prog["file"]).read_bytes())
+    out = {}
+    if pte.named_data is not None:
+        out.update({k: bytes(pte.named_data.buffers[e.buffer_index]) for k, e in pte.named_data.pte_data.items()})
+    if prog.get("external_data"):
+        ptd = FlatTensorSerializer().deserialize(Cord((folder / prog["external_data"]).read_bytes()))
+        out.update({k: bytes(ptd.buffers[e.buffer_index]) for k, e in ptd.named_data.items()})
+    return out
 
 
 def _versions():
@@ -155,8 +201,9 @@ class PteSession:
         from executorch.runtime import Runtime
 
         path = folder / manifest["program"]["file"]
+        data = manifest["program"].get("external_data")
         try:
-            self._program = Runtime.get().load_program(str(path))
+            self._program = Runtime.get().load_program(str(path), data_path=str(folder / data) if data else None)
             self._prefill = self._program.load_method(PREFILL)
             self._decode = self._program.load_method(DECODE)
             self._hidden = None

@@ -38,11 +38,57 @@ def rtn_scales(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     return scale.to(torch.bfloat16).float()
 
 
+def search_scales(w: torch.Tensor, bits: int, block: int, importance: torch.Tensor | None = None,
+                  ratios: torch.Tensor | None = None, rows: int = 8192) -> torch.Tensor:
+    """Per-block scales that minimise the (importance-weighted) rounding error.
+
+    Each block tries scales max|w| * r / qmax for r in `ratios` (r < 1 clips the largest values to
+    spend the codes on the rest, and lets the most negative value use the extra code, -8 or -128).
+    `importance` [in] weights each input column's squared error, e.g. the diagonal of the inputs'
+    Hessian: columns that see large activations are rounded more carefully.
+    """
+    out, inp = w.shape
+    nb = inp // block
+    lo, hi = qrange(bits)
+    ratios = torch.linspace(0.70, 1.0, 31) if ratios is None else ratios
+    imp = (torch.ones(inp) if importance is None else importance.float()).reshape(1, nb, block)
+    best = torch.empty(out, nb)
+    for a in range(0, out, rows):
+        wb = w[a:a + rows].float().reshape(-1, nb, block)
+        amax = wb.abs().amax(-1)
+        best_err = torch.full_like(amax, float("inf"))
+        best_s = (amax / hi).clamp_min(MIN_SCALE).to(torch.bfloat16).float()
+        for r in ratios.tolist():
+            sc = (amax * r / hi).clamp_min(MIN_SCALE).to(torch.bfloat16).float()
+            q = torch.clamp(torch.round(wb / sc[..., None]), lo, hi)
+            err = ((wb - q * sc[..., None]) ** 2 * imp).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, sc, best_s)
+        best[a:a + rows] = best_s
+    return best
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     out, inp = w.shape
     lo, hi = qrange(bits)
     s = scale.repeat_interleave(inp // scale.shape[1], dim=1)
     return torch.clamp(torch.round(w.float() / s), lo, hi).to(torch.int8)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int4 codes [rows, n] -> uint8 [rows, n/2]: code + 8 in the low nibble for even columns,
+    in the high nibble for odd columns."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_nibbles_float(b: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles on bytes already converted to float (float ops only, so any
+    runtime's portable kernels run it): [..., n/2] -> codes [..., n] as float."""
+    hi = torch.floor(b / 16.0)
+    lo = b - 16.0 * hi
+    return torch.stack((lo, hi), dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1]) - 8.0
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,7 +103,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: fl
     rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
     """
     w = w.float().clone()
-    scale = rtn_scales(w, bits, block)
+    scale = search_scales(w, bits, block, importance=torch.diag(hessian))
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -184,10 +230,30 @@ class QEmbedding(nn.Module):
         self.embedding_dim = qweight.shape[1]
 
     def forward(self, ids):
+        if self.packed:
+            return self._gather_packed(ids)
         rows = F.embedding(ids, self.qweight).to(torch.float32)  # gather int8 codes, then scale
         s = F.embedding(ids, self.scale)
         block = self.embedding_dim // self.scale.shape[1]
         return rows * s.repeat_interleave(block, dim=-1)
+
+    packed = False  # see pack_for_gather
+
+    def pack_for_gather(self) -> None:
+        """Gather from a compact copy laid out as XNNPACK stores the head's weights: 4-bit codes
+        two per byte (pack_nibbles), scales bf16 (exact: rtn/search scales are bf16 values)."""
+        self.register_buffer("packed_codes", pack_nibbles(self.qweight) if self.scheme.bits == 4 else self.qweight,
+                             persistent=False)
+        self.register_buffer("packed_scale", self.scale.to(torch.bfloat16), persistent=False)
+        self.packed = True
+
+    def _gather_packed(self, ids):
+        codes, scale = self.packed_codes, self.packed_scale
+        rows = F.embedding(ids, codes).to(torch.float32)
+        if self.scheme.bits == 4:
+            rows = unpack_nibbles_float(rows)
+        s = F.embedding(ids, scale).to(torch.float32)
+        return rows * s.repeat_interleave(self.embedding_dim // scale.shape[1], dim=-1)
 
     @property
     def weight(self):  # the dequantized table
@@ -321,6 +387,8 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     plan = {n: s for n, s in plan.items() if s is not None}
     gptq_names = [n for n, s in plan.items() if s.algorithm == "gptq"]
     emb_scheme = recipe.scheme_for("embed_tokens")
+    if emb_scheme is not None and emb_scheme.algorithm == "gptq":
+        gptq_names.append("lm_head")  # the tied table is calibrated as the head: its input's Hessian
     static = [n for n, s in plan.items() if s.activations.endswith("static")]
     if emb_scheme is not None and emb_scheme.activations.endswith("static"):
         static.append("lm_head")
@@ -356,8 +424,13 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     if emb_scheme is not None:
         w = model.embed_tokens.weight.detach()
         block = _blocks(emb_scheme, w.shape[1])
-        s = rtn_scales(w, emb_scheme.bits, block)
-        emb = QEmbedding(quantize_with(w, s, emb_scheme.bits), s, emb_scheme)
+        if emb_scheme.algorithm == "gptq":
+            progress("calibrating the tied token table as the output head (GPTQ)")
+            q, s = gptq(w, hessians.pop("lm_head"), emb_scheme.bits, block)
+        else:
+            s = rtn_scales(w, emb_scheme.bits, block)
+            q = quantize_with(w, s, emb_scheme.bits)
+        emb = QEmbedding(q, s, emb_scheme)
         emb.act_scale.fill_(_act_scale(emb_scheme, ranges.get("lm_head")))
         model.embed_tokens = emb
         model.lm_head = TiedQHead(emb)
@@ -423,4 +496,6 @@ def use_xnnpack_pattern(model) -> int:
         if isinstance(m, (QLinear, TiedQHead)):
             m.xnnpack_pattern = True
             n += 1
+        elif isinstance(m, QEmbedding):
+            m.pack_for_gather()
     return n

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from converters import EXPERIMENTAL_ENV, supported_presets
 from converters.onnx import read_codes
@@ -13,7 +14,7 @@ from gemma_export.metrics import Thresholds
 from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
 from gemma_export.api import quantize_model
 from gemma_export.loading import load
-from gemma_export.quantize import QEmbedding, QLinear
+from gemma_export.quantize import QEmbedding, QLinear, pack_nibbles
 from gemma_export.tokenizer import Tokenizer
 from gemma_export.recipes import PRESETS
 from gemma_export.session import TorchSession
@@ -60,10 +61,19 @@ def test_codes_in_the_file_equal_the_pytorch_codes(quantized):
         for name, q in ours.items():
             assert any(s.shape == q.shape and np.array_equal(s, q) for s in stored), name
         return
-    if fmt == "pte":
-        # .pte: the XNNPACK blob packs its own layout; the gathered embedding codes are raw int8
-        emb = eager.embed_tokens.qweight.numpy().tobytes()
-        assert emb in (out / "model.pte").read_bytes()
+    if fmt == "pte":  # XNNPACK's named blobs (and the shared table in model.ptd), byte for byte
+        from converters.executorch import read_named_data
+
+        blobs = set(read_named_data(out, read_manifest(out)).values())
+        mods = [m for m in eager.modules() if isinstance(m, (QLinear, QEmbedding))]
+        assert len(mods) == 15
+        for m in mods:
+            codes = pack_nibbles(m.qweight) if m.scheme.bits == 4 else m.qweight
+            assert codes.numpy().tobytes() in blobs
+            if m.scheme.bits == 4:  # blockwise scales are blobs too (bf16); per-channel ones are inline
+                assert m.scale.to(torch.bfloat16).view(torch.uint8).numpy().tobytes() in blobs
+        # the table is stored once: the lookup and XNNPACK's head read the same bytes
+        assert (out / "model.ptd").stat().st_size < eager.embed_tokens.qweight.numel() * 0.6
         return
     stored = list(read_codes(out, read_manifest(out)).values())
     ours = {n: m.qweight.numpy() for n, m in eager.named_modules() if isinstance(m, (QLinear, QEmbedding))}
@@ -91,8 +101,7 @@ def test_int4_artifact_is_smaller(quantized):
     m = read_manifest(out)
     size = sum(f["bytes"] for name, f in m["files"].items() if name.startswith("model."))
     fp32 = 16_832_448 * 4  # tiny's parameters in fp32
-    # pte keeps the gathered embedding as int8 beside the head's int4 copy
-    assert size < fp32 * (0.3 if recipe.startswith("int4") and fmt != "pte" else 0.45)
+    assert size < fp32 * (0.3 if recipe.startswith("int4") else 0.45)
 
 
 def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, tiny):
