@@ -1,10 +1,10 @@
-"""Where int8 loses quality on the real 270M: one recipe variant at a time, in PyTorch.
+"""Where quantization loses quality on the real 270M: one recipe variant at a time, in PyTorch.
 
 Each variant quantizes a copy of the fp32 model and is compared with it over the held-out eval
 text (teacher-forced, the same chunking as `verify`): perplexity, mean KL, top-1 agreement.
 
-Usage: python -m benchmarks.ablation [--positions 1024] [VARIANT ...]   (default: all)
-Writes benchmarks/results/ablation-int8.json.
+Usage: python -m benchmarks.ablation [--suite int8|int4] [--positions 1024] [VARIANT ...]   (default: all)
+Writes (merges by variant into) benchmarks/results/ablation-SUITE.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme
 E, L = "embed_tokens", "layers.*"
 W8, D8 = Scheme(8), Scheme(8, activations="int8-dynamic")
 B8 = Scheme(8, "block", 32)
-VARIANTS = {
+INT8 = {
     "embedding-only": (Rule(E, W8),),
     "linears-only": (Rule(L, W8),),
     "linears-only-dynamic": (Rule(L, D8),),
@@ -30,6 +30,21 @@ VARIANTS = {
     "linears-gptq": (Rule(L, Scheme(8, algorithm="gptq")),),
     "down-proj-dynamic-only": (Rule("layers.*.down_proj", D8), Rule(L, W8)),
 }
+R4, G4 = Scheme(4, "block", 32), Scheme(4, "block", 32, algorithm="gptq")
+INT4 = {
+    "embedding-rtn": (Rule(E, R4),),
+    "linears-rtn": (Rule(L, R4),),
+    "linears-gptq": (Rule(L, G4),),
+    "weights-rtn": (Rule(E, R4), Rule(L, R4)),
+    "weights-gptq": (Rule(E, R4), Rule(L, G4)),
+    "embedding-gptq": (Rule(E, G4),),
+    "embedding-search": (Rule(E, Scheme(4, "block", 32, algorithm="search")),),
+    "weights-gptq-search-head": (Rule(E, Scheme(4, "block", 32, algorithm="search")), Rule(L, G4)),
+    "weights-gptq-head": (Rule(E, G4), Rule(L, G4)),
+    "int4-b32-rtn": PRESETS["int4-b32-rtn"],
+    "int4-b32": PRESETS["int4-b32"],
+}
+SUITES = {"int8": INT8, "int4": INT4}
 
 
 def main(argv=None):
@@ -45,17 +60,22 @@ def main(argv=None):
     from gemma_export.verify import teacher_forced
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", choices=SUITES, default="int8")
     ap.add_argument("--positions", type=int, default=1024)
-    ap.add_argument("variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("variants", nargs="*")
     args = ap.parse_args(argv)
+    variants = SUITES[args.suite]
+    for name in args.variants:
+        if name not in variants:
+            ap.error(f"unknown variant {name!r} in suite {args.suite}: {', '.join(variants)}")
     torch.set_num_threads(2)
     loaded = load(ModelSpec("gemma3-270m"))
     tok = Tokenizer(loaded.tokenizer_path)
     ids = tok.encode(default_eval_text().read_text())[:args.positions]
     ref = TorchSession(loaded.model, prefill_len=128)
     rows = []
-    for name in args.variants:
-        v = VARIANTS[name]
+    for name in args.variants or list(variants):
+        v = variants[name]
         recipe = v if isinstance(v, QuantRecipe) else QuantRecipe(name, v)
         c = recipe.calibration
         data = calibration.build(tok, c.samples, c.seq_len, c.seed)[0] if recipe.needs_calibration else None
@@ -71,8 +91,16 @@ def main(argv=None):
               f"KL {row['mean_kl']:.4f}  top-1 {100 * row['top1_agreement']:.1f}%", flush=True)
         rows.append(row)
         del model
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ablation-int8.json").write_text(json.dumps({"benchmark": "ablation-int8", "results": rows}, indent=2))
+        _save(RESULTS / f"ablation-{args.suite}.json", args.suite, rows)
+
+
+def _save(path, suite: str, rows: list[dict]) -> None:
+    """Merge rows into the suite's results by variant name (a partial run keeps the others)."""
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    new = {r["variant"] for r in rows}
+    merged = [r for r in old if r["variant"] not in new] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": f"ablation-{suite}", "results": merged}, indent=2))
 
 
 if __name__ == "__main__":

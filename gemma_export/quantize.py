@@ -385,9 +385,9 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     plan = {n: recipe.scheme_for(n) for n in linears}
     plan = {n: s for n, s in plan.items() if s is not None}
-    gptq_names = [n for n, s in plan.items() if s.algorithm == "gptq"]
+    gptq_names = [n for n, s in plan.items() if s.algorithm != "rtn"]
     emb_scheme = recipe.scheme_for("embed_tokens")
-    if emb_scheme is not None and emb_scheme.algorithm == "gptq":
+    if emb_scheme is not None and emb_scheme.algorithm != "rtn":
         gptq_names.append("lm_head")  # the tied table is calibrated as the head: its input's Hessian
     static = [n for n, s in plan.items() if s.activations.endswith("static")]
     if emb_scheme is not None and emb_scheme.activations.endswith("static"):
@@ -411,11 +411,7 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
         lin = linears[name]
         block = _blocks(scheme, lin.in_features)
         w = lin.weight.detach()
-        if scheme.algorithm == "gptq":
-            q, s = gptq(w, hessians.pop(name), scheme.bits, block)
-        else:
-            s = rtn_scales(w, scheme.bits, block)
-            q = quantize_with(w, s, scheme.bits)
+        q, s = _quantize_weight(w, scheme, block, hessians.pop(name, None))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name))))
         done[name] = scheme.label
@@ -424,18 +420,26 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     if emb_scheme is not None:
         w = model.embed_tokens.weight.detach()
         block = _blocks(emb_scheme, w.shape[1])
-        if emb_scheme.algorithm == "gptq":
-            progress("calibrating the tied token table as the output head (GPTQ)")
-            q, s = gptq(w, hessians.pop("lm_head"), emb_scheme.bits, block)
-        else:
-            s = rtn_scales(w, emb_scheme.bits, block)
-            q = quantize_with(w, s, emb_scheme.bits)
+        if emb_scheme.algorithm != "rtn":
+            progress(f"calibrating the tied token table as the output head ({emb_scheme.algorithm})")
+        q, s = _quantize_weight(w, emb_scheme, block, hessians.pop("lm_head", None))
         emb = QEmbedding(q, s, emb_scheme)
         emb.act_scale.fill_(_act_scale(emb_scheme, ranges.get("lm_head")))
         model.embed_tokens = emb
         model.lm_head = TiedQHead(emb)
         done["embed_tokens"] = emb_scheme.label
     return done
+
+
+def _quantize_weight(w: torch.Tensor, scheme: Scheme, block: int, hessian: torch.Tensor | None):
+    """(codes, scales) of one weight matrix by the scheme's algorithm (see recipes.ALGORITHMS)."""
+    if scheme.algorithm == "gptq":
+        return gptq(w, hessian, scheme.bits, block)
+    if scheme.algorithm == "search":
+        s = search_scales(w, scheme.bits, block, importance=torch.diag(hessian))
+    else:
+        s = rtn_scales(w, scheme.bits, block)
+    return quantize_with(w, s, scheme.bits), s
 
 
 def _act_scale(scheme: Scheme, amax: float | None) -> float:
