@@ -152,10 +152,14 @@ def dynamic_int8_per_token(x: torch.Tensor) -> torch.Tensor:
         quantize_affine,
     )
 
+    # torchao wraps these two in torch.no_grad(); each of those grad toggles splits torch.export's
+    # graph, which it then re-inlines piece by piece (minutes per method on the 270M). The
+    # undecorated functions record the same ops without the toggles.
+    choose, quantize = (getattr(f, "__wrapped__", f) for f in (choose_qparams_affine, quantize_affine))
     block = (1,) * (x.dim() - 1) + (x.shape[-1],)
-    scale, zero = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, quant_min=-128,
-                                        quant_max=127, zero_point_dtype=torch.int8)
-    q = quantize_affine(x, block, scale, zero, torch.int8, quant_min=-128, quant_max=127)
+    scale, zero = choose(x, MappingType.ASYMMETRIC, block, torch.int8, quant_min=-128,
+                         quant_max=127, zero_point_dtype=torch.int8)
+    q = quantize(x, block, scale, zero, torch.int8, quant_min=-128, quant_max=127)
     return dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
 
 
