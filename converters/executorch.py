@@ -69,7 +69,8 @@ class _Hidden(nn.Module):
 
     def forward(self, tokens, length):
         caches = [torch.zeros(s, dtype=self.model.dtype) for s in self.model.cache_shapes()]
-        _, _, hidden = self.model.step(tokens, torch.zeros(1, dtype=torch.int32), length, caches, hidden=True)
+        _, _, hidden = self.model.step(tokens, torch.zeros(1, dtype=torch.int32), length, caches, hidden=True,
+                                       head=False)  # an unused quantized head would stay in the program
         return hidden
 
 
@@ -127,6 +128,7 @@ def export(model, request, workdir: Path, progress) -> dict:
     del model, cache  # the exported programs hold the weights now; nothing else should
     gc.collect()
     for ep in entry.values():
+        _drop_unused_buffers(ep)
         _tag_table_for_delegate(ep)
     progress("lowering to XNNPACK")
     with _share_weights_on_deepcopy():
@@ -161,6 +163,31 @@ def export(model, request, workdir: Path, progress) -> dict:
 def _is_table(name: str) -> bool:
     # the tied parameter may come out of lowering under either of its names
     return "embed_tokens" in name or "lm_head" in name
+
+
+def _drop_unused_buffers(ep) -> None:
+    """Remove constant buffers no node reads (torch.export lifts every buffer of the module, and
+    ExecuTorch only prunes unused parameters): the debug method would otherwise carry the
+    quantized head's codes, which it never runs."""
+    import copy as _copy
+
+    from torch.export.graph_signature import InputKind
+
+    sig = ep.graph_signature
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    mutated = set(sig.buffers_to_mutate.values())
+    unused = [s for s in sig.input_specs if s.kind == InputKind.BUFFER and s.target not in mutated
+              and not nodes[s.arg.name].users]
+    if not unused:
+        return
+    new_sig = _copy.deepcopy(sig)
+    for spec in unused:
+        new_sig.input_specs.remove(spec)
+        ep.state_dict.pop(spec.target, None)
+        ep.constants.pop(spec.target, None)
+        ep.graph.erase_node(nodes[spec.arg.name])
+    ep._graph_signature = new_sig
+    ep.graph_module.recompile()
 
 
 def _tag_table_for_delegate(ep) -> None:

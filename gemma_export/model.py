@@ -190,13 +190,15 @@ class Gemma3(nn.Module):
         mask = torch.where(ok, 0.0, NEG_INF)
         return mask.repeat(rep, 1) if rep > 1 else mask
 
-    def step(self, tokens, pos, length, caches, all_logits: bool = True, hidden: bool = False):
+    def step(self, tokens, pos, length, caches, all_logits: bool = True, hidden: bool = False,
+             head: bool = True):
         """tokens [1, T] int, pos [1] int (position of tokens[0]), length [1] int (valid tokens).
 
         Returns (logits [1, T or 1, V], new caches). With all_logits=False only the logits of
         the last valid token are computed. With hidden=True a third result is the residual
         stream after the embedding and after each layer, [L + 1, T, hidden] (the debug output
-        `verify --locate` uses to find the first diverging layer).
+        `verify --locate` uses to find the first diverging layer). head=False skips the output
+        head (logits None) for a graph that only wants the residual stream.
         """
         cfg = self.cfg
         t = tokens.shape[1]
@@ -223,7 +225,7 @@ class Gemma3(nn.Module):
             states.append(x[0])
         if not all_logits:
             x = torch.index_select(x, 1, length - 1)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x)) if head else None
         if hidden:
             return logits, new_caches, torch.stack(states)
         return logits, new_caches
