@@ -29,6 +29,7 @@ FORMAT = "pte"
 FILE = "model.pte"
 DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and the head
 HIDDEN = "hidden"
+RESET = "reset"  # zeroes the KV cache: call once after loading and before each new sequence
 
 
 def check(request) -> None:
@@ -58,6 +59,21 @@ class _Step(nn.Module):
         for buf, value in zip(caches, new):
             buf.copy_(value)
         return logits
+
+
+class _Reset(nn.Module):
+    """Zero the shared cache buffers. The program stores no initial cache state (at the 1B's
+    4,096 context that would be 108 MiB of zeros in the file); the runtime's planned memory is
+    not guaranteed to be zero, and unwritten slots, though masked, must not hold NaN or Inf."""
+
+    def __init__(self, cache: _Cache):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, token):
+        for buf in self.cache.buffers():
+            buf.zero_()
+        return token + 0
 
 
 class _Hidden(nn.Module):
@@ -106,7 +122,6 @@ def export(model, request, workdir: Path, progress) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     from gemma_export.quantize import use_xnnpack_pattern
 
@@ -120,6 +135,8 @@ def export(model, request, workdir: Path, progress) -> dict:
         with torch.no_grad():
             entry[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=False)
         io[name] = describe_io(inputs, {"logits": torch.zeros(1, t, model.cfg.vocab_size)})
+    with torch.no_grad():
+        entry[RESET] = torch.export.export(_Reset(cache), (torch.zeros(1, dtype=torch.int32),), strict=False)
     if request.debug_outputs:
         progress(f"torch.export {HIDDEN} (debug, T={request.prefill_len})")
         tokens, length = torch.zeros(1, request.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
@@ -137,7 +154,6 @@ def export(model, request, workdir: Path, progress) -> dict:
     gc.collect()
     progress("emitting ExecuTorch program")
     program = edge.to_executorch(ExecutorchBackendConfig(
-        passes=[InitializedMutableBufferPass(["cache"])],
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
         external_constants=lambda node: DATA_TAG if _is_table(node.name) else None,
@@ -155,7 +171,8 @@ def export(model, request, workdir: Path, progress) -> dict:
         "entry_points": {PREFILL: io[PREFILL], DECODE: io[DECODE]},
         "program": {"file": FILE, "external_data": data_file, "backend": "XnnpackPartitioner",
                     "kv_cache": "mutable buffers in the program",
-                    "debug_entry_point": HIDDEN if request.debug_outputs else None},
+                    "debug_entry_point": HIDDEN if request.debug_outputs else None,
+                    "reset_method": RESET},
         "versions": _versions(),
     }
 
@@ -233,16 +250,16 @@ class PteSession:
             self._program = Runtime.get().load_program(str(path), data_path=str(folder / data) if data else None)
             self._prefill = self._program.load_method(PREFILL)
             self._decode = self._program.load_method(DECODE)
+            self._reset = self._program.load_method(RESET)
             self._hidden = None
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
         cfg = manifest["model"]["config"]
         self.info = SessionInfo(manifest["prefill_len"], manifest["max_context"], cfg["vocab_size"], manifest["window"])
+        self.reset()
 
     def reset(self) -> None:
-        # Slots are valid only for positions >= 0 below the current one, so a new sequence
-        # starting at position 0 never reads what the cache held before.
-        pass
+        self._reset.execute([torch.zeros(1, dtype=torch.int32)])
 
     def prefill(self, tokens, pos: int) -> np.ndarray:
         n = len(tokens)

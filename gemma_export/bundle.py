@@ -40,7 +40,8 @@ RUNNER_ENV = {"pte": "GEMMA_PTE_RUNNER", "tflite": "GEMMA_TFLITE_RUNNER", "onnx"
 RUNNER_HINT = {
     "pte": "an executor_runner-style binary linked with the ExecuTorch runtime that loads the\n"
            "#                     methods `prefill` and `decode` of the .pte with model.ptd as its external\n"
-           "#                     data map (the token table) (the stock executor_runner runs one\n"
+           "#                     data map (the token table), calling method `reset` once before the first\n"
+           "#                     prefill (it zeroes the KV cache; the stock executor_runner runs one\n"
            "#                     method once, so it cannot drive the cache; build one with this interface)",
     "tflite": "a binary linked with LiteRT that runs the signatures `prefill_<T>` and `decode`\n"
               "#                     of the .tflite, passing the k/v caches from each call to the next",

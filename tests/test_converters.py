@@ -50,6 +50,38 @@ def test_artifact_matches_pytorch_past_the_window(artifact, tiny):
     assert not res.failures(FP32), res.summary()
 
 
+@pytest.mark.parametrize("artifact", ["pte"], indirect=True)
+def test_pte_stores_the_table_once_and_no_cache_state(artifact):
+    """The .pte carries no zero-filled cache (its `reset` method zeroes the shared buffers), and
+    the tied fp32 table is one copy in model.ptd, read by the gather and by XNNPACK's head."""
+    fmt, out = artifact
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    m = read_manifest(out)
+    assert m["program"]["reset_method"] == "reset" and m["program"]["external_data"] == "model.ptd"
+    pte = deserialize_pte_binary((out / "model.pte").read_bytes())
+    assert not pte.mutable_data
+    table = 262_144 * 64 * 4  # tiny's fp32 token table
+    assert table <= (out / "model.ptd").stat().st_size < 1.05 * table
+
+
+@pytest.mark.parametrize("artifact", ["pte"], indirect=True)
+def test_pte_reset_zeroes_the_shared_cache(artifact):
+    fmt, out = artifact
+    s = open_artifact(out).session
+    s.prefill([2, 900, 1000], 0)
+    kept = s.decode(5, 1)  # decode at position 1 reads slot 0 written by the prefill
+    s.prefill([2, 900, 1000], 0)
+    s.reset()
+    zeroed = s.decode(5, 1)  # slot 0 now holds zeros: a different result proves reset reached the cache
+    assert not np.allclose(kept, zeroed)
+    s.reset()
+    fresh = s.prefill([2, 900, 1000], 0)
+    s.prefill([7, 7], 0)
+    s.reset()
+    assert np.array_equal(s.prefill([2, 900, 1000], 0), fresh)
+
+
 def test_generate_from_artifact_cli(artifact):
     _, out = artifact
     args = ["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
