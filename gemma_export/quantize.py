@@ -245,10 +245,13 @@ class QEmbedding(nn.Module):
 
     def pack_for_gather(self) -> None:
         """Gather from a compact copy laid out as XNNPACK stores the head's weights: 4-bit codes
-        two per byte (pack_nibbles), scales bf16 (exact: rtn/search scales are bf16 values)."""
+        two per byte (pack_nibbles) with bf16 scales (exact: our scales are bf16 values), 8-bit
+        codes as they are with fp32 scales."""
         self.register_buffer("packed_codes", pack_nibbles(self.qweight) if self.scheme.bits == 4 else self.qweight,
                              persistent=False)
-        self.register_buffer("packed_scale", self.scale.to(torch.bfloat16), persistent=False)
+        # XNNPACK keeps blockwise (int4) scales as bf16 and per-channel (int8) scales as fp32
+        dtype = torch.bfloat16 if self.scheme.bits == 4 else torch.float32
+        self.register_buffer("packed_scale", self.scale.to(dtype), persistent=False)
         self.packed = True
 
     def _gather_packed(self, ids):
