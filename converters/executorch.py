@@ -12,6 +12,7 @@ layout of quantized tables (quantize.pack_for_gather) is chosen to equal XNNPACK
 
 from __future__ import annotations
 
+import copy
 import gc
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,8 +187,6 @@ def _drop_unused_buffers(ep) -> None:
     """Remove constant buffers no node reads (torch.export lifts every buffer of the module, and
     ExecuTorch only prunes unused parameters): the debug method would otherwise carry the
     quantized head's codes, which it never runs."""
-    import copy as _copy
-
     from torch.export.graph_signature import InputKind
 
     sig = ep.graph_signature
@@ -197,7 +196,7 @@ def _drop_unused_buffers(ep) -> None:
               and not nodes[s.arg.name].users]
     if not unused:
         return
-    new_sig = _copy.deepcopy(sig)
+    new_sig = copy.deepcopy(sig)
     for spec in unused:
         new_sig.input_specs.remove(spec)
         ep.state_dict.pop(spec.target, None)

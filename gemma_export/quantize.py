@@ -56,8 +56,7 @@ def search_scales(w: torch.Tensor, bits: int, block: int, importance: torch.Tens
     for a in range(0, out, rows):
         wb = w[a:a + rows].float().reshape(-1, nb, block)
         amax = wb.abs().amax(-1)
-        best_err = torch.full_like(amax, float("inf"))
-        best_s = (amax / hi).clamp_min(MIN_SCALE).to(torch.bfloat16).float()
+        best_err, best_s = torch.full_like(amax, float("inf")), torch.empty_like(amax)
         for r in ratios.tolist():
             sc = (amax * r / hi).clamp_min(MIN_SCALE).to(torch.bfloat16).float()
             q = torch.clamp(torch.round(wb / sc[..., None]), lo, hi)
@@ -234,12 +233,12 @@ class QEmbedding(nn.Module):
         self.embedding_dim = qweight.shape[1]
 
     def forward(self, ids):
-        if self.packed:
-            return self._gather_packed(ids)
-        rows = F.embedding(ids, self.qweight).to(torch.float32)  # gather int8 codes, then scale
-        s = F.embedding(ids, self.scale)
-        block = self.embedding_dim // self.scale.shape[1]
-        return rows * s.repeat_interleave(block, dim=-1)
+        codes, scale = (self.packed_codes, self.packed_scale) if self.packed else (self.qweight, self.scale)
+        rows = F.embedding(ids, codes).to(torch.float32)  # gather the codes, then scale
+        if self.packed and self.scheme.bits == 4:
+            rows = unpack_nibbles_float(rows)
+        s = F.embedding(ids, scale).to(torch.float32)
+        return rows * s.repeat_interleave(self.embedding_dim // scale.shape[1], dim=-1)
 
     packed = False  # see pack_for_gather
 
@@ -253,14 +252,6 @@ class QEmbedding(nn.Module):
         dtype = torch.bfloat16 if self.scheme.bits == 4 else torch.float32
         self.register_buffer("packed_scale", self.scale.to(dtype), persistent=False)
         self.packed = True
-
-    def _gather_packed(self, ids):
-        codes, scale = self.packed_codes, self.packed_scale
-        rows = F.embedding(ids, codes).to(torch.float32)
-        if self.scheme.bits == 4:
-            rows = unpack_nibbles_float(rows)
-        s = F.embedding(ids, scale).to(torch.float32)
-        return rows * s.repeat_interleave(self.embedding_dim // scale.shape[1], dim=-1)
 
     @property
     def weight(self):  # the dequantized table
@@ -392,10 +383,10 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     plan = {n: recipe.scheme_for(n) for n in linears}
     plan = {n: s for n, s in plan.items() if s is not None}
-    gptq_names = [n for n, s in plan.items() if s.algorithm != "rtn"]
+    calibrated = [n for n, s in plan.items() if s.algorithm != "rtn"]  # need their inputs' Hessians
     emb_scheme = recipe.scheme_for("embed_tokens")
     if emb_scheme is not None and emb_scheme.algorithm != "rtn":
-        gptq_names.append("lm_head")  # the tied table is calibrated as the head: its input's Hessian
+        calibrated.append("lm_head")  # the tied table is calibrated as the head: its input's Hessian
     static = [n for n, s in plan.items() if s.activations.endswith("static")]
     if emb_scheme is not None and emb_scheme.activations.endswith("static"):
         static.append("lm_head")
@@ -409,10 +400,10 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
         ranges = {n: float(a.max()) for n, a in collect_absmax(model, static, calibration,
                                                                max(len(c) for c in calibration)).items()}
     hessians = {}
-    if gptq_names:
-        progress(f"calibrating: {len(calibration)} samples through {len(gptq_names)} linear layers")
+    if calibrated:
+        progress(f"calibrating: {len(calibration)} samples through {len(calibrated)} linear layers")
         # the padded calibration chunks are exactly prefill-sized (no padding rows)
-        hessians = collect_hessians(model, gptq_names, calibration, prefill_len=max(len(c) for c in calibration))
+        hessians = collect_hessians(model, calibrated, calibration, prefill_len=max(len(c) for c in calibration))
     done = {}
     for i, (name, scheme) in enumerate(plan.items()):
         lin = linears[name]
