@@ -29,6 +29,12 @@ INT8 = {
     "block32-weights": (Rule(E, B8), Rule(L, B8)),
     "linears-gptq": (Rule(L, Scheme(8, algorithm="gptq")),),
     "down-proj-dynamic-only": (Rule("layers.*.down_proj", D8), Rule(L, W8)),
+    "weights-calibrated": (Rule(E, Scheme(8, algorithm="search")), Rule(L, Scheme(8, algorithm="gptq"))),
+    "int8-calibrated": (Rule(E, Scheme(8, activations="int8-dynamic", algorithm="search")),
+                        Rule(L, Scheme(8, activations="int8-dynamic", algorithm="gptq"))),
+    # not a recipe: every weight rounded to bf16 (how published checkpoints ship), computed in fp32;
+    # the smallest perturbation any format could add, so the metric's floor on this text
+    "bf16-rounding": None,
 }
 R4, G4 = Scheme(4, "block", 32), Scheme(4, "block", 32, algorithm="gptq")
 INT4 = {
@@ -76,12 +82,18 @@ def main(argv=None):
     rows = []
     for name in args.variants or list(variants):
         v = variants[name]
-        recipe = v if isinstance(v, QuantRecipe) else QuantRecipe(name, v)
-        c = recipe.calibration
-        data = calibration.build(tok, c.samples, c.seq_len, c.seed)[0] if recipe.needs_calibration else None
         model = copy.deepcopy(loaded.model)
         t0 = time.perf_counter()
-        quantize_(model, recipe, data)
+        if v is None:
+            recipe = QuantRecipe(name, ())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+        else:
+            recipe = v if isinstance(v, QuantRecipe) else QuantRecipe(name, v)
+            c = recipe.calibration
+            data = calibration.build(tok, c.samples, c.seq_len, c.seed)[0] if recipe.needs_calibration else None
+            quantize_(model, recipe, data)
         s = teacher_forced(ref, TorchSession(model, prefill_len=128), ids).summary()
         row = {"variant": name, "recipe": recipe.to_dict(), "positions": len(ids),
                "perplexity": s["perplexity_test"], "perplexity_fp32": s["perplexity_reference"],
