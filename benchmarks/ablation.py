@@ -41,6 +41,7 @@ INT4 = {
     "embedding-rtn": (Rule(E, R4),),
     "linears-rtn": (Rule(L, R4),),
     "linears-gptq": (Rule(L, G4),),
+    "linears-gptq-act": (Rule(L, Scheme(4, "block", 32, algorithm="gptq-act")),),
     "weights-rtn": (Rule(E, R4), Rule(L, R4)),
     "weights-gptq": (Rule(E, R4), Rule(L, G4)),
     "embedding-gptq": (Rule(E, G4),),
@@ -79,6 +80,8 @@ def main(argv=None):
     tok = Tokenizer(loaded.tokenizer_path)
     ids = tok.encode(default_eval_text().read_text())[:args.positions]
     ref = TorchSession(loaded.model, prefill_len=128)
+    gaps = top2_gaps(ref, ids)
+    print("fp32 top-1/top-2 logit gap: " + ", ".join(f"{100 * v:.1f}% of positions < {k}" for k, v in gaps.items()))
     rows = []
     for name in args.variants or list(variants):
         v = variants[name]
@@ -103,16 +106,30 @@ def main(argv=None):
               f"KL {row['mean_kl']:.4f}  top-1 {100 * row['top1_agreement']:.1f}%", flush=True)
         rows.append(row)
         del model
-        _save(RESULTS / f"ablation-{args.suite}.json", args.suite, rows)
+        _save(RESULTS / f"ablation-{args.suite}.json", args.suite, rows, gaps)
 
 
-def _save(path, suite: str, rows: list[dict]) -> None:
+def top2_gaps(session, ids, limits=(0.01, 0.02, 0.05, 0.1)) -> dict:
+    """Share of positions whose reference top-1 logit leads the runner-up by less than each limit:
+    those flip under the smallest perturbation, which bounds any top-1 agreement."""
+    import numpy as np
+
+    from gemma_export.verify import feed
+
+    session.reset()
+    top2 = np.concatenate([np.sort(logits, axis=-1)[:, -2:] for _, logits in feed(session, ids)])
+    gap = top2[:, 1] - top2[:, 0]
+    return {str(k): round(float((gap < k).mean()), 4) for k in limits}
+
+
+def _save(path, suite: str, rows: list[dict], gaps: dict) -> None:
     """Merge rows into the suite's results by variant name (a partial run keeps the others)."""
     old = json.loads(path.read_text())["results"] if path.exists() else []
     new = {r["variant"] for r in rows}
     merged = [r for r in old if r["variant"] not in new] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": f"ablation-{suite}", "results": merged}, indent=2))
+    path.write_text(json.dumps({"benchmark": f"ablation-{suite}", "reference_top2_gap_below": gaps,
+                                "results": merged}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@
 
 Usage: python -m benchmarks.run [--only export,parity,speed,eval] [--formats onnx,tflite,pte]
                                 [--models 270m,1b] [--recipes fp32,int8,int4-b32,int4-b32-rtn]
-Each export runs in its own process so its peak RSS is its own. Quantized recipes are exported
-with GEMMA_EXPORT_EXPERIMENTAL=1; a (format, recipe) pair the format cannot lower is recorded as
-a row with "unsupported" and the reason, not skipped silently.
+Each export runs in its own process so its peak RSS is its own. A (format, recipe) pair the format
+cannot lower is recorded as a row with "unsupported" and the reason, not skipped silently.
 """
 
 from __future__ import annotations
@@ -41,9 +40,8 @@ def unsupported(fmt: str, recipe: str) -> str | None:
 def run_measured(cmd: list[str], log: Path) -> dict:
     """Run a command; return wall seconds, peak RSS (its own, from wait4) and exit code."""
     start = time.perf_counter()
-    env = {**os.environ, "GEMMA_EXPORT_EXPERIMENTAL": "1"}
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     return {
         "command": " ".join(cmd[2:] if cmd[:3] == GE else cmd).replace("gemma_export", "gemma-export"),

@@ -35,10 +35,6 @@ LOWERS = {
 }
 # formats whose quantized lowering applies one weight scheme to every linear and the embedding
 UNIFORM = {"tflite"}
-# Quantized lowering writes the exact PyTorch codes into the file (tested bit for bit), but parity
-# on real weights is not yet within every recipe's thresholds (activation quantization rounds
-# differently per runtime), so it is opt-in: GEMMA_EXPORT_EXPERIMENTAL=1.
-EXPERIMENTAL_ENV = "GEMMA_EXPORT_EXPERIMENTAL"
 
 
 def unsupported_reason(fmt: str, recipe) -> str | None:
@@ -68,19 +64,12 @@ def unsupported_reason(fmt: str, recipe) -> str | None:
 
 def check_recipe(fmt: str, request) -> None:
     """Refuse an unsupported (format, recipe) pair before any work starts."""
-    import os
-
     from gemma_export.recipes import resolve
 
     recipe = resolve(request.recipe)
     reason = unsupported_reason(fmt, recipe)
     if reason:
         raise UnsupportedError(f"format {fmt} does not support recipe {recipe.name!r}: cannot lower {reason}")
-    if not recipe.is_float and os.environ.get(EXPERIMENTAL_ENV) != "1":
-        raise UnsupportedError(
-            f"format {fmt}: quantized recipe {recipe.name!r} is experimental (parity on real weights not yet "
-            f"within thresholds); set {EXPERIMENTAL_ENV}=1 to export it anyway"
-        )
 
 
 def supported_presets(fmt: str) -> list[str]:

@@ -314,7 +314,6 @@ def recipes(as_json):
     for r in PRESETS.values():
         where = ",".join(f for f in FORMATS if r.name in formats[f]) or "-"
         click.echo(f"{r.name:<14} {where:<16} {r.description}")
-    click.echo("(quantized lowering is experimental: GEMMA_EXPORT_EXPERIMENTAL=1)")
 
 
 @cli.command(name="eval")

@@ -95,11 +95,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: float = 0.01,
-         step: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ with static per-block scales (the round-to-nearest grid, chosen before rounding).
+         step: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ with static per-block scales (the searched grid, chosen before rounding).
 
     Columns are rounded left to right; each rounding error is spread over the columns not yet
     rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+    `act_order` rounds the columns with the largest inputs first (descending Hessian diagonal), so
+    their errors are compensated by the most columns; the scales stay those of the original blocks.
     """
     w = w.float().clone()
     scale = search_scales(w, bits, block, importance=torch.diag(hessian))
@@ -107,24 +109,29 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: fl
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    n = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
+    w, h = w[:, order], h[order][:, order]
+    col_block = order // block  # each (reordered) column keeps its original block's scale
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     lo, hi = qrange(bits)
-    n = w.shape[1]
     q = torch.zeros_like(w, dtype=torch.int8)
     for a in range(0, n, step):
         b = min(a + step, n)
         w1, err1, hinv1 = w[:, a:b].clone(), torch.zeros_like(w[:, a:b]), hinv[a:b, a:b]
         for i in range(b - a):
             col, d = w1[:, i], hinv1[i, i]
-            s = scale[:, (a + i) // block]
+            s = scale[:, col_block[a + i]]
             qc = torch.clamp(torch.round(col / s), lo, hi)
             q[:, a + i] = qc.to(torch.int8)
             e = (col - qc * s) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b:] -= err1 @ hinv[a:b, b:]
-    return q, scale
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out, scale
 
 
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -431,8 +438,8 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
 
 def _quantize_weight(w: torch.Tensor, scheme: Scheme, block: int, hessian: torch.Tensor | None):
     """(codes, scales) of one weight matrix by the scheme's algorithm (see recipes.ALGORITHMS)."""
-    if scheme.algorithm == "gptq":
-        return gptq(w, hessian, scheme.bits, block)
+    if scheme.algorithm in ("gptq", "gptq-act"):
+        return gptq(w, hessian, scheme.bits, block, act_order=scheme.algorithm == "gptq-act")
     if scheme.algorithm == "search":
         s = search_scales(w, scheme.bits, block, importance=torch.diag(hessian))
     else:

@@ -21,8 +21,9 @@ from .metrics import Thresholds
 ACTIVATIONS = ("float", "int8-dynamic", "int8-static", "int16-static")
 # rtn: max-abs scales, round to nearest. search: per-block scales chosen to minimise the rounding
 # error weighted by each input column's calibrated mean square, then round to nearest.
-# gptq: search's scales, then GPTQ's error-compensating rounding.
-ALGORITHMS = ("rtn", "search", "gptq")
+# gptq: search's scales, then GPTQ's error-compensating rounding; gptq-act: the same, rounding the
+# columns with the largest inputs first (activation order).
+ALGORITHMS = ("rtn", "search", "gptq", "gptq-act")
 GRANULARITIES = ("channel", "block")
 
 

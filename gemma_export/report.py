@@ -97,21 +97,33 @@ def thresholds(manifest: dict, overrides: dict) -> Thresholds:
 def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | None = None) -> Verified:
     """Teacher-forced + greedy parity of one artifact against its PyTorch reference."""
     from .package import open_artifact
-    from .verify import parity
+    from .verify import parity, relative_failures, runtime_rounds_activations, teacher_forced
 
     manifest = read_manifest(folder)
     test = open_artifact(folder, plan.threads, hashes=True)
-    ref = (refs or References(plan)).session_for(manifest)
+    refs = refs or References(plan)
+    ref = refs.session_for(manifest)
     th = thresholds(manifest, plan.overrides)
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
     res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
                  test.tokenizer.stop_ids)
     failures = res.failures(th)
+    relative = None
+    if runtime_rounds_activations(manifest.get("recipe")):
+        # the runtime rounds activations its own way: judge both against fp32 (see verify.RELATIVE_KL)
+        fp32 = refs.session_for({**manifest, "recipe": None})
+        keys = ("top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
+        relative = {who: {k: v for k, v in teacher_forced(fp32.session, s, ids).summary().items() if k in keys}
+                    for who, s in (("artifact", test.session), ("recipe_in_pytorch", ref.session))}
+        failures = relative_failures(relative["artifact"], relative["recipe_in_pytorch"])
     report = {"artifact": str(folder), "format": manifest["format"],
               "recipe": manifest.get("request", {}).get("recipe", "fp32"), "reference": ref.description,
               "text": str(plan.text), "window": manifest["window"], "thresholds": th.to_dict(),
+              "judged": "against fp32, relative to the recipe in PyTorch" if relative else "against the reference",
               "pass": not failures, "failures": failures, **res.summary(),
               "greedy_reference": res.greedy_reference, "greedy_test": res.greedy_test}
+    if relative:
+        report["against_fp32"] = relative
     if plan.locate:
         from .verify import LOCATE_THRESHOLD, locate
 
@@ -136,6 +148,11 @@ def summary_lines(report: dict) -> list[str]:
         if key in report:
             v = report[key]
             out.append(f"{key:<22} {v:.6g}" if isinstance(v, float) else f"{key:<22} {v}")
+    for who, s in report.get("against_fp32", {}).items():
+        out.append(f"vs fp32, {who.replace('_', ' '):<17} top-1 {s['top1_agreement']:.4f}  mean KL "
+                   f"{s['mean_kl']:.4g}  perplexity {s['perplexity_test']:.4g} (fp32 {s['perplexity_reference']:.4g})")
+    if "against_fp32" in report:
+        out.append(f"judged {report['judged']} (the runtime quantizes activations itself)")
     return out
 
 
@@ -263,17 +280,32 @@ def markdown(report: dict, per_position: dict, tokenizer=None) -> str:
           "| | |", "|---|---|",
           f"| Artifact | `{r['artifact']}` |", f"| Format | {r['format']} |", f"| Recipe | {r.get('recipe', 'fp32')} |",
           f"| Reference | {r['reference']} |", f"| Text | `{r['text']}` ({r['positions']} positions teacher-forced) |",
-          f"| Sliding window | {r['window']} |", "",
-          "## Thresholds", "", "| threshold | limit | measured | ok |", "|---|---|---|---|"]
-    for name, limit in r["thresholds"].items():
-        if limit is None:
-            continue
-        key, op = CHECKS[name]
-        v = r[key]
-        ok = v >= limit if op == ">=" else v <= limit
-        md.append(f"| {key} {op} | {limit:g} | {v:.6g} | {'yes' if ok else '**no**'} |")
-    md.append(f"| greedy tokens equal | all {r['greedy_tokens']} | {r['greedy_equal_prefix']} | "
-              f"{'yes' if r['greedy_equal'] else '**no**'} |")
+          f"| Sliding window | {r['window']} |", ""]
+    if "against_fp32" in r:
+        from .verify import RELATIVE_KL, RELATIVE_KL_SLACK, RELATIVE_TOP1
+
+        a, b = r["against_fp32"]["artifact"], r["against_fp32"]["recipe_in_pytorch"]
+        md += ["## Judged against fp32", "",
+               "The runtime quantizes activations itself, so the artifact is compared with the fp32 model, "
+               f"relative to the recipe in PyTorch: mean KL at most {RELATIVE_KL}x the recipe's (or "
+               f"+{RELATIVE_KL_SLACK:g}), top-1 agreement at most {RELATIVE_TOP1:g} below it. The metrics "
+               "further down compare the artifact with the recipe in PyTorch (for information).", "",
+               "| vs fp32 | artifact | recipe in PyTorch |", "|---|---|---|",
+               f"| top-1 agreement | {a['top1_agreement']:.4f} | {b['top1_agreement']:.4f} |",
+               f"| mean KL | {a['mean_kl']:.4g} | {b['mean_kl']:.4g} |",
+               f"| perplexity (fp32 {a['perplexity_reference']:.4g}) | {a['perplexity_test']:.4g} | "
+               f"{b['perplexity_test']:.4g} |"]
+    else:
+        md += ["## Thresholds", "", "| threshold | limit | measured | ok |", "|---|---|---|---|"]
+        for name, limit in r["thresholds"].items():
+            if limit is None:
+                continue
+            key, op = CHECKS[name]
+            v = r[key]
+            ok = v >= limit if op == ">=" else v <= limit
+            md.append(f"| {key} {op} | {limit:g} | {v:.6g} | {'yes' if ok else '**no**'} |")
+        md.append(f"| greedy tokens equal | all {r['greedy_tokens']} | {r['greedy_equal_prefix']} | "
+                  f"{'yes' if r['greedy_equal'] else '**no**'} |")
     md += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     for key in SHOWN:
         if key in r and not key.startswith("greedy"):

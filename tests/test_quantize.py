@@ -59,12 +59,14 @@ def test_rtn_codes_are_in_range_and_zero_rows_get_a_nonzero_scale():
     assert (dequantize(q, s) - w).abs().max() <= s.max() * 0.51
 
 
-def test_gptq_beats_rtn_on_its_objective():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_its_objective(act_order):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 128, generator=g)
     x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated inputs
+    x = x * torch.rand(128, generator=g) * 4  # columns of different size (what act-order sorts by)
     h = 2 * x.T.double() @ x.double() / len(x)
-    q, s = gptq(w, h, 4, 32)
+    q, s = gptq(w, h, 4, 32, act_order=act_order)
     from gemma_export.quantize import quantize_with
 
     rtn = dequantize(quantize_with(w, s, 4), s)

@@ -1,15 +1,15 @@
 """Quantized artifacts: the integer codes in the file are the PyTorch codes, bit for bit."""
 
 import copy
-import os
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from converters import EXPERIMENTAL_ENV, supported_presets
+from converters import supported_presets
 from converters.onnx import read_codes
-from gemma_export.errors import UnsupportedError
 from gemma_export.metrics import Thresholds
 from gemma_export.package import ExportRequest, export, open_artifact, read_manifest
 from gemma_export.api import quantize_model
@@ -38,13 +38,7 @@ def quantized(request, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp(f"{fmt}-{recipe}") / "art"
     # pte keeps its debug method: it must not drag the head's unused codes into the program
     req = ExportRequest(fmt, prefill_len=T, max_context=CTX, recipe=recipe, debug_outputs=fmt == "pte")
-    with pytest.raises(UnsupportedError, match=EXPERIMENTAL_ENV):
-        export(TINY, req, out)
-    os.environ[EXPERIMENTAL_ENV] = "1"
-    try:
-        export(TINY, req, out)
-    finally:
-        del os.environ[EXPERIMENTAL_ENV]
+    export(TINY, req, out)
     eager = copy.deepcopy(tiny)
     loaded = load(TINY)  # the same tokenizer and calibration set the export used
     quantize_model(eager, recipe, Tokenizer(loaded.tokenizer_path))
@@ -97,6 +91,39 @@ def test_quantized_artifact_matches_the_pytorch_quantized_model(quantized):
     assert not c.failures(th), c.summary()
 
 
+def test_verify_judges_runtime_quantized_activations_against_fp32(quantized, tmp_path):
+    """Every preset leaves activation quantization to the runtime, which rounds its own way: verify
+    compares artifact and recipe with fp32. An artifact whose codes are not the recipe's fails."""
+    from gemma_export.cli import default_eval_text
+    from gemma_export.recipes import resolve
+    from gemma_export.report import VerifyPlan, verify_artifact
+
+    fmt, recipe, out, _ = quantized
+    plan = VerifyPlan(default_eval_text(), positions=160, new_tokens=4)
+    r = verify_artifact(out, plan).report
+    assert r["judged"].startswith("against fp32") and r["pass"], (r["failures"], r["against_fp32"])
+    if recipe != "int4-b32-rtn":
+        return
+    # the same int4 file claiming the int8 recipe: far more loss than int8 in PyTorch has
+    wrong = tmp_path / "claims-int8"
+    shutil.copytree(out, wrong)
+    m = json.loads((wrong / "manifest.json").read_text())
+    m["recipe"], m["request"]["recipe"] = resolve("int8").to_dict(), "int8"
+    (wrong / "manifest.json").write_text(json.dumps(m))
+    r = verify_artifact(wrong, plan).report
+    assert not r["pass"] and any("mean KL to fp32" in f for f in r["failures"]), r["against_fp32"]
+
+
+def test_relative_judgement_bounds():
+    from gemma_export.verify import relative_failures
+
+    recipe = {"mean_kl": 0.0130, "top1_agreement": 0.92}
+    assert not relative_failures({"mean_kl": 0.0140, "top1_agreement": 0.91}, recipe)
+    assert len(relative_failures({"mean_kl": 0.0200, "top1_agreement": 0.85}, recipe)) == 2
+    # a near-lossless recipe still leaves room for a different rounding (absolute slack)
+    assert not relative_failures({"mean_kl": 0.0009, "top1_agreement": 0.97}, {"mean_kl": 1e-5, "top1_agreement": 0.98})
+
+
 def test_int4_artifact_is_smaller(quantized):
     fmt, recipe, out, _ = quantized
     m = read_manifest(out)
@@ -114,11 +141,7 @@ def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, tiny):
     path = tmp_path / "static.toml"
     path.write_text(QuantRecipe("static-test", rules).to_toml())
     out = tmp_path / "art"
-    os.environ[EXPERIMENTAL_ENV] = "1"
-    try:
-        export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX, recipe=str(path), debug_outputs=False), out)
-    finally:
-        del os.environ[EXPERIMENTAL_ENV]
+    export(TINY, ExportRequest("onnx", prefill_len=T, max_context=CTX, recipe=str(path), debug_outputs=False), out)
     assert read_manifest(out)["recipe"]["name"] == "static-test"
     eager = copy.deepcopy(tiny)
     quantize_model(eager, str(path), Tokenizer(load(TINY).tokenizer_path))
