@@ -307,19 +307,107 @@ def _observe_inputs(model, names: list[str], calibration: list[list[int]], prefi
             h.remove()
 
 
-def collect_hessians(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
-    """Sum of x x^T of each named linear's inputs over the calibration tokens."""
-    modules = dict(model.named_modules())
-    hs = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
-    counts = dict.fromkeys(names, 0)
+class _Stop(Exception):
+    pass
 
-    def observe(name, x):
-        x = x.double()
-        hs[name] += x.T @ x
-        counts[name] += x.shape[0]
 
-    _observe_inputs(model, names, calibration, prefill_len, observe)
-    return {n: 2.0 * hs[n] / max(counts[n], 1) for n in names}
+class LayerInputs:
+    """The calibration samples walked through the decoder one layer at a time (GPTQ's sequential
+    mode): each layer's Hessians come from inputs that went through the layers before it as
+    already quantized, so its rounding also absorbs what they lost.
+
+    The residual stream entering layer 0 is captured once per sample; each layer then runs on the
+    stored stream (the other layer arguments, rope tables, masks and empty caches, are the same for
+    every sample of one length) and its output becomes the next layer's input.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, calibration: list[list[int]]):
+        from .session import TorchSession
+
+        if len({len(c) for c in calibration}) != 1:
+            raise ConfigError("sequential calibration needs samples of one length")
+        self.model, n = model, len(calibration[0])
+        self.args: list[tuple | None] = [None] * len(model.layers)
+        self.xs: list[torch.Tensor] = []
+
+        def capture(i):
+            def fn(mod, args):
+                if self.args[i] is None:
+                    self.args[i] = args[1:]
+                if i == 0:
+                    self.xs.append(args[0].detach().clone())
+                    if all(a is not None for a in self.args):
+                        raise _Stop  # every layer's arguments are known: only layer 0's input is needed
+            return fn
+
+        handles = [layer.register_forward_pre_hook(capture(i)) for i, layer in enumerate(model.layers)]
+        try:
+            session = TorchSession(model, prefill_len=n)
+            for ids in calibration:
+                session.reset()
+                try:
+                    session.prefill(ids, 0)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.layer = 0
+
+    @torch.no_grad()
+    def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Hessians of the named linears of the current layer (`layers.{i}.` names)."""
+        layer = self.model.layers[self.layer]
+        prefix = f"layers.{self.layer}."
+        modules = {n: self.model.get_submodule(n) for n in names}
+        if not all(n.startswith(prefix) for n in names):
+            raise ValueError(f"not all of {names} are in {prefix}")
+        acc = _HessianSum(modules)
+        handles = [m.register_forward_pre_hook(acc.hook(n)) for n, m in modules.items()]
+        try:
+            for x in self.xs:
+                layer(x, *self.args[self.layer])
+        finally:
+            for h in handles:
+                h.remove()
+        return acc.result()
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Run the current (now quantized) layer on the stored inputs: the next layer's inputs."""
+        layer, args = self.model.layers[self.layer], self.args[self.layer]
+        self.xs = [layer(x, *args)[0] for x in self.xs]
+        self.layer += 1
+
+    @torch.no_grad()
+    def head_hessian(self) -> torch.Tensor:
+        """Hessian of the output head's input (the final norm of the last layer's output)."""
+        if self.layer != len(self.model.layers):
+            raise ValueError("the head's inputs exist once every layer has advanced")
+        acc = _HessianSum({"lm_head": self.model.lm_head})
+        for x in self.xs:
+            acc.add("lm_head", self.model.norm(x))
+        return acc.result()["lm_head"]
+
+
+class _HessianSum:
+    """2/N sum of x x^T of each module's inputs (float64)."""
+
+    def __init__(self, modules: dict):
+        self.h = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
+        self.count = dict.fromkeys(modules, 0)
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.h[name] += x.T @ x
+        self.count[name] += x.shape[0]
+
+    def hook(self, name: str):
+        return lambda mod, args: self.add(name, args[0])
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: 2.0 * h / max(self.count[n], 1) for n, h in self.h.items()}
 
 
 def collect_absmax(model, names: list[str], calibration: list[list[int]], prefill_len: int = 128):
@@ -406,34 +494,55 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
         progress(f"calibrating activation ranges of {len(static)} linear layers")
         ranges = {n: float(a.max()) for n, a in collect_absmax(model, static, calibration,
                                                                max(len(c) for c in calibration)).items()}
-    hessians = {}
+    walk = None
     if calibrated:
-        progress(f"calibrating: {len(calibration)} samples through {len(calibrated)} linear layers")
-        # the padded calibration chunks are exactly prefill-sized (no padding rows)
-        hessians = collect_hessians(model, calibrated, calibration, prefill_len=max(len(c) for c in calibration))
+        progress(f"calibrating: {len(calibration)} samples through the decoder layer by layer "
+                 f"({len(calibrated)} layers need Hessians)")
+        walk = LayerInputs(model, calibration)
     done = {}
-    for i, (name, scheme) in enumerate(plan.items()):
-        lin = linears[name]
-        block = _blocks(scheme, lin.in_features)
-        w = lin.weight.detach()
-        q, s = _quantize_weight(w, scheme, block, hessians.pop(name, None))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name))))
-        done[name] = scheme.label
-        if i % 20 == 0:
-            progress(f"quantized {i + 1}/{len(plan)} linear layers")
+    by_layer: dict[int, list[str]] = {}
+    for name in plan:
+        by_layer.setdefault(_layer_index(name), []).append(name)
+    for i in sorted(by_layer, key=lambda k: (k is None, k)):
+        if walk is not None and i is not None:
+            while walk.layer < i:
+                walk.advance()
+            hessians = walk.hessians([n for n in by_layer[i] if n in calibrated])
+        else:
+            hessians = {}
+            if any(n in calibrated for n in by_layer[i]):
+                raise ConfigError(f"calibrated linears outside the decoder layers: {by_layer[i]}")
+        for name in by_layer[i]:
+            scheme, lin = plan[name], linears[name]
+            q, s = _quantize_weight(lin.weight.detach(), scheme, _blocks(scheme, lin.in_features), hessians.pop(name, None))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name))))
+            done[name] = scheme.label
+        if i is not None and i % 6 == 5:
+            progress(f"quantized the linears of {i + 1}/{len(model.layers)} decoder layers")
+    head_hessian = None
+    if walk is not None and "lm_head" in calibrated:
+        while walk.layer < len(model.layers):
+            walk.advance()
+        head_hessian = walk.head_hessian()
+    del walk
     if emb_scheme is not None:
         w = model.embed_tokens.weight.detach()
         block = _blocks(emb_scheme, w.shape[1])
         if emb_scheme.algorithm != "rtn":
             progress(f"calibrating the tied token table as the output head ({emb_scheme.algorithm})")
-        q, s = _quantize_weight(w, emb_scheme, block, hessians.pop("lm_head", None))
+        q, s = _quantize_weight(w, emb_scheme, block, head_hessian)
         emb = QEmbedding(q, s, emb_scheme)
         emb.act_scale.fill_(_act_scale(emb_scheme, ranges.get("lm_head")))
         model.embed_tokens = emb
         model.lm_head = TiedQHead(emb)
         done["embed_tokens"] = emb_scheme.label
     return done
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def _quantize_weight(w: torch.Tensor, scheme: Scheme, block: int, hessian: torch.Tensor | None):

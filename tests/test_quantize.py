@@ -125,6 +125,24 @@ def test_quantize_replaces_layers_and_stays_close(tiny, name):
     assert rel < (0.05 if name == "int8" else 0.5)
 
 
+def test_layer_walk_reproduces_the_forward_pass(tiny):
+    """GPTQ's sequential calibration runs the decoder one layer at a time on stored inputs: walked
+    through every layer, each sample must arrive where the whole forward pass puts it."""
+    from gemma_export.quantize import LayerInputs
+
+    calib = [np.random.default_rng(i).integers(3, 262_144, size=24).tolist() for i in range(3)]
+    walk = LayerInputs(tiny, calib)
+    assert len(walk.xs) == 3
+    for _ in tiny.layers:
+        walk.advance()
+    session = TorchSession(tiny, prefill_len=24)
+    for x, ids in zip(walk.xs, calib):
+        torch.testing.assert_close(x[0], torch.from_numpy(session.hidden_states(ids)[-1]), rtol=1e-5, atol=1e-5)
+    assert walk.head_hessian().shape == (tiny.cfg.hidden_size,) * 2
+    with pytest.raises(Exception, match="one length"):
+        LayerInputs(tiny, [calib[0], calib[1][:10]])
+
+
 def test_embedding_codes_are_shared_with_the_head(tiny):
     m = copy.deepcopy(tiny)
     quantize_(m, PRESETS["int4-b32-rtn"])
