@@ -97,7 +97,7 @@ def thresholds(manifest: dict, overrides: dict) -> Thresholds:
 def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | None = None) -> Verified:
     """Teacher-forced + greedy parity of one artifact against its PyTorch reference."""
     from .package import open_artifact
-    from .verify import parity, relative_failures, runtime_rounds_activations, teacher_forced
+    from .verify import parity, relative_failures, runtime_rounds_activations
 
     manifest = read_manifest(folder)
     test = open_artifact(folder, plan.threads, hashes=True)
@@ -105,16 +105,16 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     ref = refs.session_for(manifest)
     th = thresholds(manifest, plan.overrides)
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
+    # the runtime rounds activations its own way: judge artifact and recipe against fp32 instead
+    relative = runtime_rounds_activations(manifest.get("recipe"))
+    fp32 = refs.session_for({**manifest, "recipe": None}).session if relative else None
     res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
-                 test.tokenizer.stop_ids)
+                 test.tokenizer.stop_ids, fp32=fp32)
     failures = res.failures(th)
-    relative = None
-    if runtime_rounds_activations(manifest.get("recipe")):
-        # the runtime rounds activations its own way: judge both against fp32 (see verify.RELATIVE_KL)
-        fp32 = refs.session_for({**manifest, "recipe": None})
+    if relative:
         keys = ("top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
-        relative = {who: {k: v for k, v in teacher_forced(fp32.session, s, ids).summary().items() if k in keys}
-                    for who, s in (("artifact", test.session), ("recipe_in_pytorch", ref.session))}
+        relative = {who: {k: v for k, v in res.against_fp32[side].summary().items() if k in keys}
+                    for who, side in (("artifact", "test"), ("recipe_in_pytorch", "reference"))}
         failures = relative_failures(relative["artifact"], relative["recipe_in_pytorch"])
     report = {"artifact": str(folder), "format": manifest["format"],
               "recipe": manifest.get("request", {}).get("recipe", "fp32"), "reference": ref.description,

@@ -22,6 +22,7 @@ class ParityResult:
     greedy_reference: list[int]
     greedy_test: list[int]
     seconds: dict = field(default_factory=dict)
+    against_fp32: dict[str, Comparison] = field(default_factory=dict)  # "reference"/"test" vs fp32
 
     @property
     def greedy_match(self) -> int:
@@ -51,18 +52,28 @@ class ParityResult:
 
 def teacher_forced(reference: Session, test: Session, ids: Sequence[int], schedule=None) -> Comparison:
     """Feed the same ids through both sessions with the same chunking; compare every position."""
-    reference.reset()
-    test.reset()
-    schedule = schedule or schedule_for(test.info.prefill_len)
-    c = Comparison()
-    ref_iter, test_iter = feed(reference, ids, schedule=schedule), feed(test, ids, schedule=schedule)
-    for (p, lr), (_, lt) in zip(ref_iter, test_iter):
-        k = min(len(lr), len(ids) - 1 - p)  # positions that have a next token (for perplexity)
-        if k > 0:
-            c.add(lr[:k], lt[:k], ids[p + 1:p + 1 + k])
-        if k < len(lr):
-            c.add(lr[k:], lt[k:])
-    return c
+    return teacher_forced_many({"reference": reference, "test": test}, [("reference", "test")], ids,
+                               schedule or schedule_for(test.info.prefill_len))[("reference", "test")]
+
+
+def teacher_forced_many(sessions: dict[str, Session], pairs: Sequence[tuple[str, str]], ids: Sequence[int],
+                        schedule: Sequence[int]) -> dict[tuple[str, str], Comparison]:
+    """One pass of the same ids through several sessions, comparing each (reference, test) pair
+    at every position: each session runs once however many pairs it is in."""
+    for s in sessions.values():
+        s.reset()
+    out = {pair: Comparison() for pair in pairs}
+    names = list(sessions)
+    for chunks in zip(*(feed(sessions[n], ids, schedule=schedule) for n in names)):
+        p = chunks[0][0]
+        logits = {n: lg for n, (_, lg) in zip(names, chunks)}
+        k = min(len(logits[names[0]]), len(ids) - 1 - p)  # positions that have a next token (for perplexity)
+        for (r, t), c in out.items():
+            if k > 0:
+                c.add(logits[r][:k], logits[t][:k], ids[p + 1:p + 1 + k])
+            if k < len(logits[r]):
+                c.add(logits[r][k:], logits[t][k:])
+    return out
 
 
 def perplexity_of(session: Session, ids: Sequence[int]) -> float:
@@ -80,14 +91,23 @@ def perplexity_of(session: Session, ids: Sequence[int]) -> float:
 
 
 def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequence[int], new_tokens: int,
-           stop_ids: Sequence[int] = ()) -> ParityResult:
+           stop_ids: Sequence[int] = (), fp32: Session | None = None) -> ParityResult:
+    """Teacher-forced comparison over `ids` and greedy generation from `prompt`. With `fp32`, the
+    same pass also compares the fp32 model with the reference and with the test (`against_fp32`)."""
     t0 = time.perf_counter()
-    tf = teacher_forced(reference, test, ids)
+    if fp32 is None:
+        tf, against = teacher_forced(reference, test, ids), {}
+    else:
+        sessions = {"reference": reference, "test": test, "fp32": fp32}
+        pairs = [("reference", "test"), ("fp32", "test"), ("fp32", "reference")]
+        comps = teacher_forced_many(sessions, pairs, ids, schedule_for(test.info.prefill_len))
+        tf, against = comps[pairs[0]], {"test": comps[pairs[1]], "reference": comps[pairs[2]]}
     t1 = time.perf_counter()
     ref_gen = list(generate(reference, prompt, new_tokens, stop_ids))
     test_gen = list(generate(test, prompt, new_tokens, stop_ids))
     t2 = time.perf_counter()
-    return ParityResult(tf, ref_gen, test_gen, {"teacher_forced": round(t1 - t0, 2), "greedy": round(t2 - t1, 2)})
+    return ParityResult(tf, ref_gen, test_gen, {"teacher_forced": round(t1 - t0, 2), "greedy": round(t2 - t1, 2)},
+                        against)
 
 
 def reference_for(manifest: dict, override: str | None = None, threads: int = 2):
