@@ -66,8 +66,8 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
                 rows.append({"model": model, "format": fmt, "recipe": recipe, "unsupported": reason})
                 continue
             if model != "270m" and resolve(recipe).needs_calibration:
-                # GPTQ keeps every layer's Hessian in float64 (the 1B's down projections alone are
-                # ~10 GB) and runs for tens of minutes; sizes equal the -rtn recipe's
+                # calibration runs for tens of minutes per export on the 1B; the layout, hence
+                # the size, equals the -rtn recipe's
                 rows.append({"model": model, "format": fmt, "recipe": recipe,
                              "not_run": "calibrated recipes are benchmarked on the 270M; size = the -rtn recipe's"})
                 continue
