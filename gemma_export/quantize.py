@@ -392,16 +392,20 @@ class LayerInputs:
 
 
 class _HessianSum:
-    """2/N sum of x x^T of each module's inputs (float64)."""
+    """2/N sum of x x^T of each module's inputs (float64). Modules fed the same tensor one after
+    the other (q/k/v, gate/up) share one product."""
 
     def __init__(self, modules: dict):
         self.h = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
         self.count = dict.fromkeys(modules, 0)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.h[name] += x.T @ x
-        self.count[name] += x.shape[0]
+        if self._last is None or self._last[0] is not x:
+            xd = x.detach().reshape(-1, x.shape[-1]).double()
+            self._last = (x, xd.T @ xd)
+        self.h[name] += self._last[1]
+        self.count[name] += x.reshape(-1, x.shape[-1]).shape[0]
 
     def hook(self, name: str):
         return lambda mod, args: self.add(name, args[0])
