@@ -61,16 +61,17 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
 
     rows = []
     for model in models:
+        todo = []
         for fmt in formats:
             if reason := unsupported(fmt, recipe):
                 rows.append({"model": model, "format": fmt, "recipe": recipe, "unsupported": reason})
-                continue
-            if model != "270m" and resolve(recipe).needs_calibration:
-                # calibration runs for tens of minutes per export on the 1B; the layout, hence
-                # the size, equals the -rtn recipe's
-                rows.append({"model": model, "format": fmt, "recipe": recipe,
-                             "not_run": "calibrated recipes are benchmarked on the 270M; size = the -rtn recipe's"})
-                continue
+            else:
+                todo.append(fmt)
+        if model != "270m" and resolve(recipe).needs_calibration and len(todo) > 1:
+            # calibration takes tens of minutes on the 1B: quantize once, convert to every format
+            rows += export_together(model, todo, recipe)
+            continue
+        for fmt in todo:
             out = artifact_dir(model, fmt, recipe)
             cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe]
             if model != "270m":
@@ -79,13 +80,36 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
             row = {"model": model, "format": fmt, "recipe": recipe,
                    **run_measured(cmd, OUT / f"export-{model}-{fmt}-{recipe}.log")}
             if row["exit_code"] == 0:
-                m = json.loads((out / "manifest.json").read_text())
-                row["artifact_mib"] = round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1)
-                # the model itself: graph/program and external weights, without the tokenizer
-                row["model_file_mib"] = round(sum(f["bytes"] for name, f in m["files"].items()
-                                                  if name.startswith("model.")) / 2**20, 1)
+                row.update(sizes(out))
             print(f"  {row}", flush=True)
             rows.append(row)
+    return rows
+
+
+def sizes(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    # model_file_mib: the model itself (graph/program and external weights), without the tokenizer
+    return {"artifact_mib": round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1),
+            "model_file_mib": round(sum(f["bytes"] for name, f in m["files"].items()
+                                        if name.startswith("model.")) / 2**20, 1),
+            "export_seconds": m["export_seconds"]}
+
+
+def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
+    """One `export --format a,b,c` process (one calibration): wall time and peak RSS are the whole
+    run's, repeated on each format's row; export_seconds is the shared part plus that conversion."""
+    build = OUT / f"{model}-{recipe}-together"
+    cmd = [*GE, "export", *MODELS[model], "--format", ",".join(formats), "--out", str(build), "--force",
+           "--recipe", recipe, "--no-debug-outputs"]
+    print(f"export {model} {','.join(formats)} {recipe} (quantized once) ...", flush=True)
+    run = run_measured(cmd, OUT / f"export-{model}-together-{recipe}.log")
+    rows = []
+    for fmt in formats:
+        row = {"model": model, "format": fmt, "recipe": recipe, "together": formats, **run}
+        if run["exit_code"] == 0:
+            row.update(sizes(build / fmt))
+        print(f"  {row}", flush=True)
+        rows.append(row)
     return rows
 
 

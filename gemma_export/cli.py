@@ -43,6 +43,21 @@ def error_boundary(fn):
     return wrapper
 
 
+EXPORT_FORMATS = ("onnx", "tflite", "pte")  # converters.FORMATS, without importing the converters
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+    """`onnx`, `onnx,pte` or `all` -> the formats, in the order given."""
+    names = EXPORT_FORMATS if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in EXPORT_FORMATS]
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or repr(value)} is not a format; choose from "
+                                 f"{', '.join(EXPORT_FORMATS)} (comma-separated) or all")
+    if len(set(names)) < len(names):
+        raise click.BadParameter(f"a format is named twice in {value!r}")
+    return names
+
+
 def model_options(fn):
     fn = click.option("--random-weights", is_flag=True, help="Seeded random weights at full size (no checkpoint).")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")(fn)
@@ -161,9 +176,11 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, random_wei
 
 @cli.command()
 @click.argument("model")
-@click.option("--format", "fmt", required=True, type=click.Choice(["pte", "onnx", "tflite"]),
-              help="Artifact format.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
+@click.option("--format", "fmt", required=True, callback=lambda ctx, param, v: parse_formats(v),
+              help="Artifact format: pte, onnx or tflite; several comma-separated, or all (quantized and "
+                   "calibrated once, one artifact per format under --out).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
@@ -184,12 +201,13 @@ def export(model, fmt, out, recipe, force, debug_outputs, random_weights, seed, 
     from .loading import ModelSpec
     from .model import DEFAULT_CONTEXT
     from .package import ExportRequest
-    from .package import export as run_export
+    from .package import export_formats
 
     torch.set_num_threads(threads)
     ctx = max_context or min(DEFAULT_CONTEXT, read_config(model).max_position_embeddings)
-    request = ExportRequest(format=fmt, prefill_len=prefill_len, max_context=ctx, recipe=recipe,
-                            debug_outputs=debug_outputs)
+    requests = [ExportRequest(format=f, prefill_len=prefill_len, max_context=ctx, recipe=recipe,
+                              debug_outputs=debug_outputs) for f in fmt]
+    outs = [Path(out)] if len(fmt) == 1 else [Path(out) / f for f in fmt]
     spec = ModelSpec(model, random_weights=random_weights, seed=seed, max_context=ctx)
     start = time.perf_counter()
 
@@ -197,13 +215,16 @@ def export(model, fmt, out, recipe, force, debug_outputs, random_weights, seed, 
         rss, peak = memory_gib()
         click.echo(f"[{time.perf_counter() - start:7.1f}s rss {rss:5.1f} GiB peak {peak:5.1f} GiB] {msg}", err=True)
 
-    manifest = run_export(spec, request, Path(out), force=force, progress=progress)
-    if as_json:
-        click.echo(json.dumps(manifest, indent=2))
-    else:
+    manifests = export_formats(spec, requests, outs, force=force, progress=progress)
+    if as_json:  # one format: its manifest; several: a list of them, in --format order
+        click.echo(json.dumps(manifests[0] if len(fmt) == 1 else manifests, indent=2))
+        return
+    for path, manifest in zip(outs, manifests):
         size = sum(f["bytes"] for f in manifest["files"].values())
-        click.echo(f"{out}: {manifest['format']} artifact, {size / 2**20:,.1f} MiB, "
+        click.echo(f"{path}: {manifest['format']} artifact, {size / 2**20:,.1f} MiB, "
                    f"{len(manifest['files'])} files, exported in {manifest['export_seconds']} s")
+    if len(fmt) > 1:
+        click.echo(f"check them all: gemma-export verify --all {out}")
 
 
 @cli.command()

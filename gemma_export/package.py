@@ -7,6 +7,7 @@ so a failed export leaves nothing at the destination.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -66,15 +67,20 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def check_destination(out: Path, force: bool) -> None:
+    """An artifact may be written to `out`: it is new, or (with force) an artifact folder or empty."""
+    if out.exists():
+        if not force:
+            raise ConfigError(f"{out} already exists; choose another --out or pass --force")
+        if not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir())):
+            raise ConfigError(f"{out} exists and is not an artifact folder; refusing to replace it")
+
+
 @contextmanager
 def staging(out: Path, force: bool = False):
     """Yield a temporary folder that becomes `out` only if the block completes."""
     out = Path(out)
-    if out.exists():
-        if not force:
-            raise ConfigError(f"{out} already exists; choose another --out or pass --force")
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not an artifact folder; refusing to replace it")
+    check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -152,50 +158,82 @@ Progress = Callable[[str], None]
 def export(spec, request: ExportRequest, out: Path, force: bool = False,
            progress: Progress = lambda msg: None) -> dict:
     """Load the model, convert it with the format's converter, package it atomically."""
+    return export_formats(spec, [request], [Path(out)], force, progress)[0]
+
+
+def export_formats(spec, requests: list[ExportRequest], outs: list[Path], force: bool = False,
+                   progress: Progress = lambda msg: None) -> list[dict]:
+    """Export one model to several formats: load and quantize (calibrate) once, then convert a copy
+    per format, each packaged atomically. Every request must share the recipe and context.
+
+    Everything that can refuse the job (format/recipe support, existing destinations) is checked
+    before any work starts; if a later format fails, the artifacts already written stay (each is
+    complete and verifiable) and nothing of the failed one is left.
+    """
     import converters
 
     from .loading import load
 
-    fmt = converters.get(request.format)
-    fmt.check(request)
+    if len(requests) != len(outs) or not requests:
+        raise ConfigError("export needs one output folder per format")
+    shared = {(r.recipe, r.max_context) for r in requests}
+    if len(shared) > 1:
+        raise ConfigError("a multi-format export shares one recipe and one max context")
+    if len({r.format for r in requests}) < len(requests):
+        raise ConfigError(f"a format is named twice: {', '.join(r.format for r in requests)}")
+    fmts = [converters.get(r.format) for r in requests]
+    for fmt, request in zip(fmts, requests):
+        fmt.check(request)
+    for out in outs:
+        check_destination(Path(out), force)
     progress(f"loading {spec.source}")
     t0 = time.perf_counter()
     loaded = load(spec)
     cfg, cache_lengths = loaded.config, loaded.model.cache_lengths()
+    request = requests[0]
     if loaded.model.max_context != request.max_context:
         raise ConfigError(f"model built for context {loaded.model.max_context}, request says {request.max_context}")
-    with staging(out, force) as tmp:
-        progress(f"converting to {request.format} (prefill {request.prefill_len}, context {request.max_context})")
-        # the converter gets the only reference to the model, so it can free the eager weights
-        # as soon as the format holds its own copy
-        quant = {}
-        if request.recipe != "fp32":
-            from .api import quantize_model
-            from .tokenizer import Tokenizer
+    quant = {}
+    if request.recipe != "fp32":
+        from .api import quantize_model
+        from .tokenizer import Tokenizer
 
-            progress(f"quantizing in PyTorch (recipe {request.recipe})")
-            quant = quantize_model(loaded.model, request.recipe, Tokenizer(loaded.tokenizer_path), progress)
-        parts = fmt.export(loaded.take_model(), request, tmp, progress)
-        shutil.copy(loaded.tokenizer_path, tmp / TOKENIZER)
-        progress("writing manifest (sha256 of every file)")
-        manifest = write_manifest(tmp, {
-            "format": request.format,
-            "model": {"name": cfg.name, "source": loaded.source, "spec": spec.to_dict(), "config": cfg.to_dict()},
-            "request": request.to_dict(),
-            "prefill_len": request.prefill_len,
-            "max_context": request.max_context,
-            "window": cfg.sliding_window,
-            "cache_lengths": cache_lengths,
-            "tokenizer": {"file": TOKENIZER, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
-                          "stop": ["<end_of_turn>", "<eos>"],
-                          "chat_template": "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"},
-            "export_seconds": round(time.perf_counter() - t0, 1),
-            "recipe": quant.get("recipe") or {"name": "fp32"},
-            "quantization": {k: v for k, v in quant.items() if k != "recipe"},
-            **parts,
-        })
-    progress(f"wrote {out}")
-    return manifest
+        progress(f"quantizing in PyTorch (recipe {request.recipe})"
+                 + (f", once for {len(requests)} formats" if len(requests) > 1 else ""))
+        quant = quantize_model(loaded.model, request.recipe, Tokenizer(loaded.tokenizer_path), progress)
+    prepared_s = time.perf_counter() - t0
+    manifests = []
+    for i, (fmt, request, out) in enumerate(zip(fmts, requests, outs)):
+        t1 = time.perf_counter()
+        # the converter gets the only reference to its model, so it can free the eager weights as
+        # soon as the format holds its own copy; earlier formats get a copy, the last the original
+        model = loaded.take_model() if i == len(requests) - 1 else copy.deepcopy(loaded.model)
+        with staging(Path(out), force) as tmp:
+            progress(f"converting to {request.format} (prefill {request.prefill_len}, context {request.max_context})")
+            parts = fmt.export(model, request, tmp, progress)
+            del model
+            shutil.copy(loaded.tokenizer_path, tmp / TOKENIZER)
+            progress("writing manifest (sha256 of every file)")
+            manifest = write_manifest(tmp, {
+                "format": request.format,
+                "model": {"name": cfg.name, "source": loaded.source, "spec": spec.to_dict(), "config": cfg.to_dict()},
+                "request": request.to_dict(),
+                "prefill_len": request.prefill_len,
+                "max_context": request.max_context,
+                "window": cfg.sliding_window,
+                "cache_lengths": cache_lengths,
+                "tokenizer": {"file": TOKENIZER, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
+                              "stop": ["<end_of_turn>", "<eos>"],
+                              "chat_template": "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"},
+                # loading and quantizing (shared by a multi-format export) plus this conversion
+                "export_seconds": round(prepared_s + time.perf_counter() - t1, 1),
+                "recipe": quant.get("recipe") or {"name": "fp32"},
+                "quantization": {k: v for k, v in quant.items() if k != "recipe"},
+                **parts,
+            })
+        progress(f"wrote {out}")
+        manifests.append(manifest)
+    return manifests
 
 
 def open_artifact(folder: str | Path, threads: int = 2, hashes: bool = False):

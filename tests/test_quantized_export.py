@@ -149,3 +149,44 @@ def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, tiny):
     ids = np.random.default_rng(3).integers(3, 262_144, size=60).tolist()
     c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, ids)
     assert not c.failures(LOWERING["onnx"]), c.summary()
+
+
+def test_one_calibration_feeds_every_format(tmp_path):
+    """`export --format onnx,tflite`: the model is calibrated and quantized once, and both artifacts
+    hold the same codes (each also equal to a separate single-format quantization's)."""
+    from click.testing import CliRunner
+
+    from converters import FORMATS
+    from converters.tflite_codes import read_codes as read_tflite_codes
+    from gemma_export.cli import EXPORT_FORMATS, cli
+
+    assert set(EXPORT_FORMATS) == set(FORMATS)
+    out = tmp_path / "build"
+    args = ["export", "tiny", "--random-weights", "--max-context", str(CTX), "--prefill-len", str(T),
+            "--recipe", "int4-b32", "--no-debug-outputs", "--out", str(out)]
+    r = CliRunner().invoke(cli, [*args, "--format", "onnx,tflite"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("quantizing in PyTorch") == 1 and "once for 2 formats" in r.output
+    assert r.output.count("calibrating: ") == 1
+    onnx, tfl = read_manifest(out / "onnx"), read_manifest(out / "tflite")
+    assert (onnx["format"], tfl["format"]) == ("onnx", "tflite")
+    assert onnx["quantization"] == tfl["quantization"] and onnx["quantization"]["calibration_sha256"]
+    from_onnx = {np.asarray(c).tobytes() for c in read_codes(out / "onnx", onnx).values()}
+    from_onnx |= {np.asarray(c).T.copy().tobytes() for c in read_codes(out / "onnx", onnx).values()}
+    from_tflite = [c for c in read_tflite_codes(out / "tflite" / "model.tflite").values()]
+    eager = load(TINY).model
+    quantize_model(eager, "int4-b32", Tokenizer(load(TINY).tokenizer_path))
+    mods = [m for m in eager.modules() if isinstance(m, (QLinear, QEmbedding))]
+    assert len(mods) == 15
+    for m in mods:
+        q = m.qweight.numpy()
+        assert q.tobytes() in from_onnx
+        assert any(s.shape == q.shape and np.array_equal(s, q) for s in from_tflite)
+
+    # refused before any work: a destination that exists (without --force), a repeated format
+    (tmp_path / "taken" / "tflite").mkdir(parents=True)
+    r = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "taken"), "--format", "onnx,tflite"])
+    assert r.exit_code == 1 and "already exists" in r.output and "loading" not in r.output, r.output
+    assert not (tmp_path / "taken" / "onnx").exists()
+    r = CliRunner().invoke(cli, [*args, "--format", "onnx,onnx"])
+    assert r.exit_code == 2 and "named twice" in r.output
