@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 
 from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme
 
@@ -27,6 +28,8 @@ INT8 = {
     "int8-unsmoothed": PRESETS["int8"].rules,
     "int8": PRESETS["int8"],
     "block32-weights": (Rule(E, B8), Rule(L, B8)),
+    # the bundled GGUF stores the table as Q8_0 (int8, one scale per 32): per-row int8 re-rounds it
+    "embedding-block32": (Rule(E, B8),),
     "linears-gptq": (Rule(L, Scheme(8, algorithm="gptq")),),
     "down-proj-dynamic-only": (Rule("layers.*.down_proj", D8), Rule(L, W8)),
     "weights-calibrated": (Rule(E, Scheme(8, algorithm="search")), Rule(L, Scheme(8, algorithm="gptq"))),
@@ -50,6 +53,8 @@ INT4 = {
     "weights-gptq-head": (Rule(E, G4), Rule(L, G4)),
     "int4-b32-rtn": PRESETS["int4-b32-rtn"],
     "int4-b32": PRESETS["int4-b32"],
+    "int4-b32-smooth-0.25": replace(PRESETS["int4-b32"], smoothing=0.25),
+    "int4-b32-smooth-0.5": replace(PRESETS["int4-b32"], smoothing=0.5),
 }
 SUITES = {"int8": INT8, "int4": INT4}
 
