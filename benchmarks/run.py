@@ -2,7 +2,7 @@
 
   export   wall time, peak RSS and artifact size of each export (real 270M; 1B random weights)
   parity   `gemma-export verify` of each real-270M artifact (teacher-forced 1,300 tokens + 32 greedy)
-  speed    prefill and decode tokens/s of each real-270M artifact (prompt 128, 128 new tokens)
+  speed    prefill and decode tokens/s of each real-270M artifact (prompt 128, 128 new tokens; median of 5)
   eval     `gemma-export eval` of each real-270M artifact: perplexity on held-out text, and KL /
            top-1 agreement against the fp32 PyTorch model (the recipe x format quality table)
 
@@ -134,7 +134,7 @@ def bench_parity(formats, recipe="fp32") -> list[dict]:
     return rows
 
 
-def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=2) -> list[dict]:
+def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=2, repeats=5) -> list[dict]:
     import numpy as np
 
     from gemma_export.package import open_artifact
@@ -149,23 +149,29 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
         ids = np.random.default_rng(0).integers(10, 200_000, size=prompt_len).tolist()
         s.reset()
         s.prefill(ids[: s.info.prefill_len], 0)  # warm-up
-        s.reset()
-        t0 = time.perf_counter()
-        pos = 0
-        logits = None
-        while pos < prompt_len:
-            chunk = ids[pos:pos + s.info.prefill_len]
-            logits = s.prefill(chunk, pos)
-            pos += len(chunk)
-        t1 = time.perf_counter()
-        tok = int(np.argmax(logits[-1]))
-        for _ in range(new_tokens):
-            tok = int(np.argmax(s.decode(tok, pos)))
-            pos += 1
-        t2 = time.perf_counter()
+        prefill, decode = [], []
+        for _ in range(repeats):  # one prefill is a fraction of a second: take the median of a few runs
+            s.reset()
+            t0 = time.perf_counter()
+            pos = 0
+            logits = None
+            while pos < prompt_len:
+                chunk = ids[pos:pos + s.info.prefill_len]
+                logits = s.prefill(chunk, pos)
+                pos += len(chunk)
+            t1 = time.perf_counter()
+            tok = int(np.argmax(logits[-1]))
+            for _ in range(new_tokens):
+                tok = int(np.argmax(s.decode(tok, pos)))
+                pos += 1
+            t2 = time.perf_counter()
+            prefill.append(prompt_len / (t1 - t0))
+            decode.append(new_tokens / (t2 - t1))
         row = {"format": fmt, "recipe": recipe, "threads": threads, "prompt_tokens": prompt_len,
-               "new_tokens": new_tokens, "prefill_tok_s": round(prompt_len / (t1 - t0), 1),
-               "decode_tok_s": round(new_tokens / (t2 - t1), 1), "time_to_first_token_s": round(t1 - t0, 3)}
+               "new_tokens": new_tokens, "repeats": repeats,
+               "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),
+               "time_to_first_token_s": round(prompt_len / float(np.median(prefill)), 3),
+               "prefill_tok_s_runs": [round(v, 1) for v in prefill], "decode_tok_s_runs": [round(v, 1) for v in decode]}
         print(f"  {row}", flush=True)
         rows.append(row)
     return rows
