@@ -53,6 +53,8 @@ INT4 = {
     "weights-gptq-head": (Rule(E, G4), Rule(L, G4)),
     "int4-b32-rtn": PRESETS["int4-b32-rtn"],
     "int4-b32": PRESETS["int4-b32"],
+    "int4-b128-rtn": PRESETS["int4-b128-rtn"],
+    "int4-b128": PRESETS["int4-b128"],
     "int4-b32-smooth-0.25": replace(PRESETS["int4-b32"], smoothing=0.25),
     "int4-b32-smooth-0.5": replace(PRESETS["int4-b32"], smoothing=0.5),
 }
