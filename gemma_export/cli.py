@@ -43,16 +43,15 @@ def error_boundary(fn):
     return wrapper
 
 
-EXPORT_FORMATS = ("onnx", "tflite", "pte")  # converters.FORMATS, without importing the converters
-
-
 def parse_formats(value: str) -> tuple[str, ...]:
     """`onnx`, `onnx,pte` or `all` -> the formats, in the order given."""
-    names = EXPORT_FORMATS if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if n not in EXPORT_FORMATS]
+    from converters import FORMATS  # the format table only: imports no backend
+
+    names = tuple(FORMATS) if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in FORMATS]
     if bad or not names:
         raise click.BadParameter(f"{', '.join(bad) or repr(value)} is not a format; choose from "
-                                 f"{', '.join(EXPORT_FORMATS)} (comma-separated) or all")
+                                 f"{', '.join(FORMATS)} (comma-separated) or all")
     if len(set(names)) < len(names):
         raise click.BadParameter(f"a format is named twice in {value!r}")
     return names
