@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+# held out from calibration: the default text of `verify` and `eval`
+EVAL_TEXT = DATA / "eval-en-maintguide.txt"
 
 
 def calibration_files() -> list[Path]:

@@ -1,83 +1,113 @@
-"""Library entry points used by the CLI: resolve a model reference to a config or a session."""
+"""The Python API: what the command line calls, and what scripts use.
+
+    import gemma_export as ge
+
+    ge.export("gemma3-270m", "onnx", "build/onnx", recipe="int8")   # -> [Manifest]
+    model = ge.open("build/onnx")                                    # the artifact in onnxruntime
+    print(model.generate("The capital of France is", max_new_tokens=16).text)
+    ge.verify("build/onnx").raise_if_failed()                        # ParityError unless it matches PyTorch
+
+A model reference is a preset name, a Hugging Face folder, a .gguf file or an artifact folder.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS, Gemma3Config
-from .package import MANIFEST, read_manifest
-from .tokenizer import Tokenizer
+import calibration
+
+from . import pipeline
+from .artifact import Manifest, is_artifact, read_manifest
+from .errors import ConfigError
+from .gemma3.config import PRESETS, Gemma3Config
+from .sizes import report
+from .loading import LoadedModel, ModelSpec, Tokenizer, read_config as read_model_config
+from .loading import load as load_model
+from .quant.quantize import QuantInfo, quantize_model
+from .runtime import Opened, open_ref
+from .verification import bundle as bundles
+from .verification import check
+
+DEFAULT_TEXT = calibration.EVAL_TEXT  # held out from calibration: the default text of verify and eval
 
 
-def is_artifact(ref: str) -> bool:
-    return (Path(ref) / MANIFEST).is_file()
+def _spec(model: str | ModelSpec, **spec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec(str(model), **spec)
 
 
 def read_config(ref: str) -> Gemma3Config:
-    """The model config behind any reference, without loading weights."""
-    from .checkpoints import _open_gguf, config_from_gguf
-    from .loading import describe
-
+    """The model config behind any reference (artifacts included), without loading weights."""
     if ref in PRESETS:
         return PRESETS[ref]
     if is_artifact(ref):
-        return Gemma3Config.from_dict(read_manifest(ref)["model"]["config"])
-    kind, path = describe(ref)
-    if kind == "gguf":
-        return config_from_gguf(_open_gguf(path), path.stem)
-    from .checkpoints import read_hf_folder
-
-    cfg, _ = read_hf_folder(path)
-    return cfg
+        return Gemma3Config.from_dict(read_manifest(ref).model.config)
+    return read_model_config(ref)
 
 
-@dataclass
-class Opened:
-    session: object
-    tokenizer: Tokenizer
-    description: str
+def load(model: str | ModelSpec, **spec) -> LoadedModel:
+    """The PyTorch model and its tokenizer (`spec`: ModelSpec fields, e.g. random_weights=True)."""
+    return load_model(_spec(model, **spec))
 
 
-def open_session(ref: str, random_weights=False, seed=0, max_context=None, prefill_len=128, threads=2,
-                 dtype="float32", recipe="fp32", progress=lambda m: None) -> Opened:
-    """A Session for a PyTorch model reference or an exported artifact folder."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if is_artifact(ref):
-        from .package import open_artifact
-
-        return open_artifact(ref, threads)
-    from .loading import ModelSpec, load
-    from .session import TorchSession
-
-    loaded = load(ModelSpec(ref, random_weights, seed, max_context, dtype))
-    tok = Tokenizer(loaded.tokenizer_path)
-    description = loaded.source
-    if recipe != "fp32":
-        q = quantize_model(loaded.model, recipe, tok, progress)
-        description += f" quantized in PyTorch (recipe {q['recipe']['name']})"
-    session = TorchSession(loaded.model, prefill_len=prefill_len)
-    return Opened(session, tok, description)
+def quantize(loaded: LoadedModel, recipe, progress=lambda m: None) -> QuantInfo:
+    """Quantize a loaded model in place with a recipe (preset name, recipe file or QuantRecipe),
+    calibrating on the bundled corpus when the recipe asks for it."""
+    return quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress)
 
 
-def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None) -> dict:
-    """Quantize in place with a recipe (preset or file), calibrating on the bundled corpus.
+def export(model: str | ModelSpec | pipeline.ExportJob, formats=None, out=None, progress=lambda m: None,
+           **settings) -> list[Manifest]:
+    """Export a model to one or more formats (`formats`: a name or a list; several go to OUT/FORMAT),
+    loaded and quantized once. `settings` are ExportJob fields (recipe, prefill_len, max_context,
+    debug_outputs, force); or pass a whole ExportJob."""
+    if isinstance(model, pipeline.ExportJob):
+        return pipeline.export(model, progress)
+    formats = [formats] if isinstance(formats, str) else list(formats or ())
+    return pipeline.export(pipeline.ExportJob.each(_spec(model), formats, out, **settings), progress)
 
-    Returns what the manifest records: the recipe, the calibration set's sha256, the schemes.
-    """
-    import calibration
 
-    from .quantize import quantize_
-    from .recipes import resolve
+def open(ref: str, recipe="fp32", prefill_len: int = 128, threads: int = 2, spec: ModelSpec | None = None,  # noqa: A001
+         progress=lambda m: None) -> Opened:
+    """A Session and tokenizer for an artifact folder (in its format's runtime) or a PyTorch model
+    (quantized in PyTorch when `recipe` is not fp32; `spec` overrides how it is loaded)."""
+    return open_ref(ref, spec, recipe, prefill_len, threads, progress)
 
-    recipe = resolve(recipe_ref)
-    data, digest = None, None
-    if recipe.needs_calibration:
-        c = recipe.calibration
-        # a sample never runs past the model's context (tiny test models have short ones)
-        data, digest = calibration.build(tokenizer, c.samples, min(c.seq_len, model.max_context), c.seed)
-    schemes = quantize_(model, recipe, data, progress)
-    return {"recipe": recipe.to_dict(), "calibration_sha256": digest, "quantized_modules": len(schemes),
-            "thresholds": recipe.thresholds.to_dict()}
+
+def verify(artifact: str | Path, build: bool = False, plan: check.VerifyPlan | None = None):
+    """Parity of an artifact (or, with `build`, of every artifact in a build folder) against the
+    PyTorch model it came from; the result carries the judge's verdict."""
+    plan = plan or check.VerifyPlan(DEFAULT_TEXT)
+    return check.verify_build(artifact, plan) if build else check.verify_artifact(artifact, plan)
+
+
+def check_outputs(outputs: str | Path, bundle: str | Path | None = None, artifact: str | Path | None = None,
+                  overrides: dict | None = None) -> bundles.Checked:
+    """Judge outputs a runner produced (on a phone, a simulator or the desktop) against a golden bundle."""
+    return bundles.check_outputs(outputs, bundle, artifact, overrides)
+
+
+def bundle(artifact: str | Path, out: str | Path, plan: bundles.BundlePlan | None = None,
+           progress=lambda m: None) -> dict:
+    """Write a golden bundle for an artifact: inputs, reference outputs and a device runner script."""
+    return bundles.make_bundle(artifact, out, plan or bundles.BundlePlan(DEFAULT_TEXT), progress)
+
+
+def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2) -> dict:
+    """Produce a bundle's outputs with the artifact's desktop runtime, in the device layout."""
+    return bundles.run_bundle(bundle_dir, artifact, out, threads)
+
+
+def evaluate(model: str, spec: ModelSpec | None = None, recipe="fp32", prefill_len: int = 128,
+             plan: check.EvalPlan | None = None, progress=lambda m: None) -> dict:
+    """Perplexity on held-out text, and KL / top-1 agreement against the fp32 model."""
+    return check.evaluate(model, spec or ModelSpec(model), recipe, prefill_len, plan or check.EvalPlan(DEFAULT_TEXT),
+                          progress)
+
+
+def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32") -> dict:
+    """Parameter counts, weight bytes per dtype and KV-cache bytes of a model (no weights loaded)."""
+    cfg = read_config(ref)
+    ctx = context or cfg.max_position_embeddings
+    if ctx < 1:
+        raise ConfigError(f"--context must be positive, got {ctx}")
+    return report(cfg, ctx, kv_dtype)

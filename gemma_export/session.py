@@ -3,7 +3,8 @@
 A `Session` owns a KV cache and offers `prefill(tokens, pos)` (up to `prefill_len` tokens,
 logits for each) and `decode(token, pos)` (one token, its logits). `generate`, teacher-forced
 evaluation, `verify` and the benchmarks only ever talk to this protocol; the eager PyTorch model
-is one more `Session`.
+is one more `Session`. `BaseSession` holds what every runtime repeats (room checks, padding a
+chunk to the static prefill length); a runtime supplies `reset`, `_run` and `_hidden`.
 """
 
 from __future__ import annotations
@@ -49,16 +50,57 @@ def check_room(info: SessionInfo, pos: int, n: int) -> None:
         )
 
 
-class TorchSession:
+class BaseSession:
+    """The Session protocol over three runtime hooks.
+
+    `_run(tokens [1, T] int32, pos, n, decode)` runs one step on the runtime's own cache and
+    returns logits [T, V] (T = the prefill length for a padded chunk, 1 for decode);
+    `_hidden(tokens [1, T] int32, n)` returns the residual stream per layer [L + 1, T, hidden]
+    for a chunk at position 0 on an empty cache. `pads_prefill = False` passes a prefill chunk at
+    its own length (runtimes with a dynamic chunk dimension) instead of padding it.
+    """
+
+    info: SessionInfo
+    pads_prefill = True
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, tokens: np.ndarray, pos: int, n: int, decode: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def _hidden(self, tokens: np.ndarray, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _chunk(self, tokens: Sequence[int]) -> np.ndarray:
+        width = self.info.prefill_len if self.pads_prefill else len(tokens)
+        chunk = np.zeros((1, width), dtype=np.int32)
+        chunk[0, :len(tokens)] = np.asarray(tokens, dtype=np.int32)
+        return chunk
+
+    def prefill(self, tokens: Sequence[int], pos: int) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        return np.asarray(self._run(self._chunk(tokens), pos, n, False))[:n]
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        check_room(self.info, pos, 1)
+        return np.asarray(self._run(np.array([[int(token)]], dtype=np.int32), pos, 1, True))[0]
+
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+        n = len(tokens)
+        check_room(self.info, 0, n)
+        return np.asarray(self._hidden(self._chunk(tokens), n))[:, :n]
+
+
+class TorchSession(BaseSession):
     """The eager PyTorch model behind the Session protocol (the reference for every format)."""
 
-    def __init__(self, model, prefill_len: int = 128, max_context: int | None = None):
+    def __init__(self, model, prefill_len: int = 128, head: bool = True):
         import torch
 
-        self.model = model
+        self.model, self.head = model, head  # head=False: run the decoder only (logits come back empty)
         cfg = model.cfg
-        if max_context is not None and max_context != model.max_context:
-            raise ConfigError("max_context is fixed when the model is built")
         self.info = SessionInfo(prefill_len, model.max_context, cfg.vocab_size, cfg.sliding_window)
         self._torch = torch
         self.reset()
@@ -66,34 +108,19 @@ class TorchSession:
     def reset(self) -> None:
         self.cache = self.model.new_cache()
 
-    def _run(self, tokens, pos: int, n: int) -> np.ndarray:
+    def _args(self, tokens: np.ndarray, pos: int, n: int):
         torch = self._torch
-        t = torch.tensor([tokens], dtype=torch.int32)
-        with torch.no_grad():
-            logits, self.cache = self.model.step(
-                t, torch.tensor([pos], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), self.cache
-            )
-        return logits[0, :n].float().numpy()
+        return (torch.from_numpy(tokens), torch.tensor([pos], dtype=torch.int32), torch.tensor([n], dtype=torch.int32))
 
-    def prefill(self, tokens, pos: int) -> np.ndarray:
-        n = len(tokens)
-        check_room(self.info, pos, n)
-        padded = list(tokens) + [0] * (self.info.prefill_len - n)
-        return self._run(padded, pos, n)
+    def _run(self, tokens, pos, n, decode):
+        with self._torch.no_grad():
+            logits, self.cache = self.model.step(*self._args(tokens, pos, n), self.cache, head=self.head)
+        return logits[0].float().numpy() if self.head else np.zeros((tokens.shape[1], 0), np.float32)
 
-    def decode(self, token: int, pos: int) -> np.ndarray:
-        check_room(self.info, pos, 1)
-        return self._run([int(token)], pos, 1)[0]
-
-    def hidden_states(self, tokens) -> np.ndarray:
-        torch = self._torch
-        n = len(tokens)
-        check_room(self.info, 0, n)
-        padded = list(tokens) + [0] * (self.info.prefill_len - n)
-        with torch.no_grad():
-            _, _, h = self.model.step(torch.tensor([padded], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
-                                   torch.tensor([n], dtype=torch.int32), self.model.new_cache(), hidden=True)
-        return h[:, :n].float().numpy()
+    def _hidden(self, tokens, n):
+        with self._torch.no_grad():
+            _, _, h = self.model.step(*self._args(tokens, 0, n), self.model.new_cache(), hidden=True)
+        return h.float().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

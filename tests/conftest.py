@@ -1,17 +1,73 @@
+"""Fixtures shared by the whole suite, each built once per session: the tiny model, the tiny
+artifacts (by format, recipe and debug outputs), and the real 270M."""
+
+import copy
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
+from helpers import CTX, T, TINY
+
 torch.set_num_threads(2)
 
-TEXT = __import__("pathlib").Path(__file__).parent / "data" / "gpl-3.txt"
+TEXT = Path(__file__).parent / "data" / "gpl-3.txt"
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    from gemma_export.config import preset
-    from gemma_export.loading import random_model
+    from gemma_export.gemma3.config import preset
+    from gemma_export.loading.load import random_model
 
-    return random_model(preset("tiny"), seed=0, max_context=256)
+    return random_model(preset("tiny"), seed=0, max_context=CTX)
+
+
+class Artifacts:
+    """Tiny artifacts exported on first use and shared; tests that change one work on a copy."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made = {}
+
+    def get(self, fmt: str, recipe: str = "fp32", debug: bool = True) -> Path:
+        key = (fmt, recipe, debug)
+        if key not in self._made:
+            from gemma_export import pipeline
+
+            out = self.root / f"{fmt}-{recipe}-{'debug' if debug else 'release'}"
+            pipeline.export(pipeline.ExportJob.single(TINY, fmt, out, recipe=recipe, prefill_len=T,
+                                                      debug_outputs=debug))
+            self._made[key] = out
+        return self._made[key]
+
+    def copy(self, fmt: str, dst: Path, recipe: str = "fp32", debug: bool = True) -> Path:
+        shutil.copytree(self.get(fmt, recipe, debug), dst)
+        return dst
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    return Artifacts(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny(tiny):
+    """The tiny model quantized in PyTorch by a recipe, with the tokenizer and calibration set an
+    export uses (so its codes are the ones an artifact must hold)."""
+    from gemma_export.loading import Tokenizer, load
+    from gemma_export.quant.quantize import quantize_model
+
+    made = {}
+
+    def get(recipe: str):
+        if recipe not in made:
+            model = copy.deepcopy(tiny)
+            quantize_model(model, recipe, Tokenizer(load(TINY).tokenizer_path))
+            made[recipe] = model
+        return made[recipe]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +80,7 @@ def real():
 
 @pytest.fixture(scope="session")
 def tokenizer(real):
-    from gemma_export.tokenizer import Tokenizer
+    from gemma_export.loading import Tokenizer
 
     return Tokenizer(real.tokenizer_path)
 

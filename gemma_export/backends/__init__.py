@@ -1,0 +1,38 @@
+"""Backends: one module per format or target, behind one protocol (`base.Backend`).
+
+The table below is the registry: a new backend is one module exposing `BACKEND` plus one line
+here. Modules are imported when first asked for, so naming the formats imports no backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError, UnsupportedError
+from ..quant.recipes import PRESETS
+from .base import Backend
+
+REGISTRY = {
+    "pte": "gemma_export.backends.executorch",
+    "onnx": "gemma_export.backends.onnx",
+    "tflite": "gemma_export.backends.tflite",
+}
+NAMES = tuple(REGISTRY)
+
+
+def get(name: str) -> Backend:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown format {name!r}; known: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name]).BACKEND
+
+
+def check_support(name: str, recipe) -> None:
+    """Refuse an unsupported (format, recipe) pair before any work starts (recipe: a QuantRecipe)."""
+    reason = get(name).lowering.refusal(recipe)
+    if reason:
+        raise UnsupportedError(f"format {name} does not support recipe {recipe.name!r}: cannot lower {reason}")
+
+
+def supported_presets(name: str) -> list[str]:
+    lowering = get(name).lowering
+    return [n for n, r in PRESETS.items() if lowering.refusal(r) is None]

@@ -1,0 +1,137 @@
+"""The one protocol every backend implements, and the pieces backends share.
+
+A backend is one module exposing `BACKEND`, an object with:
+  name        the name used on the command line and in manifests
+  lowering    what it lowers (`Lowering`): checked against a recipe before any work starts
+  runner      how a device runs the artifact (`Runner`): the golden bundle's script names it
+  export(model, job, workdir, progress) -> Exported     write the model files into workdir
+  open(folder, manifest, threads) -> Session            run the artifact in the format's runtime
+  read_codes(folder, manifest) -> [codes]               the integer weight codes the files hold
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..artifact import Manifest
+from ..errors import BackendMissingError, ExportError
+from ..gemma3 import family
+from ..session import BaseSession, SessionInfo
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """What a backend lowers: weight kinds as (bits, granularity), activation modes, and whether one
+    weight scheme must cover every linear and the table (`uniform`). A recipe is judged by its
+    content against this table, so a recipe file is checked as strictly as a preset."""
+
+    weights: frozenset
+    activations: frozenset
+    uniform: bool = False
+
+    def refusal(self, recipe) -> str | None:
+        """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
+        if recipe.is_float:
+            return None
+        if self.uniform:
+            kinds = {(r.scheme.bits, r.scheme.granularity, r.scheme.block_size) if r.scheme else None
+                     for r in recipe.rules}
+            names = [family.TABLE, *family.layer_linears(0)]
+            if len(kinds) > 1 or any(recipe.scheme_for(n) is None for n in names):
+                return "a mix of weight schemes (this format takes one scheme for all layers and the embedding)"
+        for rule in recipe.rules:
+            sc = rule.scheme
+            if sc is None:
+                continue
+            if (sc.bits, sc.granularity) not in self.weights:
+                kind = "per-channel" if sc.granularity == "channel" else "block-wise"
+                return f"{kind} int{sc.bits} weights (rule {rule.pattern!r})"
+            if sc.activations not in self.activations:
+                return f"{sc.activations} activations (rule {rule.pattern!r})"
+        return None
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a phone runs an artifact of this backend: the environment variable the golden bundle's
+    script reads for the on-device runner binary, and what that runner must do."""
+
+    env: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What a backend's export adds to the manifest."""
+
+    entry_points: dict
+    program: dict  # at least "file"; "external_data" when weights live beside it
+    versions: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+    lowering: Lowering
+    runner: Runner
+
+    def export(self, model, job, workdir: Path, progress: Progress) -> Exported: ...
+
+    def open(self, folder: Path, manifest: Manifest, threads: int) -> BaseSession: ...
+
+    def read_codes(self, folder: Path, manifest: Manifest) -> list[np.ndarray]:
+        """Every integer code array stored in the artifact (int8; [out, in], or [in, out] where
+        the format stores a weight transposed): the bit-exact test looks for PyTorch's codes here."""
+        ...
+
+
+def require(module: str, backend: str):
+    """Import a backend's runtime or exporter package, or say clearly that it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendMissingError(f"format {backend} needs a package that is not installed: "
+                                  f"{e.name or module}") from None
+
+
+def session_info(manifest: Manifest) -> SessionInfo:
+    return SessionInfo(manifest.prefill_len, manifest.max_context, manifest.vocab_size, manifest.window)
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
+
+
+def match_weights(codes: dict, stored: Iterable[tuple[str, np.ndarray]], transposed: bool = False) -> dict:
+    """Find each quantized weight among a converted file's float tensors by its exact values
+    (codes x scales), whatever the converter renamed it to.
+
+    `codes` maps weight names to (codes, scales, scheme); `stored` yields (tensor name, fp32 array).
+    Returns {tensor name: (weight name, layout)} with layout "oi" (as [out, in]) or, with
+    `transposed`, also "io" ([in, out]). Raises if a weight is not found.
+    """
+    from ..quant.algorithms import dequantize
+
+    wanted = {}
+    for name, (q, s, _) in codes.items():
+        w = dequantize(q, s).numpy()
+        wanted[_digest(w)] = (name, "oi")
+        if transposed:
+            wanted[_digest(w.T)] = (name, "io")
+    found = {}
+    for tensor, arr in stored:
+        hit = wanted.get(_digest(arr))
+        if hit is not None:
+            found[tensor] = hit
+    missing = sorted(set(codes) - {name for name, _ in found.values()})
+    if missing:
+        raise ExportError(f"could not find the converted weight of {missing[0]} to lower its codes")
+    return found

@@ -1,0 +1,417 @@
+"""ExecuTorch (.pte): prefill and decode methods in one program, lowered to XNNPACK.
+
+The KV cache lives inside the program as mutable buffers shared by both methods
+(`MemoryPlanningPass(share_mutable_buffers=True)`), each sized per layer type exactly as in the
+PyTorch model. Weights are stored once (XNNPACK's named data store deduplicates them).
+
+Quantized layers are written as torchao's choose-qparams / quantize / dequantize pattern, which
+XNNPACK runs as integer GEMMs on the codes (its own dynamic int8 activations). The tied token
+table is read twice: gathered by the program (a portable op) and multiplied by XNNPACK as the
+head, which keeps its own copy of its weights. Both are tagged for an external data file
+(`model.ptd`), where ExecuTorch's serializer stores identical bytes once; the gathered copy is laid
+out exactly as XNNPACK stores the head's.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..artifact import Manifest, versions
+from ..errors import ArtifactError, UnsupportedError
+from ..gemma3 import family
+from ..quant.algorithms import qrange
+from ..quant.modules import QEmbedding, QLinear, TiedQHead
+from ..quant.packing import pack_int4, unpack_int4
+from ..quant.quantize import quantized_state
+from ..session import BaseSession
+from ..trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs, sample_outputs
+from .base import Exported, Lowering, Runner, require, session_info
+
+FILE = "model.pte"
+DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and the head
+HIDDEN = "hidden"
+RESET = "reset"  # zeroes the KV cache: call once after loading and before each new sequence
+
+
+class PteBackend:
+    name = "pte"
+    # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
+    lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}))
+    runner = Runner("GEMMA_PTE_RUNNER",
+                    "an executor_runner-style binary linked with the ExecuTorch runtime that loads the\n"
+                    "methods `prefill` and `decode` of the .pte with model.ptd as its external\n"
+                    "data map (the token table), calling method `reset` once before the first\n"
+                    "prefill (it zeroes the KV cache; the stock executor_runner runs one\n"
+                    "method once, so it cannot drive the cache; build one with this interface)")
+
+    def export(self, model, job, workdir: Path, progress) -> Exported:
+        require("executorch.exir", self.name)
+        quantized = [{"name": n, "shape": list(q.shape), "bits": scheme.bits}
+                     for n, (q, _, scheme) in quantized_state(model).items()]
+        if _to_xnnpack_pattern(model):
+            progress("quantized layers written as torchao's pattern for XNNPACK's integer kernels")
+        programs, io = _export_methods(model, job, progress)
+        del model  # the exported programs hold the weights now; nothing else should
+        gc.collect()
+        _lower_and_write(programs, workdir, progress)
+        return Exported(
+            entry_points={PREFILL: io[PREFILL], DECODE: io[DECODE]},
+            program={"file": FILE, "external_data": f"{DATA_TAG}.ptd", "backend": "XnnpackPartitioner",
+                     "kv_cache": "mutable buffers in the program",
+                     "debug_entry_point": HIDDEN if job.debug_outputs else None, "reset_method": RESET,
+                     "quantized_weights": quantized},
+            versions=versions("executorch", "torchao"))
+
+    def open(self, folder: Path, manifest: Manifest, threads: int) -> "PteSession":
+        return PteSession(folder, manifest, threads)
+
+    def read_codes(self, folder: Path, manifest: Manifest) -> list[np.ndarray]:
+        """Every blob of the program and its data file that has the size of a quantized weight,
+        decoded as that weight's codes [out, in]: XNNPACK keeps int8 codes as they are and int4
+        codes as code + 8, two per byte (the gathered table is stored in the same layout)."""
+        kinds = {(tuple(w["shape"]), w["bits"]) for w in manifest.program.get("quantized_weights", [])}
+        out = []
+        for blob in read_named_data(folder, manifest).values():
+            raw = np.frombuffer(blob, np.uint8)
+            for shape, bits in kinds:
+                count = int(np.prod(shape))
+                if bits == 8 and raw.size == count:
+                    out.append(raw.view(np.int8).reshape(shape))
+                elif bits == 4 and raw.size * 2 == count:
+                    out.append(unpack_int4(raw, count, offset=True).reshape(shape))
+        return out
+
+
+BACKEND = PteBackend()
+
+
+# ----------------------------------------------------------------------------------------------
+# XNNPACK's spelling of the quantized modules
+# ----------------------------------------------------------------------------------------------
+
+
+def dynamic_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activations (asymmetric per token) as torchao's quant primitives.
+
+    XNNPACK recognises this choose-qparams / quantize / dequantize pattern feeding a linear layer
+    and runs the layer as an int8-activation integer GEMM on the weight codes.
+    """
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        choose_qparams_affine,
+        dequantize_affine,
+        quantize_affine,
+    )
+
+    # torchao wraps these two in torch.no_grad(); each of those grad toggles splits torch.export's
+    # graph, which it then re-inlines piece by piece (minutes per method). The undecorated
+    # functions record the same ops without the toggles.
+    choose, quantize = (getattr(f, "__wrapped__", f) for f in (choose_qparams_affine, quantize_affine))
+    block = (1,) * (x.dim() - 1) + (x.shape[-1],)
+    scale, zero = choose(x, MappingType.ASYMMETRIC, block, torch.int8, quant_min=-128,
+                         quant_max=127, zero_point_dtype=torch.int8)
+    q = quantize(x, block, scale, zero, torch.int8, quant_min=-128, quant_max=127)
+    return dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
+
+
+def _affine_linear(x, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (dynamically int8-quantized) @ (codes x scales)^T, written as torchao's dequantize_affine."""
+    from torchao.quantization.quant_primitives import dequantize_affine
+
+    lo, hi = qrange(bits)
+    w = dequantize_affine(q, (1, q.shape[1] // scale.shape[1]), scale, zero, torch.int8, lo, hi,
+                          output_dtype=torch.float32)
+    return F.linear(dynamic_int8_per_token(x), w)
+
+
+class _XnnpackLinear(nn.Module):
+    """A QLinear's codes and scales in the pattern XNNPACK lowers (int8-dynamic schemes only)."""
+
+    def __init__(self, src: QLinear):
+        super().__init__()
+        for name in ("qweight", "scale", "zero_point"):
+            self.register_buffer(name, getattr(src, name))
+        self.bits = src.scheme.bits
+
+    def forward(self, x):
+        return _affine_linear(x, self.qweight, self.scale, self.zero_point, self.bits)
+
+
+class _PackedTable(nn.Module):
+    """The token table gathered from a compact copy laid out as XNNPACK stores the head's weights:
+    4-bit codes + 8 two per byte with bf16 scales (exact: our scales are bf16 values), 8-bit codes
+    as they are with fp32 scales. The head (`_XnnpackHead`) reads qweight/scale/zero_point."""
+
+    def __init__(self, src: QEmbedding):
+        super().__init__()
+        for name in ("qweight", "scale", "zero_point"):
+            self.register_buffer(name, getattr(src, name))
+        self.bits, self.embedding_dim = src.scheme.bits, src.embedding_dim
+        codes = torch.from_numpy(pack_int4(src.qweight.numpy(), offset=True)) if self.bits == 4 else src.qweight
+        self.register_buffer("packed_codes", codes, persistent=False)
+        # XNNPACK keeps blockwise (int4) scales as bf16 and per-channel (int8) scales as fp32
+        self.register_buffer("packed_scale", src.scale.to(torch.bfloat16 if self.bits == 4 else torch.float32),
+                             persistent=False)
+
+    def forward(self, ids):
+        rows = F.embedding(ids, self.packed_codes).to(torch.float32)  # gather the codes, then scale
+        if self.bits == 4:  # unpack in float ops, which every runtime's portable kernels run
+            hi = torch.floor(rows / 16.0)
+            rows = torch.stack((rows - 16.0 * hi, hi), dim=-1).reshape(*rows.shape[:-1], 2 * rows.shape[-1]) - 8.0
+        s = F.embedding(ids, self.packed_scale).to(torch.float32)
+        return rows * s.repeat_interleave(self.embedding_dim // self.packed_scale.shape[1], dim=-1)
+
+
+class _XnnpackHead(TiedQHead):
+    """The tied head on the packed table's codes and scales, in the pattern XNNPACK lowers."""
+
+    def forward(self, x):
+        t = self.embedding[0]
+        return _affine_linear(x, t.qweight, t.scale, t.zero_point, t.bits)
+
+
+def _to_xnnpack_pattern(model) -> int:
+    """Swap the quantized modules for their XNNPACK spelling in place; returns how many."""
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _XnnpackLinear(mod))
+            swapped += 1
+    table = getattr(model, family.TABLE)
+    if isinstance(table, QEmbedding):
+        packed = _PackedTable(table)
+        setattr(model, family.TABLE, packed)
+        if isinstance(getattr(model, family.HEAD), TiedQHead):
+            setattr(model, family.HEAD, _XnnpackHead(packed))
+            swapped += 1
+    return swapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: prefill, decode, reset (and the debug method) over one shared cache
+# ----------------------------------------------------------------------------------------------
+
+
+class _Cache(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
+            self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
+
+
+class _Step(nn.Module):
+    """One entry point over the shared model and the shared cache buffers."""
+
+    def __init__(self, model, cache: _Cache, decode: bool):
+        super().__init__()
+        self.model, self.cache, self.decode = model, cache, decode
+        self.names = cache_names(model.cfg.num_layers)
+
+    def forward(self, tokens, pos, length=None):
+        if self.decode:
+            length = torch.ones(1, dtype=torch.int32)
+        caches = [getattr(self.cache, n) for n in self.names]
+        logits, new = self.model.step(tokens, pos, length, caches)
+        for buf, value in zip(caches, new):
+            buf.copy_(value)
+        return logits
+
+
+class _Reset(nn.Module):
+    """Zero the shared cache buffers. The program stores no initial cache state (it would be the
+    size of the whole cache, in zeros, in the file); the runtime's planned memory is not
+    guaranteed to be zero, and unwritten slots, though masked, must not hold NaN or Inf."""
+
+    def __init__(self, cache: _Cache):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, token):
+        for buf in self.cache.buffers():
+            buf.zero_()
+        return token + 0
+
+
+class _Hidden(nn.Module):
+    """Debug method: the residual stream per layer for a chunk at position 0 (cache untouched)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, length):
+        caches = [torch.zeros(s, dtype=self.model.dtype) for s in self.model.cache_shapes()]
+        _, _, hidden = self.model.step(tokens, torch.zeros(1, dtype=torch.int32), length, caches, hidden=True,
+                                       head=False)  # an unused quantized head would stay in the program
+        return hidden
+
+
+def _export_methods(model, job, progress) -> tuple[dict, dict]:
+    """torch.export of every method (non-strict: strict tracing copies every weight)."""
+    cache = _Cache(model)
+    programs, io = {}, {}
+    for name, t, decode in ((PREFILL, job.prefill_len, False), (DECODE, 1, True)):
+        inputs = sample_inputs(model, t, decode, with_cache=False)
+        progress(f"torch.export {name} (T={t})")
+        with torch.no_grad():
+            programs[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=False)
+        io[name] = describe_io(inputs, sample_outputs(model, t, with_cache=False))
+    with torch.no_grad():
+        programs[RESET] = torch.export.export(_Reset(cache), (torch.zeros(1, dtype=torch.int32),), strict=False)
+    if job.debug_outputs:
+        progress(f"torch.export {HIDDEN} (debug, T={job.prefill_len})")
+        tokens, length = torch.zeros(1, job.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+        with torch.no_grad():
+            programs[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
+    return programs, io
+
+
+def _lower_and_write(programs: dict, workdir: Path, progress) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    for ep in programs.values():
+        _drop_unused_buffers(ep)
+        _tag_table_for_delegate(ep)
+    progress("lowering to XNNPACK")
+    with _share_weights_on_deepcopy():
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+    programs.clear()  # delegated weights now live in XNNPACK's serialized data; free the float copies
+    gc.collect()
+    progress("emitting ExecuTorch program")
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+        emit_mutable_buffer_names=True,
+        external_constants=lambda node: DATA_TAG if _is_table(node.name) else None,
+    ))
+    del edge
+    gc.collect()
+    with (workdir / FILE).open("wb") as f:
+        program.write_to_file(f)
+    program.write_tensor_data_to_file(str(workdir))
+    if not (workdir / f"{DATA_TAG}.ptd").exists():
+        raise ArtifactError(f"ExecuTorch wrote no {DATA_TAG}.ptd for the token table")
+
+
+@contextmanager
+def _share_weights_on_deepcopy(min_bytes: int = 1 << 16):
+    """Make deepcopy share large plain tensors instead of copying them.
+
+    ExecuTorch deep-copies each whole program in `to_edge` and again per delegated partition
+    before XNNPACK serializes it, one full copy of the weights each time. The passes build new
+    tensors rather than writing into weights, so the copies can share storage; the parity tests
+    check the result against eager PyTorch.
+    """
+    originals = {cls: cls.__deepcopy__ for cls in (torch.Tensor, nn.Parameter)}
+
+    def shared(cls):
+        def deepcopy(self, memo):
+            if type(self) is cls and not self.is_meta and self.numel() * self.element_size() >= min_bytes:
+                memo[id(self)] = self
+                return self
+            return originals[cls](self, memo)
+        return deepcopy
+
+    for cls in originals:
+        cls.__deepcopy__ = shared(cls)
+    try:
+        yield
+    finally:
+        for cls, fn in originals.items():
+            cls.__deepcopy__ = fn
+
+
+def _is_table(name: str) -> bool:
+    # the tied parameter may come out of lowering under either of its names
+    return family.TABLE in name or family.HEAD in name
+
+
+def _drop_unused_buffers(ep) -> None:
+    """Remove constant buffers no node reads (torch.export lifts every buffer of the module, and
+    ExecuTorch only prunes unused parameters): the debug method would otherwise carry the
+    quantized head's codes, which it never runs."""
+    from torch.export.graph_signature import InputKind
+
+    sig = ep.graph_signature
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    mutated = set(sig.buffers_to_mutate.values())
+    unused = [s for s in sig.input_specs if s.kind == InputKind.BUFFER and s.target not in mutated
+              and not nodes[s.arg.name].users]
+    if not unused:
+        return
+    new_sig = copy.deepcopy(sig)
+    for spec in unused:
+        new_sig.input_specs.remove(spec)
+        ep.state_dict.pop(spec.target, None)
+        ep.constants.pop(spec.target, None)
+        ep.graph.erase_node(nodes[spec.arg.name])
+    ep._graph_signature = new_sig
+    ep.graph_module.recompile()
+
+
+def _tag_table_for_delegate(ep) -> None:
+    """Mark the token table's placeholders so XNNPACK puts its copy in the external data file."""
+    sig = {**ep.graph_signature.inputs_to_parameters, **ep.graph_signature.inputs_to_buffers}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and _is_table(sig.get(node.name, "")):
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+
+
+def read_named_data(folder: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Every named blob of the artifact (XNNPACK's weights and scales, the external token table),
+    by key, from the .pte and its .ptd."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    prog = manifest.program
+    pte = deserialize_pte_binary((folder / prog["file"]).read_bytes())
+    out = {}
+    if pte.named_data is not None:
+        out.update({k: bytes(pte.named_data.buffers[e.buffer_index]) for k, e in pte.named_data.pte_data.items()})
+    if prog.get("external_data"):
+        ptd = FlatTensorSerializer().deserialize(Cord((folder / prog["external_data"]).read_bytes()))
+        out.update({k: bytes(ptd.buffers[e.buffer_index]) for k, e in ptd.named_data.items()})
+    return out
+
+
+class PteSession(BaseSession):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int):
+        runtime = require("executorch.runtime", "pte")
+        path = folder / manifest.program["file"]
+        data = manifest.program.get("external_data")
+        try:
+            self._program = runtime.Runtime.get().load_program(str(path),
+                                                               data_path=str(folder / data) if data else None)
+            self._methods = {m: self._program.load_method(m) for m in (PREFILL, DECODE, RESET)}
+        except Exception as e:
+            raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
+        self.info = session_info(manifest)
+        self.reset()
+
+    def reset(self) -> None:
+        self._methods[RESET].execute([torch.zeros(1, dtype=torch.int32)])
+
+    def _run(self, tokens, pos, n, decode):
+        args = [torch.from_numpy(tokens), torch.tensor([pos], dtype=torch.int32)]
+        if not decode:
+            args.append(torch.tensor([n], dtype=torch.int32))
+        return self._methods[DECODE if decode else PREFILL].execute(args)[0][0].numpy()
+
+    def _hidden(self, tokens, n):
+        if HIDDEN not in self._methods:
+            if HIDDEN not in self._program.method_names:
+                raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
+            self._methods[HIDDEN] = self._program.load_method(HIDDEN)
+        args = [torch.from_numpy(tokens), torch.tensor([n], dtype=torch.int32)]
+        return self._methods[HIDDEN].execute(args)[0].numpy()

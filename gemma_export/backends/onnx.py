@@ -1,0 +1,421 @@
+"""ONNX: one graph with a dynamic chunk length serves prefill (T tokens) and decode (T = 1).
+
+The KV cache crosses the graph boundary as named inputs `k_cache_{i}`/`v_cache_{i}` and outputs
+`..._out`, each sized per layer type. Weights are stored once, as external data; quantized
+weights are the PyTorch codes, as MatMulNBits weights or DequantizeLinear inputs. The runtime
+session keeps the cache as onnxruntime OrtValues bound with IOBinding, so a step's outputs become
+the next step's inputs without a trip through numpy.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifact import Manifest, versions
+from ..errors import ArtifactError, ExportError, UnsupportedError
+from ..gemma3 import family
+from ..quant.packing import pack_int4, unpack_int4
+from ..session import BaseSession
+from ..trace import DECODE, HIDDEN, PREFILL, CacheIO, cache_names, float_twin, sample_inputs
+from .base import Exported, Lowering, Runner, match_weights, require, session_info
+
+FILE = "model.onnx"
+DATA = "model.onnx.data"
+OPSET = 18
+QUANT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
+TABLE = f"{family.TABLE}.weight"
+
+
+class _Graph(CacheIO):
+    """The caches as one list argument: torch.onnx's dynamo exporter takes per-layer caches only
+    that way (as separate positional arguments they fail its dynamic-shape check)."""
+
+    def forward(self, tokens, pos, length, caches: list):
+        return tuple(self.step(tokens, pos, length, caches).values())
+
+
+class OnnxBackend:
+    name = "onnx"
+    # DequantizeLinear / MatMulNBits of the codes (per channel or blocked, INT8/INT4); activation
+    # quantization as float ops that compute exactly the PyTorch reference
+    lowering = Lowering(frozenset({(8, "channel"), (8, "block"), (4, "channel"), (4, "block")}),
+                        frozenset({"float", "int8-dynamic", "int8-static", "int16-static"}))
+    runner = Runner("GEMMA_ONNX_RUNNER",
+                    "a binary linked with onnxruntime that runs model.onnx (external data beside it),\n"
+                    "passing `k_cache_i_out`/`v_cache_i_out` of each call to the next as inputs\n"
+                    "(onnxruntime_perf_test only times a graph; it cannot drive the cache)")
+
+    def export(self, model, job, workdir: Path, progress) -> Exported:
+        onnx = require("onnx", self.name)
+        require("onnxscript", self.name)
+        # trace a float graph; quantized weights are put back below. 8-bit weights with dynamic int8
+        # activations leave the activation quantization to MatMulNBits (see _accuracy_level)
+        codes = float_twin(model, activation_ops=lambda scheme: not _runtime_quantizes(scheme))
+        _trace(model, job, workdir, progress)
+        opset = OPSET
+        if codes:
+            progress(f"replacing {len(codes)} weights by DequantizeLinear of their integer codes")
+            _lower_codes(workdir, codes)
+            opset = QUANT_OPSET
+        if not (workdir / DATA).is_file():
+            raise ExportError(f"onnx export wrote no external data file {DATA}")
+        progress("onnx.checker (full check)")
+        onnx.checker.check_model(str(workdir / FILE), full_check=True)
+        io = _io(onnx.load(str(workdir / FILE), load_external_data=False).graph)
+        return Exported(
+            entry_points={PREFILL: {"graph": FILE, "chunk": f"1..{job.prefill_len}", **io},
+                          DECODE: {"graph": FILE, "chunk": "1", **io}},
+            program={"file": FILE, "external_data": DATA, "opset": opset, "kv_cache": "graph inputs -> outputs",
+                     "debug_output": HIDDEN if job.debug_outputs else None, "quantized_weights": sorted(codes)},
+            versions=versions("onnx", "onnxruntime", "onnxscript"))
+
+    def open(self, folder: Path, manifest: Manifest, threads: int) -> "OnnxSession":
+        return OnnxSession(folder, manifest, threads)
+
+    def read_codes(self, folder: Path, manifest: Manifest) -> list[np.ndarray]:
+        """The integer codes stored in the graph ([out, in] for MatMulNBits weights; as stored,
+        possibly [in, out], for DequantizeLinear inputs)."""
+        onnx = require("onnx", self.name)
+        from onnx import numpy_helper
+
+        model = onnx.load(str(folder / manifest.program["file"]))
+        inits = {i.name: i for i in model.graph.initializer}
+        out = {}
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0].endswith(".codes"):
+                out[node.output[0]] = numpy_helper.to_array(inits[node.input[0]])
+            elif node.op_type == "MatMulNBits" and node.input[1] not in out:
+                attrs = {a.name: a.i for a in node.attribute}
+                u = numpy_helper.to_array(inits[node.input[1]])  # [N, K/block, block*bits/8]
+                n, k, bits = attrs["N"], attrs["K"], attrs["bits"]
+                codes = (unpack_int4(u, offset=True) if bits == 4 else u.astype(np.int16) - 128).reshape(n, k)
+                out[node.input[1]] = codes.astype(np.int8)
+        return list(out.values())
+
+
+BACKEND = OnnxBackend()
+
+
+def _trace(model, job, workdir: Path, progress) -> None:
+    names = cache_names(model.cfg.num_layers)
+    inputs = sample_inputs(model, job.prefill_len, decode=False)
+    caches = [inputs.pop(n) for n in names]
+    t = torch.export.Dim("T", min=1, max=job.prefill_len)
+    dynamic = {"tokens": {1: t}, "pos": None, "length": None, "caches": [None] * len(caches)}
+    outputs = ["logits", *[f"{n}_out" for n in names]] + ([HIDDEN] if job.debug_outputs else [])
+    progress("torch.onnx.export (dynamo)")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Graph(model, decode=False, hidden=job.debug_outputs), (inputs["tokens"], inputs["pos"], inputs["length"],
+                                                                    caches),
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
+            input_names=["tokens", "pos", "length", *names], output_names=outputs, optimize=True, verbose=False,
+        )
+    progress("saving graph and external weights")
+    program.save(str(workdir / FILE), external_data=True)
+    del program
+    gc.collect()
+
+
+def _lower_codes(workdir: Path, codes: dict) -> None:
+    """Replace each quantized weight's float initializer by its integer codes.
+
+    The exporter may store a weight as given ([out, in]) or transposed ([in, out]); initializers
+    are matched by their exact float values (codes x scales), so either layout is found.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = workdir / FILE
+    model = onnx.load(str(path))  # with external data
+    graph = model.graph
+    floats = ((i.name, numpy_helper.to_array(i)) for i in graph.initializer
+              if i.data_type == TensorProto.FLOAT and len(i.dims) == 2)
+    hits = match_weights(codes, floats, transposed=True)
+    keep = []
+    for init in graph.initializer:
+        if init.name not in hits:
+            keep.append(init)
+            continue
+        name, layout = hits[init.name]
+        q, s, scheme = codes[name]
+        q, s = q.numpy(), s.numpy().astype(np.float32)
+        users = _matmul_users(graph, init.name) if layout == "io" else []
+        if name == TABLE and layout == "oi":  # gathered and used as the tied head
+            keep += _lower_table(graph, init.name, q, s, scheme)
+        elif users:  # x @ W^T: run it as MatMulNBits
+            keep += _lower_matmuls(graph, users, init.name, q, s, scheme)
+        else:
+            keep += _dequantize_linear(graph, init.name, layout, q, s, scheme)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if any(n.domain == "com.microsoft" for n in graph.node):
+        _toposort(graph)
+        if not any(op.domain == "com.microsoft" for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, QUANT_OPSET)
+    (workdir / DATA).unlink()  # saving appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA,
+              size_threshold=1024)
+
+
+def _dequantize_linear(graph, weight: str, layout: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+    """The weight as DequantizeLinear(codes, scales) feeding whatever read the float initializer."""
+    from onnx import helper
+
+    block = q.shape[1] // s.shape[1]
+    if layout == "io":
+        q, s, axis = q.T, s.T, 0
+    else:
+        axis = 1
+    per_channel = scheme.granularity == "channel"
+    if per_channel:  # one scale per output channel: a 1-D scale along the output axis
+        s, axis = s.reshape(-1), 1 - axis
+    qt = _codes_tensor(f"{weight}.codes", np.ascontiguousarray(q), scheme.bits)
+    scale_inits, scale_name = _scales(graph, f"{weight}.scales", np.ascontiguousarray(s))
+    attrs = {"axis": axis} if per_channel else {"axis": axis, "block_size": block}
+    graph.node.insert(0, helper.make_node("DequantizeLinear", [qt.name, scale_name], [weight],
+                                          name=f"dq_{weight}", **attrs))
+    return [qt, *scale_inits]
+
+
+def _scales(graph, name: str, scales: np.ndarray) -> tuple[list, str]:
+    """Scales stored as fp16 when that is exact (our scales are bf16 values >= 2^-14, so always),
+    with a Cast to fp32 that onnxruntime folds at load: the file carries 2 bytes per scale, the
+    kernels see the same fp32 numbers (and still fuse DequantizeLinear + MatMul into MatMulNBits)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = scales.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), scales):
+        return [numpy_helper.from_array(scales, name)], name
+    graph.node.insert(0, helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"cast_{name}", to=TensorProto.FLOAT))
+    return [numpy_helper.from_array(half, f"{name}.fp16")], name
+
+
+def _nbits_layout(q: np.ndarray, s: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes [N, K] and scales as MatMulNBits wants them: unsigned codes (zero point 2^(bits-1))
+    in blocks [N, K/block, block*bits/8], scales [N * K/block]. A per-row scale becomes the same
+    scale repeated over the row's blocks (the same numbers)."""
+    n, k = q.shape
+    if scheme.granularity == "block":
+        block = scheme.block_size
+    else:
+        block = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+        if block is None:
+            raise ExportError(f"onnx: input width {k} is not a multiple of 16")
+        s = np.repeat(s.reshape(n, 1), k // block, axis=1)
+    if scheme.bits == 4:
+        u = pack_int4(q.reshape(n, k // block, block), offset=True)
+    else:
+        u = (q.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // block, block)
+    return np.ascontiguousarray(u), np.ascontiguousarray(s.reshape(-1)), block
+
+
+def _runtime_quantizes(scheme) -> bool:
+    return scheme.bits == 8 and scheme.activations == "int8-dynamic"
+
+
+def _accuracy_level(scheme) -> int:
+    """onnxruntime's 8-bit MatMulNBits is fast only with int8 compute (accuracy level 4: it
+    quantizes activations itself; at level 1 its 8-bit path is many times slower). That is what an
+    int8-dynamic scheme asks for, so those layers run at level 4 without our own activation ops;
+    every other layer computes in fp32 (level 1) on exactly our activations."""
+    return 4 if _runtime_quantizes(scheme) else 1
+
+
+def _matmul_users(graph, name: str) -> list:
+    users = [n for n in graph.node if name in n.input]
+    ok = users and all(n.op_type == "MatMul" and n.input[1] == name and n.input[0] != name for n in users)
+    return users if ok else []
+
+
+def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme):
+    """The initializers of one weight in MatMulNBits layout, and a maker of MatMulNBits nodes on them."""
+    from onnx import helper, numpy_helper
+
+    n, k = q.shape
+    packed, scales, block = _nbits_layout(q, s, scheme)
+    b_name, s_name = f"{weight}.nbits", f"{weight}.nbits_scales"
+    scale_inits, _ = _scales(graph, s_name, scales)
+
+    def matmul(m):  # MatMul(x, W^T) -> MatMulNBits(x, codes, scales), same outputs
+        return helper.make_node("MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
+                                domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block,
+                                accuracy_level=_accuracy_level(scheme))
+
+    return [numpy_helper.from_array(packed, b_name), *scale_inits], (b_name, s_name, block), matmul
+
+
+def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+    """MatMul(x, W^T) -> MatMulNBits(x, codes, scales): onnxruntime only fuses blocked INT4
+    DequantizeLinear + MatMul itself; a per-channel INT8 DequantizeLinear would dequantize the
+    whole weight every step, MatMulNBits reads the codes."""
+    inits, _, matmul = _nbits_weights(graph, weight, q, s, scheme)
+    for m in users:
+        graph.node.remove(m)
+        graph.node.append(matmul(m))  # topological order restored by the caller
+    return inits
+
+
+def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+    """The tied table once, as MatMulNBits weights: the head runs MatMulNBits on them and the
+    embedding gathers and decodes rows of the same bytes (no whole-table dequantize per step)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, width = q.shape
+    inits, (b_name, s_name, block), matmul = _nbits_weights(graph, table, q, s, scheme)
+    nblk, bits = width // block, scheme.bits
+    consts = {f"{table}.c_{k}": v for k, v in {
+        "flat": np.array([-1], np.int64), "rows": np.array([vocab, nblk], np.int64),
+        "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),
+        "zero": np.array(2 ** (bits - 1), np.float32), "mask": np.array(15, np.uint8),
+        "four": np.array(4, np.uint8), "last": np.array([-1], np.int64)}.items()}
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    c = {k.rsplit("_", 1)[-1]: k for k in consts}
+    users = [n for n in graph.node if table in n.input]
+    new_nodes, drop = [], []
+    for node in users:
+        p = f"{node.name or node.output[0]}_nb"
+        if node.op_type == "Gather" and node.input[0] == table and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            ids, out = node.input[1], node.output[0]
+            mk = lambda op, ins, outs, **kw: new_nodes.append(helper.make_node(op, ins, outs, **kw))  # noqa: E731
+            mk("Reshape", [ids, c["flat"]], [f"{p}_ids"])
+            mk("Gather", [b_name, f"{p}_ids"], [f"{p}_bytes"], axis=0)  # [n, nblk, block*bits/8]
+            if bits == 4:
+                mk("BitwiseAnd", [f"{p}_bytes", c["mask"]], [f"{p}_lo"])
+                mk("BitShift", [f"{p}_bytes", c["four"]], [f"{p}_hi"], direction="RIGHT")
+                mk("Unsqueeze", [f"{p}_lo", c["last"]], [f"{p}_lo1"])
+                mk("Unsqueeze", [f"{p}_hi", c["last"]], [f"{p}_hi1"])
+                mk("Concat", [f"{p}_lo1", f"{p}_hi1"], [f"{p}_pairs"], axis=-1)
+                mk("Reshape", [f"{p}_pairs", c["blk"]], [f"{p}_codes"])
+            else:
+                mk("Identity", [f"{p}_bytes"], [f"{p}_codes"])
+            mk("Cast", [f"{p}_codes"], [f"{p}_f"], to=TensorProto.FLOAT)
+            mk("Sub", [f"{p}_f", c["zero"]], [f"{p}_centered"])
+            mk("Reshape", [s_name, c["rows"]], [f"{p}_scale_rows"])
+            mk("Gather", [f"{p}_scale_rows", f"{p}_ids"], [f"{p}_s"], axis=0)
+            mk("Unsqueeze", [f"{p}_s", c["last"]], [f"{p}_s1"])
+            mk("Mul", [f"{p}_centered", f"{p}_s1"], [f"{p}_rows"])  # [n, nblk, block]
+            mk("Shape", [ids], [f"{p}_ids_shape"])
+            mk("Concat", [f"{p}_ids_shape", c["width"]], [f"{p}_out_shape"], axis=0)
+            mk("Reshape", [f"{p}_rows", f"{p}_out_shape"], [out])
+            drop.append(node)
+        elif node.op_type == "Transpose" and [a.ints for a in node.attribute if a.name == "perm"] in ([], [[1, 0]]):
+            matmuls = [n for n in graph.node if node.output[0] in n.input]
+            if not matmuls or any(m.op_type != "MatMul" or m.input[1] != node.output[0] for m in matmuls):
+                raise ExportError("onnx: the tied head is not a MatMul on the transposed table")
+            new_nodes += [matmul(m) for m in matmuls]
+            drop += matmuls
+            drop.append(node)
+        else:
+            raise ExportError(f"onnx: cannot lower the quantized table used by a {node.op_type} node")
+    for node in drop:
+        graph.node.remove(node)
+    graph.node.extend(new_nodes)  # put in topological order by the caller, once initializers are final
+    return inits
+
+
+def _toposort(graph) -> None:
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered, pending = [], list(graph.node)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError(f"onnx: graph has a cycle or a missing input near node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _codes_tensor(name: str, q: np.ndarray, bits: int):
+    """INT8 codes as bytes; INT4 codes packed two per byte, first element in the low nibble."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if bits == 8:
+        return numpy_helper.from_array(q.astype(np.int8), name)
+    return helper.make_tensor(name, TensorProto.INT4, list(q.shape), pack_int4(q).tobytes(), raw=True)
+
+
+def _io(graph) -> dict:
+    from onnx import helper
+
+    def d(values):
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            shape = [dim.dim_param or dim.dim_value for dim in tt.shape.dim]
+            out.append({"name": v.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
+        return out
+
+    return {"inputs": d(graph.input), "outputs": d(graph.output)}
+
+
+class OnnxSession(BaseSession):
+    pads_prefill = False  # the graph's chunk length is dynamic
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int):
+        ort = require("onnxruntime", "onnx")
+        path = folder / manifest.program["file"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and, by default
+        # (accuracy level 4), quantizes the activations again inside it. The graph already carries
+        # the recipe's activation quantization, so the fused kernel must compute in fp32 (level 1):
+        # then it matches PyTorch exactly.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        try:
+            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
+        self._ort = ort
+        self.info = session_info(manifest)
+        self._names = cache_names(manifest.num_layers)
+        self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
+        self._has_hidden = HIDDEN in {o.name for o in self._sess.get_outputs()}
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache = {
+            n: self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shapes[n], dtype=np.float32)) for n in self._names
+        }
+
+    def _step(self, tokens: np.ndarray, pos: int, n: int, hidden: bool):
+        b = self._sess.io_binding()
+        b.bind_cpu_input("tokens", tokens)
+        b.bind_cpu_input("pos", np.array([pos], dtype=np.int32))
+        b.bind_cpu_input("length", np.array([n], dtype=np.int32))
+        for name in self._names:
+            b.bind_ortvalue_input(name, self._cache[name])
+        b.bind_output("logits", "cpu")
+        for name in self._names:
+            b.bind_output(f"{name}_out", "cpu")
+        if self._has_hidden:  # every output is bound; only `_hidden` reads this one
+            b.bind_output(HIDDEN, "cpu")
+        self._sess.run_with_iobinding(b)
+        outs = b.get_outputs()
+        self._cache = dict(zip(self._names, outs[1:1 + len(self._names)]))
+        return outs[0].numpy()[0], (outs[-1].numpy() if hidden else None)
+
+    def _run(self, tokens, pos, n, decode):
+        return self._step(tokens, pos, n, hidden=False)[0]
+
+    def _hidden(self, tokens, n):
+        if not self._has_hidden:
+            raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
+        self.reset()
+        hidden = self._step(tokens, 0, n, hidden=True)[1]
+        self.reset()
+        return hidden

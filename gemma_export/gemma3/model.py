@@ -1,0 +1,235 @@
+"""The Gemma 3 text decoder, written for export.
+
+Everything is static-shaped. One step processes a chunk of T tokens at position `pos`
+(T = prefill length, or 1 for decode) against a KV cache whose length depends on the layer type:
+`sliding_window` positions for local layers, `max_context` for global ones.
+
+The cache is a *sliding* cache: slot s of a cache of length S always holds position
+`pos - S + s` (slots before position 0 are empty and masked). A step attends over the
+concatenation [cache, new keys] and keeps its last S entries (`length + arange(S)`), so only
+`length` valid tokens of a padded chunk enter the cache. No scatter at a dynamic index, no
+modulo: the same graph converts to every format, and positions can run past the window forever.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Gemma3Config
+
+NEG_INF = -1e30  # additive mask value; finite so fully-masked padding rows stay NaN-free
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the stored weight w is applied as (1 + w), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # mean of squares over the last dim, written as a 4D mean over dims (2, 3) with keepdim:
+        # the form XNNPACK delegates (a plain last-dim mean splits the ExecuTorch graph into
+        # hundreds of partitions, and lowering time grows with their count).
+        n = xf.shape[-1]
+        ms = (xf * xf).reshape(1, -1, n, 1).mean((2, 3), keepdim=True).reshape(xf.shape[:-1] + (1,))
+        y = xf * torch.rsqrt(ms + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: float) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return (1.0 / (base**exponents)) / scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.is_global = cfg.is_global(layer)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+
+    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        kv, rep, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys = torch.cat((k_cache, k), dim=2)  # [b, kv, S+T, d]
+        values = torch.cat((v_cache, v), dim=2)
+        # Grouped-query attention by grouping query heads per KV head (no repeat of K/V):
+        # [b, H, T, d] -> [b, kv, rep*T, d]. Converters handle this batched matmul exactly,
+        # unlike repeat_kv with one KV head (see STACK-NOTES).
+        qg = (q * self.scale).reshape(b, kv, rep * t, d)
+        scores = torch.matmul(qg, keys.transpose(2, 3)) + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values).reshape(b, cfg.num_heads, t, d)
+        out = out.transpose(1, 2).reshape(b, t, cfg.q_dim)
+        new_k = torch.index_select(keys, 2, keep)
+        new_v = torch.index_select(values, 2, keep)
+        return self.o_proj(out), new_k, new_v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, keep, k_cache, v_cache)
+        x = x + self.post_attention_layernorm(h)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, k_cache, v_cache
+
+
+class Gemma3(nn.Module):
+    """Gemma 3 text decoder with per-layer-type cache lengths.
+
+    Two halves: `embed(tokens)` turns token ids into the residual stream, and `decode(x, pos,
+    length, caches)` runs the decoder layers and the head on any embeddings (text, or image soft
+    tokens placed among them). `step(tokens, ...)` is both, the single traced computation: the
+    prefill and decode entry points are this step at T = prefill length and T = 1.
+    """
+
+    def __init__(self, cfg: Gemma3Config, max_context: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.max_context = cfg.runtime_context(max_context)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # tied
+        self.register_buffer(
+            "inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_base, 1.0), persistent=False
+        )
+        self.register_buffer(
+            "inv_freq_global",
+            rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scaling),
+            persistent=False,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation/cache dtype (read from a norm: the embedding may hold integer codes)."""
+        return self.norm.weight.dtype
+
+    # --- cache ---------------------------------------------------------------------------
+    def cache_lengths(self) -> list[int]:
+        return [self.cfg.cache_len(i, self.max_context) for i in range(self.cfg.num_layers)]
+
+    def cache_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the flat cache list [k0, v0, k1, v1, ...]."""
+        c = self.cfg
+        shapes = []
+        for n in self.cache_lengths():
+            shapes += [(1, c.num_kv_heads, n, c.head_dim)] * 2
+        return shapes
+
+    def new_cache(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        dtype = dtype or self.dtype
+        return [torch.zeros(s, dtype=dtype) for s in self.cache_shapes()]
+
+    # --- the step ------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _mask(self, q_pos, cache_len: int, t: int, window: int | None, rep: int):
+        """Additive mask [rep*T, S+T] for queries at q_pos over [cache slots, new tokens]."""
+        start = q_pos[:1] - cache_len
+        k_pos = torch.cat((start + torch.arange(cache_len, dtype=q_pos.dtype), q_pos))
+        diff = q_pos[:, None] - k_pos[None, :]
+        ok = (k_pos[None, :] >= 0) & (diff >= 0)
+        if window is not None:
+            ok = ok & (diff < window)
+        mask = torch.where(ok, 0.0, NEG_INF)
+        return mask.repeat(rep, 1) if rep > 1 else mask
+
+    def embed(self, tokens):
+        """Token ids [1, T] -> the residual stream entering layer 0, [1, T, hidden]."""
+        return self.embed_tokens(tokens) * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
+
+    def decode(self, x, pos, length, caches, all_logits: bool = True, hidden: bool = False, head: bool = True):
+        """x [1, T, hidden] embeddings, pos [1] int (position of x[:, 0]), length [1] int (valid
+        positions of a padded chunk), caches the flat list [k0, v0, k1, v1, ...].
+
+        Returns (logits [1, T or 1, V], new caches). With all_logits=False only the logits of
+        the last valid position are computed. With hidden=True a third result is the residual
+        stream entering layer 0 and after each layer, [L + 1, T, hidden] (the debug output
+        `verify --locate` uses to find the first diverging layer). head=False skips the output
+        head (logits None) for a graph that only wants the residual stream.
+        """
+        cfg = self.cfg
+        t = x.shape[1]
+        dtype = self.dtype
+        q_pos = pos + torch.arange(t, dtype=pos.dtype)
+        rep = cfg.num_heads // cfg.num_kv_heads
+        ropes = {
+            False: self._rope(q_pos, self.inv_freq_local, dtype),
+            True: self._rope(q_pos, self.inv_freq_global, dtype),
+        }
+        lengths = self.cache_lengths()
+        masks, keeps = {}, {}
+        for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)}:
+            window = None if is_global else cfg.sliding_window
+            masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
+            keeps[s] = length + torch.arange(s, dtype=length.dtype)
+        new_caches, states = [], [x[0]]
+        for i, layer in enumerate(self.layers):
+            g, s = cfg.is_global(i), lengths[i]
+            cos, sin = ropes[g]
+            x, k, v = layer(x, cos, sin, masks[(s, g)], keeps[s], caches[2 * i], caches[2 * i + 1])
+            new_caches += [k, v]
+            states.append(x[0])
+        if not all_logits:
+            x = torch.index_select(x, 1, length - 1)
+        logits = self.lm_head(self.norm(x)) if head else None
+        if hidden:
+            return logits, new_caches, torch.stack(states)
+        return logits, new_caches
+
+    def step(self, tokens, pos, length, caches, **options):
+        """decode(embed(tokens), ...): tokens [1, T] int; the options are decode's."""
+        return self.decode(self.embed(tokens), pos, length, caches, **options)
+
+    def forward(self, tokens, pos, length, caches):
+        return self.step(tokens, pos, length, caches)

@@ -1,0 +1,172 @@
+"""Reading checkpoints without unpickling and without holding weights twice.
+
+Two formats: Hugging Face folders (config.json + *.safetensors, sharded or not) and GGUF files.
+Each reader returns a `Gemma3Config` and an iterator of (our parameter name, tensor, file)
+triples; the family module says how each format spells the config and the tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..gemma3 import family
+from ..gemma3.config import Gemma3Config
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders
+# ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16"),
+    "F64": (np.float64, None), "I64": (np.int64, None), "I32": (np.int32, None),
+}
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        end = info["data_offsets"][1]
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
+                f"file has {size}"
+            )
+    return header, data_start
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """Yield (name, tensor) with tensors backed by a copy-on-write mmap of the file."""
+    import torch
+
+    header, data_start = _read_safetensors_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        np_dtype, torch_view = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        arr = mm[data_start + start : data_start + end].view(np_dtype).reshape(info["shape"])
+        t = torch.from_numpy(arr)
+        if torch_view == "bfloat16":
+            t = t.view(torch.bfloat16)
+        yield name, t
+
+
+def read_hf_folder(folder: Path) -> tuple[Gemma3Config, Iterator]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (a Hugging Face checkpoint folder needs one)")
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if pickles:
+            raise CheckpointError(
+                f"{folder / pickles[0]}: pickle checkpoints are refused (unpickling runs code); "
+                "convert it to safetensors"
+            )
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [w for w in wanted if not (folder / w).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder / missing[0]}: shard listed in the index is missing")
+        shards = [folder / w for w in wanted]
+    for shard in shards:  # check every header before loading anything
+        _read_safetensors_header(shard)
+    cfg = family.config_from_hf(raw, folder.name)
+
+    def tensors():
+        for shard in shards:
+            for key, t in iter_safetensors(shard):
+                name = family.hf_param_name(key)
+                if name is not None:
+                    yield name, t, shard
+
+    return cfg, tensors()
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------------------------
+
+def _open_gguf(path: Path):
+    import gguf
+
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/... on truncation
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(f"{path}: truncated GGUF: tensor {t.name!r} runs past the end of the file")
+    return reader
+
+
+def config_from_gguf(reader, name: str) -> Gemma3Config:
+    fields = reader.fields
+
+    def get(key, default=None):
+        f = fields.get(key)
+        return f.contents() if f is not None else default
+
+    tokens = fields.get("tokenizer.ggml.tokens")
+    return family.config_from_gguf(get, len(tokens.data) if tokens is not None else None, name)
+
+
+def read_gguf_config(path: Path, reader=None) -> Gemma3Config:
+    """The config of a GGUF file, without reading its tensors."""
+    try:
+        return config_from_gguf(reader or _open_gguf(path), path.stem)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: GGUF metadata incomplete ({e})") from None
+
+
+def read_gguf(path: Path) -> tuple[Gemma3Config, Iterator]:
+    import gguf
+    import torch
+
+    reader = _open_gguf(path)
+    cfg = read_gguf_config(path, reader)
+
+    def tensors():
+        for t in reader.tensors:
+            name = family.gguf_param_name(t.name)
+            if name is None:
+                continue
+            arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if not arr.flags.writeable:  # unquantized tensors come back as views of the file
+                arr = arr.copy()
+            tensor = torch.from_numpy(arr)
+            if family.is_norm(name):
+                tensor = tensor - family.GGUF_NORM_OFFSET
+            yield name, tensor, path
+
+    return cfg, tensors()

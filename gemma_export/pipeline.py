@@ -1,0 +1,162 @@
+"""The export pipeline, stage by stage:
+
+    check   every target's backend lowers the recipe, every destination may be written
+    load    the model (ModelSpec -> Gemma3 with window-sized caches)
+    quantize once, in PyTorch (calibrated when the recipe says so), shared by every target
+    convert per target: the backend writes its model files into a staging folder
+    package the tokenizer and manifest.json beside them; the folder is renamed into place
+
+A failed target leaves nothing at its destination; targets already written stay (each is
+complete and verifiable).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import backends
+from .artifact import TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, staging, write_manifest
+from .errors import ConfigError
+from .gemma3 import family
+from .loading import LoadedModel, ModelSpec, Tokenizer, load, read_config
+from .quant.quantize import QuantInfo, quantize_model
+from .quant.recipes import QuantRecipe, resolve
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    format: str
+    out: Path
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One model, quantized once by one recipe, written to one or more targets."""
+
+    model: ModelSpec
+    targets: tuple[Target, ...]
+    recipe: str = "fp32"  # a preset name or a recipe file
+    prefill_len: int = 128
+    max_context: int | None = None  # None: the model's default runtime context
+    # a debug entry point returning per-layer hidden states (verify --locate); shares the weights,
+    # but ExecuTorch lowers every method separately, so it costs export time and memory there
+    debug_outputs: bool = True
+    force: bool = False  # replace existing artifact folders
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ConfigError("export needs at least one target format")
+        formats = [t.format for t in self.targets]
+        if len(set(formats)) < len(formats):
+            raise ConfigError(f"a format is named twice: {', '.join(formats)}")
+        if self.prefill_len < 2:
+            raise ConfigError(f"prefill length must be at least 2, got {self.prefill_len}")
+        if self.max_context is not None and self.prefill_len > self.max_context:
+            raise ConfigError(f"prefill length {self.prefill_len} exceeds max context {self.max_context}")
+
+    @classmethod
+    def single(cls, model: ModelSpec, fmt: str, out, **settings) -> "ExportJob":
+        return cls(model, (Target(fmt, Path(out)),), **settings)
+
+    @classmethod
+    def each(cls, model: ModelSpec, formats, out, **settings) -> "ExportJob":
+        """One target per format: `out` itself for one format, OUT/FORMAT for several."""
+        formats = tuple(formats)
+        outs = [Path(out)] if len(formats) == 1 else [Path(out) / f for f in formats]
+        return cls(model, tuple(Target(f, o) for f, o in zip(formats, outs)), **settings)
+
+    def settings(self) -> dict:
+        """What the manifest records of the job (the targets are the artifacts themselves)."""
+        return {"recipe": self.recipe, "prefill_len": self.prefill_len, "max_context": self.max_context,
+                "debug_outputs": self.debug_outputs}
+
+
+@dataclass
+class Prepared:
+    """What every target of a job shares: the loaded (and quantized) model."""
+
+    loaded: LoadedModel
+    quant: QuantInfo | None
+    seconds: float  # loading and quantizing
+
+
+def export(job: ExportJob, progress: Progress = lambda msg: None) -> list[Manifest]:
+    """Run the job; returns one manifest per target, in order."""
+    job, targets, recipe = check(job)
+    prepared = prepare(job, recipe, len(targets), progress)
+    return [convert(job, target, backend, prepared, i == len(targets) - 1, progress)
+            for i, (target, backend) in enumerate(targets)]
+
+
+def check(job: ExportJob):
+    """Everything that can refuse the job, before any work: returns the job with its context
+    resolved, the (target, backend) pairs and the recipe."""
+    recipe = resolve(job.recipe)
+    context = read_config(job.model.source).runtime_context(job.max_context or job.model.max_context)
+    job = replace(job, max_context=context)
+    if job.prefill_len > job.max_context:
+        raise ConfigError(f"prefill length {job.prefill_len} exceeds max context {job.max_context}")
+    if job.model.max_context not in (None, job.max_context):
+        raise ConfigError(f"model spec asks for context {job.model.max_context}, the job for {job.max_context}")
+    job = replace(job, model=replace(job.model, max_context=job.max_context))
+    targets = [(t, backends.get(t.format)) for t in job.targets]
+    for target, _ in targets:
+        backends.check_support(target.format, recipe)
+    for target, _ in targets:
+        check_destination(target.out, job.force)
+    return job, targets, recipe
+
+
+def prepare(job: ExportJob, recipe: QuantRecipe, targets: int, progress: Progress) -> Prepared:
+    """Load the model and quantize it once for every target."""
+    progress(f"loading {job.model.source}")
+    t0 = time.perf_counter()
+    loaded = load(job.model)
+    quant = None
+    if not recipe.is_float:
+        progress(f"quantizing in PyTorch (recipe {recipe.name})" + (f", once for {targets} formats" if targets > 1 else ""))
+        quant = quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress)
+    return Prepared(loaded, quant, time.perf_counter() - t0)
+
+
+def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: bool, progress: Progress) -> Manifest:
+    """One target: the backend's files and the package around them, renamed into place when complete."""
+    t0 = time.perf_counter()
+    # the backend gets the only reference to its model, so it can free the eager weights as soon
+    # as the format holds its own copy; earlier targets get a copy, the last the original
+    model = prepared.loaded.take_model() if last else copy.deepcopy(prepared.loaded.model)
+    with staging(target.out, job.force) as tmp:
+        progress(f"converting to {target.format} (prefill {job.prefill_len}, context {job.max_context})")
+        exported = backend.export(model, job, tmp, progress)
+        del model
+        progress("writing manifest (sha256 of every file)")
+        manifest = package(tmp, job, target, prepared, exported, round(prepared.seconds + time.perf_counter() - t0, 1))
+    progress(f"wrote {target.out}")
+    return manifest
+
+
+def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, exported, seconds: float) -> Manifest:
+    """The tokenizer and manifest.json beside the backend's files."""
+    loaded, quant = prepared.loaded, prepared.quant
+    cfg = loaded.config
+    shutil.copy(loaded.tokenizer_path, folder / TOKENIZER)
+    return write_manifest(folder, Manifest(
+        format=target.format,
+        model=ModelInfo(cfg.name, loaded.source, job.model.to_dict(), cfg.to_dict()),
+        job=job.settings(),
+        prefill_len=job.prefill_len, max_context=job.max_context, window=cfg.sliding_window,
+        cache_lengths=tuple(cfg.cache_len(i, job.max_context) for i in range(cfg.num_layers)),
+        tokenizer=TokenizerInfo(TOKENIZER, cfg.bos_token_id, cfg.eos_token_id, family.STOP_TOKENS,
+                                family.CHAT_TEMPLATE),
+        recipe=(quant.recipe if quant else resolve(job.recipe)).to_dict(),
+        quantization=quant.to_dict() if quant else {},
+        entry_points=exported.entry_points, program=exported.program, versions=exported.versions,
+        export_seconds=seconds,
+    ))

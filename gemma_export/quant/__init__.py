@@ -1,0 +1,1 @@
+"""Quantization in PyTorch: recipes as data, rounding algorithms, calibration, quantized modules."""

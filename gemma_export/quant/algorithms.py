@@ -1,0 +1,131 @@
+"""Rounding weights to integer codes: symmetric scales (max-abs, searched), round-to-nearest and GPTQ.
+
+Codes are int8 tensors (4-bit codes use the range [-8, 7]); scales are rounded to
+bfloat16-representable values, so the dequantized weights are the same numbers in every format's
+scale dtype (bf16 for XNNPACK, fp16/fp32 elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .recipes import Scheme
+
+MIN_SCALE = 2.0**-14  # an all-zero row still gets a usable (non-zero, fp16-normal) scale
+
+
+def block_for(scheme: Scheme, in_features: int) -> int:
+    """The number of input columns one scale covers."""
+    if scheme.granularity == "channel":
+        return in_features
+    if in_features % scheme.block_size:
+        raise ConfigError(f"input size {in_features} is not a multiple of block size {scheme.block_size}")
+    return scheme.block_size
+
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def rtn_scales(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Symmetric scales [out, in/block]: max |w| of each block maps to the largest code."""
+    out, inp = w.shape
+    amax = w.float().reshape(out, inp // block, block).abs().amax(-1)
+    scale = (amax / qrange(bits)[1]).clamp_min(MIN_SCALE)
+    return scale.to(torch.bfloat16).float()
+
+
+def search_scales(w: torch.Tensor, bits: int, block: int, importance: torch.Tensor | None = None,
+                  ratios: torch.Tensor | None = None, rows: int = 8192) -> torch.Tensor:
+    """Per-block scales that minimise the (importance-weighted) rounding error.
+
+    Each block tries scales max|w| * r / qmax for r in `ratios` (r < 1 clips the largest values to
+    spend the codes on the rest, and lets the most negative value use the extra code, -8 or -128).
+    `importance` [in] weights each input column's squared error, e.g. the diagonal of the inputs'
+    Hessian: columns that see large activations are rounded more carefully.
+    """
+    out, inp = w.shape
+    nb = inp // block
+    lo, hi = qrange(bits)
+    ratios = torch.linspace(0.70, 1.0, 31) if ratios is None else ratios
+    imp = (torch.ones(inp) if importance is None else importance.float()).reshape(1, nb, block)
+    best = torch.empty(out, nb)
+    for a in range(0, out, rows):
+        wb = w[a:a + rows].float().reshape(-1, nb, block)
+        amax = wb.abs().amax(-1)
+        best_err, best_s = torch.full_like(amax, float("inf")), torch.empty_like(amax)
+        for r in ratios.tolist():
+            sc = (amax * r / hi).clamp_min(MIN_SCALE).to(torch.bfloat16).float()
+            q = torch.clamp(torch.round(wb / sc[..., None]), lo, hi)
+            err = ((wb - q * sc[..., None]) ** 2 * imp).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, sc, best_s)
+        best[a:a + rows] = best_s
+    return best
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    out, inp = w.shape
+    lo, hi = qrange(bits)
+    s = scale.repeat_interleave(inp // scale.shape[1], dim=1)
+    return torch.clamp(torch.round(w.float() / s), lo, hi).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: float = 0.01,
+         step: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ with static per-block scales (the searched grid, chosen before rounding).
+
+    Columns are rounded left to right; each rounding error is spread over the columns not yet
+    rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+    `act_order` rounds the columns with the largest inputs first (descending Hessian diagonal), so
+    their errors are compensated by the most columns; the scales stay those of the original blocks.
+    """
+    w = w.float().clone()
+    scale = search_scales(w, bits, block, importance=torch.diag(hessian))
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
+    w, h = w[:, order], h[order][:, order]
+    col_block = order // block  # each (reordered) column keeps its original block's scale
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    lo, hi = qrange(bits)
+    q = torch.zeros_like(w, dtype=torch.int8)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        w1, err1, hinv1 = w[:, a:b].clone(), torch.zeros_like(w[:, a:b]), hinv[a:b, a:b]
+        for i in range(b - a):
+            col, d = w1[:, i], hinv1[i, i]
+            s = scale[:, col_block[a + i]]
+            qc = torch.clamp(torch.round(col / s), lo, hi)
+            q[:, a + i] = qc.to(torch.int8)
+            e = (col - qc * s) / d
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, b:] -= err1 @ hinv[a:b, b:]
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out, scale
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme, hessian: torch.Tensor | None = None):
+    """(codes int8 [out, in], scales [out, in/block]) of one weight matrix by the scheme's algorithm
+    (see recipes.ALGORITHMS); the calibrated algorithms need the Hessian of the layer's inputs."""
+    block = block_for(scheme, w.shape[1])
+    if scheme.algorithm in ("gptq", "gptq-act"):
+        return gptq(w, hessian, scheme.bits, block, act_order=scheme.algorithm == "gptq-act")
+    if scheme.algorithm == "search":
+        s = search_scales(w, scheme.bits, block, importance=torch.diag(hessian))
+    else:
+        s = rtn_scales(w, scheme.bits, block)
+    return quantize_with(w, s, scheme.bits), s

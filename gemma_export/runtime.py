@@ -1,0 +1,121 @@
+"""Opening something to run: an exported artifact in its format's runtime, or a PyTorch model
+(optionally quantized by a recipe), each as a `Session` with its tokenizer.
+
+`reference_for` gives the PyTorch reference of an artifact: the model it came from, with the
+artifact's recipe (the same codes) or in fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backends
+from .artifact import Manifest, check_files, is_artifact, read_manifest
+from .errors import ArtifactError
+from .loading import ModelSpec, Tokenizer, load
+from .quant.recipes import resolve
+from .session import Sampling, Session, TorchSession, generate
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_tokens: int
+    tokens: list[int]  # the new tokens; a stop token, if one came, is the last
+    text: str  # without the stop token
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass
+class Opened:
+    session: Session
+    tokenizer: Tokenizer
+    description: str
+    manifest: Manifest | None = None  # for artifacts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+               sampling: Sampling = Sampling()) -> Iterator[int]:
+        """New token ids for a text prompt (the Gemma chat format with `chat`); a stop token, if
+        one comes, is the last."""
+        tok = self.tokenizer
+        ids = tok.chat(prompt) if chat else tok.encode(prompt)
+        return generate(self.session, ids, max_new_tokens, tok.stop_ids, sampling)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, chat: bool = False, sampling: Sampling = Sampling(),
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Generate from a text prompt; `on_text` receives the new text as it is decoded."""
+        tok, stop = self.tokenizer, self.tokenizer.stop_ids
+        start = time.perf_counter()
+        first, tokens, shown = None, [], ""
+        for token in self.stream(prompt, max_new_tokens, chat, sampling):
+            first = first or time.perf_counter()
+            tokens.append(token)
+            if on_text is not None and token not in stop:
+                text = tok.decode(tokens)
+                on_text(text[len(shown):])
+                shown = text
+        end = time.perf_counter()
+        prompt_tokens = len(tok.chat(prompt) if chat else tok.encode(prompt))
+        return Generation(prompt_tokens, tokens, tok.decode([t for t in tokens if t not in stop]),
+                          (first or end) - start, end - start)
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def open_artifact(folder: str | Path, threads: int = 2, hashes: bool = False) -> Opened:
+    """A Session (and tokenizer) for an exported artifact folder, in its format's runtime."""
+    _threads(threads)
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_files(folder, manifest, hashes=hashes)
+    tok = Tokenizer(folder / manifest.tokenizer.file)
+    if tok.vocab_size != manifest.vocab_size:
+        raise ArtifactError(f"{folder}: tokenizer {manifest.tokenizer.file} has {tok.vocab_size} tokens, "
+                            f"the model's vocabulary {manifest.vocab_size}; it is not this model's tokenizer")
+    session = backends.get(manifest.format).open(folder, manifest, threads)
+    return Opened(session, tok, f"{manifest.format} artifact {folder}", manifest)
+
+
+def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: int = 2,
+               progress=lambda m: None) -> Opened:
+    """The eager PyTorch model as a Session, quantized in PyTorch when `recipe` is not fp32."""
+    from .quant.quantize import quantize_model  # torch
+
+    _threads(threads)
+    loaded = load(spec)
+    tok = Tokenizer(loaded.tokenizer_path)
+    description = loaded.source
+    recipe = resolve(recipe)
+    if not recipe.is_float:
+        quantize_model(loaded.model, recipe, tok, progress)
+        description += f" quantized in PyTorch (recipe {recipe.name})"
+    return Opened(TorchSession(loaded.model, prefill_len=prefill_len), tok, description)
+
+
+def open_ref(ref: str, spec: ModelSpec | None = None, recipe="fp32", prefill_len: int = 128, threads: int = 2,
+             progress=lambda m: None) -> Opened:
+    """An artifact folder, or else the model `spec` (default: `ref` itself with fp32 weights)."""
+    if is_artifact(ref):
+        return open_artifact(ref, threads)
+    return open_model(spec or ModelSpec(ref), recipe, prefill_len, threads, progress)
+
+
+def reference_for(manifest: Manifest, quantized: bool = True, override: str | None = None,
+                  threads: int = 2) -> Opened:
+    """The PyTorch reference of an artifact: the model it came from (or `override`), with the
+    artifact's recipe applied in PyTorch (`quantized`, the same codes) or in fp32."""
+    spec = dict(manifest.model.spec or {})
+    if override:
+        spec = {"source": override}
+    if not spec.get("source"):
+        raise ArtifactError("the manifest does not say which model it came from; pass --reference")
+    spec = ModelSpec(**{**spec, "max_context": manifest.max_context})
+    recipe = manifest.recipe if quantized and manifest.recipe_name != "fp32" else "fp32"
+    return open_model(spec, recipe, manifest.prefill_len, threads)

@@ -1,0 +1,67 @@
+"""Parameter counts and memory figures computed from a config (no weights needed)."""
+
+from __future__ import annotations
+
+from .gemma3.config import Gemma3Config
+
+BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def kv_cache_bytes(cfg: Gemma3Config, context: int, window_sized: bool, dtype: str = "float32") -> int:
+    per_pos = 2 * cfg.num_kv_heads * cfg.head_dim * BYTES[dtype]
+    total = 0
+    for i in range(cfg.num_layers):
+        length = cfg.cache_len(i, context) if window_sized else context
+        total += length * per_pos
+    return int(total)
+
+
+def report(cfg: Gemma3Config, context: int, kv_dtype: str = "float32") -> dict:
+    params = cfg.param_counts()
+    window = kv_cache_bytes(cfg, context, True, kv_dtype)
+    full = kv_cache_bytes(cfg, context, False, kv_dtype)
+    n_global = sum(cfg.is_global(i) for i in range(cfg.num_layers))
+    return {
+        "config": cfg.to_dict(),
+        "layers": {"local": cfg.num_layers - n_global, "global": n_global},
+        "parameters": params,
+        "weight_bytes": {d: int(params["total"] * b) for d, b in BYTES.items()},
+        "kv_cache": {
+            "context": context,
+            "dtype": kv_dtype,
+            "window_sized_bytes": window,
+            "full_length_bytes": full,
+            "window_over_full": window / full,
+        },
+    }
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def format_report(r: dict) -> str:
+    c, p, kv = r["config"], r["parameters"], r["kv_cache"]
+    lines = [
+        f"model            {c['name']}",
+        f"layers           {c['num_layers']} ({r['layers']['local']} local, window {c['sliding_window']}; "
+        f"{r['layers']['global']} global)",
+        f"hidden           {c['hidden_size']}, FFN {c['intermediate_size']}, heads {c['num_heads']} "
+        f"(KV {c['num_kv_heads']}), head dim {c['head_dim']}",
+        f"vocabulary       {c['vocab_size']:,}",
+        f"rope             local base {c['rope_local_base']:g}, global base {c['rope_global_base']:g}"
+        f" (linear scaling {c['rope_global_scaling']:g})",
+        "parameters",
+    ]
+    for key in ("embedding", "attention", "mlp", "norms", "total"):
+        lines.append(f"  {key:<14} {p[key]:>15,}")
+    lines.append("weights")
+    for dtype, n in r["weight_bytes"].items():
+        lines.append(f"  {dtype:<14} {_mb(n):>15}")
+    lines += [
+        f"KV cache at context {kv['context']:,} ({kv['dtype']})",
+        f"  window-sized   {_mb(kv['window_sized_bytes']):>15}",
+        f"  full-length    {_mb(kv['full_length_bytes']):>15}",
+        f"  ratio          {kv['window_over_full']:>15.1%}",
+    ]
+    return "\n".join(lines)

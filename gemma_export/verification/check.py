@@ -1,0 +1,204 @@
+"""What `verify` and `eval` run: one artifact against its reference, a build folder across formats
+and recipes (and the formats against each other), and perplexity / KL against fp32.
+
+Library code: returns data, never prints. Verdicts come from the judge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..artifact import find_artifacts, is_artifact, read_manifest
+from ..errors import ArtifactError
+from ..loading import ModelSpec
+from ..runtime import Opened, open_artifact, open_model, reference_for
+from ..session import TorchSession
+from .judge import Rule, Verdict, judge, judge_build
+from .parity import LOCATE_THRESHOLD, ParityResult, locate, parity, perplexity_of, schedule_for, teacher_forced
+
+# the summary keys reported for the comparisons against fp32 in a relative judgement
+_FP32_KEYS = ("top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    """What to run for each artifact (the options of `verify`)."""
+
+    text: Path
+    positions: int = 1300
+    new_tokens: int = 32
+    prompt: str = "The capital of France is"
+    reference: str | None = None  # model to compare with; None: the one the artifact came from
+    overrides: dict = field(default_factory=dict)  # Thresholds fields that replace the judge's bounds
+    threads: int = 2
+    locate: bool = False  # also name the first diverging layer (debug entry point)
+    locate_threshold: float | None = None
+
+
+@dataclass
+class Verified:
+    """One artifact's verification: the JSON-able report plus what the plot and pairwise need."""
+
+    report: dict
+    result: ParityResult
+    opened: Opened  # the artifact (kept for the pairwise comparison)
+    ids: list
+    window: int
+    verdict: Verdict
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def raise_if_failed(self) -> None:
+        self.verdict.raise_if_failed(self.report["artifact"])
+
+
+class References:
+    """Reference sessions loaded once per (model, context, recipe) and shared by every artifact."""
+
+    def __init__(self, plan: VerifyPlan):
+        self.plan = plan
+        self._loaded = {}
+
+    def session_for(self, manifest, quantized: bool = True) -> Opened:
+        recipe = manifest.recipe if quantized and manifest.recipe_name != "fp32" else None
+        key = (self.plan.reference or json.dumps(manifest.model.spec, sort_keys=True), manifest.max_context,
+               json.dumps(recipe, sort_keys=True))
+        if key not in self._loaded:
+            self._loaded[key] = reference_for(manifest, quantized, self.plan.reference, self.plan.threads)
+        ref = self._loaded[key]
+        if ref.session.info.prefill_len != manifest.prefill_len:  # same weights, other chunk size
+            return Opened(TorchSession(ref.session.model, prefill_len=manifest.prefill_len), ref.tokenizer,
+                          ref.description)
+        return ref
+
+
+def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | None = None) -> Verified:
+    """Teacher-forced + greedy parity of one artifact against its PyTorch reference, judged."""
+    manifest = read_manifest(folder)
+    test = open_artifact(folder, plan.threads, hashes=True)
+    refs = refs or References(plan)
+    ref = refs.session_for(manifest)
+    rule = Rule.for_recipe(manifest.recipe, plan.overrides)
+    ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
+    # where the runtime rounds activations its own way, artifact and recipe are judged against fp32
+    fp32 = refs.session_for(manifest, quantized=False).session if rule.relative else None
+    res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
+                 test.tokenizer.stop_ids, fp32=fp32)
+    against = None
+    if rule.relative:
+        against = {who: {k: v for k, v in res.against_fp32[side].summary().items() if k in _FP32_KEYS}
+                   for who, side in (("artifact", "test"), ("recipe_in_pytorch", "reference"))}
+        verdict = judge(rule, {"artifact": against["artifact"]}, {"artifact": against["recipe_in_pytorch"]})
+    else:
+        verdict = judge(rule, {"artifact": res.teacher_forced.summary()},
+                        greedy=(res.greedy_reference, res.greedy_test))
+    report = {"artifact": str(folder), "format": manifest.format, "recipe": manifest.recipe_name,
+              "reference": ref.description, "text": str(plan.text), "window": manifest.window,
+              "rule": rule.to_dict(), **verdict.to_dict(), **res.summary(),
+              "greedy_reference": res.greedy_reference, "greedy_test": res.greedy_test}
+    if against is not None:
+        report["against_fp32"] = against
+    if plan.locate:
+        report["locate"] = locate(ref.session, test.session, ids, plan.locate_threshold or LOCATE_THRESHOLD)
+    return Verified(report, res, test, ids, manifest.window, verdict)
+
+
+@dataclass
+class Build:
+    """A build folder's verification: a row per artifact, and the formats against each other."""
+
+    folder: str
+    rows: list[dict]
+    pairwise: list[dict]
+    verified: list[Verified]
+
+    @property
+    def passed(self) -> bool:
+        return all(r["pass"] for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {"build": self.folder, "pass": self.passed, "artifacts": self.rows, "pairwise": self.pairwise}
+
+    def raise_if_failed(self) -> None:
+        judge_build(self.rows)
+
+
+def verify_build(build_dir: str | Path, plan: VerifyPlan) -> Build:
+    """Verify every artifact under build_dir against its reference, then every pair of artifacts of
+    the same model against each other. An artifact that cannot be opened is a row with an error."""
+    refs = References(plan)
+    rows, done = [], []
+    for folder in find_artifacts(build_dir):
+        try:
+            v = verify_artifact(folder, plan, refs)
+        except ArtifactError as e:
+            rows.append({"artifact": str(folder), "pass": False, "error": str(e)})
+            continue
+        rows.append(v.report)
+        done.append(v)
+    return Build(str(build_dir), rows, pairwise(done), done)
+
+
+def _model_key(v: Verified) -> str:
+    m = v.opened.manifest
+    tok = m.files.get(m.tokenizer.file)
+    return json.dumps([m.model.spec, m.model.config, tok.sha256 if tok else None], sort_keys=True)
+
+
+def pairwise(verified: list[Verified]) -> list[dict]:
+    """Teacher-forced comparison of each pair of artifacts of the same model (the first as reference)."""
+    out = []
+    for a, b in itertools.combinations(verified, 2):
+        if _model_key(a) != _model_key(b):
+            continue
+        ia, ib = a.opened.session.info, b.opened.session.info
+        ids = a.ids[:min(ia.max_context, ib.max_context)]
+        c = teacher_forced(a.opened.session, b.opened.session, ids, schedule_for(min(ia.prefill_len, ib.prefill_len)))
+        s = c.summary()
+        ra, rb = a.report, b.report
+        out.append({"a": ra["artifact"], "b": rb["artifact"],
+                    "formats": f"{ra['format']}/{ra['recipe']} vs {rb['format']}/{rb['recipe']}",
+                    **{k: s[k] for k in ("positions", "top1_agreement", "top5_overlap", "mean_kl", "max_abs_diff")}})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# eval: what the quantization costs against fp32
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    text: Path
+    positions: int = 2048
+    reference: str | None = None  # fp32 model to compare with; None: the model's own source
+    with_reference: bool = True  # False: perplexity only
+    threads: int = 2
+
+
+def evaluate(model: str, spec: ModelSpec, recipe: str, prefill_len: int, plan: EvalPlan, progress=lambda m: None) -> dict:
+    """Perplexity of a model (an artifact, or `spec` quantized in PyTorch by `recipe`) on a text,
+    and its KL / top-1 agreement against the fp32 model it came from."""
+    if is_artifact(model):
+        test = open_artifact(model, plan.threads)
+    else:
+        test = open_model(spec, recipe, prefill_len, plan.threads, progress)
+    ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
+    result = {"model": test.description, "text": str(plan.text), "positions": len(ids)}
+    if not plan.with_reference:
+        return {**result, "perplexity": perplexity_of(test.session, ids)}
+    if test.manifest is not None:  # quality is judged against the fp32 model the artifact came from
+        ref = reference_for(test.manifest, quantized=False, override=plan.reference, threads=plan.threads)
+    else:
+        ref_spec = replace(spec, source=plan.reference or spec.source, max_context=test.session.info.max_context)
+        ref = open_model(ref_spec, "fp32", prefill_len, plan.threads)
+    s = teacher_forced(ref.session, test.session, ids).summary()
+    return {**result, "reference": ref.description, "perplexity": s["perplexity_test"],
+            "perplexity_reference": s["perplexity_reference"],
+            "perplexity_change": s["perplexity_test"] / s["perplexity_reference"] - 1,
+            "mean_kl": s["mean_kl"], "top1_agreement": s["top1_agreement"], "top5_overlap": s["top5_overlap"]}

@@ -1,0 +1,83 @@
+"""ExecuTorch specifics: XNNPACK's spelling of the quantized modules, the table stored once, the
+shared cache reset by its own method."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from gemma_export.artifact import read_manifest
+from gemma_export.backends.executorch import _PackedTable, _to_xnnpack_pattern, read_named_data
+from gemma_export.quant.modules import QEmbedding
+from gemma_export.quant.algorithms import quantize_with, rtn_scales
+from gemma_export.quant.recipes import Scheme
+from gemma_export.runtime import open_artifact
+
+
+def test_packed_gather_reads_xnnpack_layout_and_equals_the_plain_gather():
+    w = torch.randn(50, 64)
+    s = rtn_scales(w, 4, 32)
+    emb = QEmbedding(quantize_with(w, s, 4), s, Scheme(4, "block", 32))
+    ids = torch.tensor([[0, 7, 49, 7]])
+    packed = _PackedTable(emb)
+    assert packed.packed_codes.dtype == torch.uint8 and packed.packed_codes.shape == (50, 32)
+    assert packed.packed_scale.dtype == torch.bfloat16
+    assert torch.equal(packed(ids), emb(ids))
+
+
+def test_the_xnnpack_spelling_computes_the_recipe(quantized_tiny):
+    """XNNPACK's modules compute what the reference modules do, up to its own activation rounding."""
+    ref = quantized_tiny("int4-b32-rtn")
+    xnn = copy.deepcopy(ref)
+    assert _to_xnnpack_pattern(xnn) == 15  # 14 linears and the tied head
+    ids = torch.tensor([list(range(100, 116))], dtype=torch.int32)
+    args = (torch.zeros(1, dtype=torch.int32), torch.tensor([16], dtype=torch.int32))
+    with torch.no_grad():
+        a, _ = ref.step(ids, *args, ref.new_cache())
+        b, _ = xnn.step(ids, *args, xnn.new_cache())
+    assert torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0) > 0.999
+
+
+@pytest.mark.slow
+def test_pte_stores_the_table_once_and_no_cache_state(artifacts):
+    """The .pte carries no zero-filled cache (its `reset` method zeroes the shared buffers), and
+    the tied fp32 table is one copy in model.ptd, read by the gather and by XNNPACK's head."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    out = artifacts.get("pte")
+    m = read_manifest(out)
+    assert m.program["reset_method"] == "reset" and m.program["external_data"] == "model.ptd"
+    pte = deserialize_pte_binary((out / "model.pte").read_bytes())
+    assert not pte.mutable_data
+    table = 262_144 * 64 * 4  # tiny's fp32 token table
+    assert table <= (out / "model.ptd").stat().st_size < 1.05 * table
+
+
+@pytest.mark.slow
+def test_pte_reset_zeroes_the_shared_cache(artifacts):
+    s = open_artifact(artifacts.get("pte")).session
+    s.prefill([2, 900, 1000], 0)
+    kept = s.decode(5, 1)  # decode at position 1 reads slot 0 written by the prefill
+    s.prefill([2, 900, 1000], 0)
+    s.reset()
+    zeroed = s.decode(5, 1)  # slot 0 now holds zeros: a different result proves reset reached the cache
+    assert not np.allclose(kept, zeroed)
+    s.reset()
+    fresh = s.prefill([2, 900, 1000], 0)
+    s.prefill([7, 7], 0)
+    s.reset()
+    assert np.array_equal(s.prefill([2, 900, 1000], 0), fresh)
+
+
+@pytest.mark.slow
+def test_quantized_pte_keeps_scales_and_the_table_once(artifacts, quantized_tiny):
+    """XNNPACK's blockwise scales are blobs (bf16) equal to ours, and the int4 table in model.ptd is
+    one packed copy shared by the lookup and the head."""
+    out = artifacts.get("pte", "int4-b32-rtn", debug=True)
+    blobs = set(read_named_data(out, read_manifest(out)).values())
+    model = quantized_tiny("int4-b32-rtn")
+    for mod in model.modules():
+        if hasattr(mod, "scale") and hasattr(mod, "qweight"):
+            assert mod.scale.to(torch.bfloat16).view(torch.uint8).numpy().tobytes() in blobs
+    assert (out / "model.ptd").stat().st_size < model.embed_tokens.qweight.numel() * 0.6

@@ -1,0 +1,46 @@
+"""ONNX specifics: the debug output only when asked for, static activations from a recipe file."""
+
+import pytest
+
+from gemma_export import pipeline
+from gemma_export.errors import UnsupportedError
+from gemma_export.quant.modules import QLinear
+from gemma_export.quant.recipes import Calibration, QuantRecipe, Rule, Scheme, Thresholds
+from gemma_export.runtime import open_artifact
+from gemma_export.session import TorchSession
+from gemma_export.verification.judge import Rule as Judged, judge
+from gemma_export.verification.parity import teacher_forced
+from helpers import TINY, T, random_ids
+
+
+def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, tiny):
+    import onnx
+
+    out = artifacts.get("onnx", debug=False)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "hidden_states" not in {o.name for o in graph.output}
+    s = open_artifact(out).session
+    ref = TorchSession(tiny, prefill_len=T)
+    ids = random_ids(20)
+    assert abs(s.prefill(ids[:T], 0) - ref.prefill(ids[:T], 0)).max() < 1e-3
+    with pytest.raises(UnsupportedError, match="--no-debug-outputs"):
+        s.hidden_states(ids[:T])
+    debug = onnx.load(str(artifacts.get("onnx") / "model.onnx"), load_external_data=False).graph
+    assert "hidden_states" in {o.name for o in debug.output}
+
+
+@pytest.mark.slow
+def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny):
+    """Static int8/int16 activations (calibrated per-tensor scales) from a recipe file, through ONNX."""
+    rules = (Rule("embed_tokens", Scheme(8, activations="int16-static")),
+             Rule("layers.*", Scheme(8, "block", 32, activations="int8-static")))
+    path = tmp_path / "static.toml"
+    # a small calibration set: the test is about lowering the calibrated scales, not their quality
+    path.write_text(QuantRecipe("static-test", rules, calibration=Calibration(samples=8, seq_len=64)).to_toml())
+    out = tmp_path / "art"
+    pipeline.export(pipeline.ExportJob.single(TINY, "onnx", out, recipe=str(path), prefill_len=T, debug_outputs=False))
+    eager = quantized_tiny(str(path))
+    assert all(float(m.act_scale) > 0 for m in eager.modules() if isinstance(m, QLinear))
+    c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, random_ids(60, seed=3))
+    verdict = judge(Judged(False, Thresholds(min_top1=0.9, max_mean_kl=1e-5)), {"artifact": c.summary()})
+    assert verdict.passed, c.summary()

@@ -1,0 +1,123 @@
+"""Shared test constants and helpers (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from gemma_export.artifact import read_manifest, sha256_file, write_manifest
+from gemma_export.loading import ModelSpec
+
+T, CTX = 16, 256  # the tiny artifacts' prefill length and context (window 16: the text runs far past it)
+TINY = ModelSpec("tiny", random_weights=True, seed=0, max_context=CTX)
+FORMATS = ("onnx", "tflite", "pte")
+
+
+def cli(*args):
+    from gemma_export.cli import cli as group
+
+    return CliRunner().invoke(group, [str(a) for a in args])
+
+
+def random_ids(n: int, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 262_144, size=n).tolist()
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def resign(folder: Path) -> None:
+    """Rewrite the manifest's sizes and hashes for the files as they are now, so that only parity
+    (not integrity) can catch a change."""
+    write_manifest(folder, read_manifest(folder))
+
+
+def resign_file(folder: Path, name: str) -> None:
+    """Record one changed file's size and hash in the raw manifest (the others as they were)."""
+    m = json.loads((folder / "manifest.json").read_text())
+    m["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    (folder / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def plant(artifact: Path, weight: np.ndarray, factor: float = 3.0) -> str:
+    """Plant a fault: scale one weight matrix's raw fp32 bytes (as stored, or transposed) in the
+    model files, then re-sign the manifest. The artifact loads and runs but computes one layer
+    wrong, like a faulty port."""
+    m = read_manifest(artifact)
+    files = [artifact / f for f in (m.program["file"], m.program.get("external_data")) if f]
+    for layout, arr in (("as stored", weight), ("transposed", weight.T)):
+        needle = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
+        for path in files:
+            data = bytearray(path.read_bytes())
+            at = data.find(needle)
+            if at >= 0:
+                data[at:at + len(needle)] = (np.frombuffer(needle, np.float32) * factor).tobytes()
+                path.write_bytes(bytes(data))
+                resign(artifact)
+                return f"{path.name} ({layout})"
+    raise AssertionError("weight bytes not found in the artifact")
+
+
+def write_hf_folder(model, folder, shards=1, prefix="model."):
+    """Save a model the way Hugging Face does: config.json + (sharded) safetensors + tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from gemma_export.gemma3.reference import hf_config
+    from gemma_export.loading import tokenizer_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(model.cfg).to_dict()
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    names = sorted(state)
+    parts = np.array_split(np.arange(len(names)), shards)
+    weight_map = {}
+    for i, idx in enumerate(parts):
+        fname = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({names[j]: state[names[j]] for j in idx}, str(folder / fname))
+        weight_map.update({names[j]: fname for j in idx})
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(tokenizer_for("preset", None), folder / "tokenizer.json")
+    return folder
+
+
+def small_tokenizer(path, specials=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")):
+    """A tiny word-level tokenizer.json (with or without Gemma's special tokens); returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate([*specials, "<unk>", "the", "capital", "of", "France", "is"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return len(vocab)
+
+
+def logits(model, ids, prefill_len: int = 16):
+    """All logits of `ids` through the eager model in full prefill chunks."""
+    from gemma_export.session import TorchSession, feed
+
+    return np.concatenate([lg for _, lg in feed(TorchSession(model, prefill_len=prefill_len), ids)])
+
+
+def load_error(path) -> str:
+    """Loading `path` fails with one CheckpointError line; returns it."""
+    import pytest
+
+    from gemma_export.errors import CheckpointError
+    from gemma_export.loading import load
+
+    with pytest.raises(CheckpointError) as e:
+        load(ModelSpec(str(path), max_context=256))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg

@@ -1,0 +1,16 @@
+"""Figures computed from a config alone: parameters, weight bytes, window-sized KV cache bytes."""
+
+from gemma_export.gemma3.config import preset
+from gemma_export.sizes import format_report, kv_cache_bytes, report
+
+
+def test_window_cache_is_under_30_percent_for_1b_at_4096():
+    r = report(preset("gemma3-1b"), 4096)
+    assert r["kv_cache"]["window_over_full"] <= 0.30
+    # 22 local layers x 512 + 4 global x 4096 positions, K and V, 256 dims, fp32
+    assert kv_cache_bytes(preset("gemma3-1b"), 4096, True) == (22 * 512 + 4 * 4096) * 2 * 256 * 4
+
+
+def test_text_report_names_the_layer_pattern():
+    text = format_report(report(preset("gemma3-4b"), 131_072))
+    assert "34 (29 local, window 1024; 5 global)" in text and "window-sized" in text

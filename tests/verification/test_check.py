@@ -1,0 +1,110 @@
+"""verify_artifact and verify_build: every artifact against its reference (loaded once per model),
+one table, the formats against each other; eval against fp32."""
+
+import json
+
+import numpy as np
+import pytest
+
+import gemma_export.verification.check as check_mod
+from gemma_export.api import DEFAULT_TEXT
+from gemma_export.verification.check import EvalPlan, VerifyPlan, evaluate, verify_artifact
+from helpers import TINY, cli, resign
+
+FAST = ["--positions", "40", "--new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def build(artifacts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    for fmt in ("onnx", "tflite"):
+        artifacts.copy(fmt, root / fmt / "fp32")
+    return root
+
+
+def plant_weight_fault(folder):
+    data = folder / "model.onnx.data"
+    w = np.fromfile(data, dtype=np.float32)
+    w[: 1 << 20] *= 1.5
+    w.tofile(data)
+    resign(folder)
+
+
+def test_one_artifact_passes_with_a_report(artifacts):
+    v = verify_artifact(artifacts.get("onnx"), VerifyPlan(DEFAULT_TEXT, positions=48, new_tokens=8))
+    r = v.report
+    assert v.passed and r["pass"] and r["judged"] == "against the reference" and r["window"] == 16
+    assert r["positions"] == 48 and r["greedy_reference"] == r["greedy_test"]
+    assert {c["metric"] for c in r["checks"]} == {"top1_agreement", "top5_overlap", "mean_kl"}
+    v.raise_if_failed()
+
+
+def test_every_artifact_verified_with_one_reference_table_json_and_report(build, tmp_path, monkeypatch):
+    calls = []
+    real = check_mod.reference_for
+    monkeypatch.setattr(check_mod, "reference_for", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rep = tmp_path / "rep"
+    res = cli("verify", build, "--all", "--report", rep, *FAST)
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1  # both artifacts come from the same model
+    lines = res.output.splitlines()
+    assert lines[0].split()[:3] == ["artifact", "format", "recipe"]
+    assert lines[1].startswith("onnx/fp32") and lines[1].endswith("PASS")
+    assert lines[2].startswith("tflite/fp32") and lines[2].endswith("PASS")
+    assert any(line.startswith("onnx/fp32 vs tflite/fp32") for line in lines)
+    assert lines[-1] == f"PASS all 2 artifacts in {build}"
+    data = json.loads((rep / "report.json").read_text())
+    assert data["pass"] and [r["format"] for r in data["artifacts"]] == ["onnx", "tflite"]
+    (pair,) = data["pairwise"]
+    assert pair["formats"] == "onnx/fp32 vs tflite/fp32" and pair["positions"] == 40
+    assert pair["top1_agreement"] == 1.0 and pair["mean_kl"] < 1e-8 and pair["max_abs_diff"] < 1e-3
+    assert "onnx/fp32 vs tflite/fp32" in (rep / "report.md").read_text()
+    assert (rep / "onnx__fp32" / "parity.png").is_file() and (rep / "tflite__fp32" / "report.md").is_file()
+
+
+def test_build_json_on_stdout(build):
+    res = cli("verify", build, "--all", "--json", "--positions", "20", "--new-tokens", "2")
+    data = json.loads(res.stdout)  # stdout is one JSON document
+    assert res.exit_code == 0 and data["pass"] and len(data["artifacts"]) == 2 and data["pairwise"]
+
+
+def test_one_faulty_artifact_fails_the_build_with_exit_3(build, tmp_path):
+    import shutil
+
+    bad = tmp_path / "build"
+    shutil.copytree(build, bad)
+    plant_weight_fault(bad / "onnx" / "fp32")
+    res = cli("verify", bad, "--all", "--report", tmp_path / "rep", *FAST)
+    assert res.exit_code == 3, res.output
+    assert f"parity FAILED for 1 of 2 artifacts: {bad / 'onnx' / 'fp32'}" in res.output
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    rows = {r["format"]: r for r in data["artifacts"]}
+    assert not rows["onnx"]["pass"] and rows["tflite"]["pass"]
+    assert any(f.startswith("mean_kl") for f in rows["onnx"]["failures"])
+    (pair,) = data["pairwise"]
+    assert pair["mean_kl"] > 1e-4  # the formats disagree with each other too
+
+
+def test_unreadable_artifact_is_an_error_row_and_exit_1(build, tmp_path):
+    import shutil
+
+    bad = tmp_path / "build"
+    shutil.copytree(build, bad)
+    (bad / "tflite" / "fp32" / "model.tflite").write_bytes(b"")
+    res = cli("verify", bad, "--all", *FAST)
+    assert res.exit_code == 1, res.output
+    assert "ERROR:" in res.output and "truncated or replaced" in res.output
+    assert "1 artifact(s) could not be verified" in res.output
+
+
+def test_empty_build_folder(tmp_path):
+    res = cli("verify", tmp_path, "--all")
+    assert res.exit_code == 1 and "no artifact folders" in res.output
+
+
+def test_eval_of_an_artifact_is_against_fp32(artifacts):
+    r = evaluate(str(artifacts.get("onnx")), TINY, "fp32", 16, EvalPlan(DEFAULT_TEXT, positions=40))
+    assert r["positions"] == 40 and r["mean_kl"] < 1e-8 and r["top1_agreement"] == 1.0
+    assert r["perplexity"] == pytest.approx(r["perplexity_reference"], rel=1e-5)
+    only = evaluate(str(artifacts.get("onnx")), TINY, "fp32", 16, EvalPlan(DEFAULT_TEXT, 40, with_reference=False))
+    assert only["perplexity"] == pytest.approx(r["perplexity"], rel=1e-4) and "mean_kl" not in only
