@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import replace
 
-from gemma_export.recipes import PRESETS, QuantRecipe, Rule, Scheme
+from gemma_export.quant.recipes import PRESETS, QuantRecipe, Rule, Scheme
 
 E, L = "embed_tokens", "layers.*"
 W8, D8 = Scheme(8), Scheme(8, activations="int8-dynamic")
@@ -66,12 +66,11 @@ def main(argv=None):
     import torch
 
     from benchmarks.run import RESULTS
-    from gemma_export.cli import default_eval_text
     from gemma_export.loading import ModelSpec, load
-    from gemma_export.quantize import quantize_
+    from gemma_export.quant.quantize import quantize_
     from gemma_export.session import TorchSession
     from gemma_export.tokenizer import Tokenizer
-    from gemma_export.verify import teacher_forced
+    from gemma_export.verification.parity import teacher_forced
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", choices=SUITES, default="int8")
@@ -85,7 +84,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     loaded = load(ModelSpec("gemma3-270m"))
     tok = Tokenizer(loaded.tokenizer_path)
-    ids = tok.encode(default_eval_text().read_text())[:args.positions]
+    ids = tok.encode(calibration.EVAL_TEXT.read_text())[:args.positions]
     ref = TorchSession(loaded.model, prefill_len=128)
     gaps = top2_gaps(ref, ids)
     print("fp32 top-1/top-2 logit gap: " + ", ".join(f"{100 * v:.1f}% of positions < {k}" for k, v in gaps.items()))
@@ -121,7 +120,7 @@ def top2_gaps(session, ids, limits=(0.01, 0.02, 0.05, 0.1)) -> dict:
     those flip under the smallest perturbation, which bounds any top-1 agreement."""
     import numpy as np
 
-    from gemma_export.verify import feed
+    from gemma_export.session import feed
 
     session.reset()
     top2 = np.concatenate([np.sort(logits, axis=-1)[:, -2:] for _, logits in feed(session, ids)])

@@ -31,17 +31,18 @@ MODELS = {"270m": ["gemma3-270m"], "1b": ["gemma3-1b", "--random-weights"]}
 
 
 def unsupported(fmt: str, recipe: str) -> str | None:
-    from converters import unsupported_reason
-    from gemma_export.recipes import resolve
+    from gemma_export.backends import get
+    from gemma_export.quant.recipes import resolve
 
-    return unsupported_reason(fmt, resolve(recipe))
+    return get(fmt).lowering.refusal(resolve(recipe))
 
 
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run a command; return wall seconds, peak RSS (its own, from wait4) and exit code."""
+def run_measured(cmd: list[str], log: Path, stdout: Path | None = None) -> dict:
+    """Run a command; return wall seconds, peak RSS (its own, from wait4) and exit code. Its stderr
+    (and stdout, unless `stdout` names a file for it) go to `log`."""
     start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    with log.open("w") as f, (stdout.open("w") if stdout else open(os.devnull, "w")) as out:
+        proc = subprocess.Popen(cmd, stdout=out if stdout else f, stderr=f, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     return {
         "command": " ".join(cmd[2:] if cmd[:3] == GE else cmd).replace("gemma_export", "gemma-export"),
@@ -57,7 +58,7 @@ def artifact_dir(model: str, fmt: str, recipe: str = "fp32") -> Path:
 
 
 def bench_export(models, formats, recipe="fp32") -> list[dict]:
-    from gemma_export.recipes import resolve
+    from gemma_export.quant.recipes import resolve
 
     rows = []
     for model in models:
@@ -114,12 +115,14 @@ def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
 
 
 def run_with_report(command: str, stage: str, fmt: str, recipe: str, args=()) -> dict:
-    """`gemma-export COMMAND ARTIFACT --json REPORT` on a 270M artifact, measured, merged with its report."""
+    """`gemma-export COMMAND ARTIFACT --json` on a 270M artifact, measured, merged with the JSON it printed."""
     out, report = artifact_dir("270m", fmt, recipe), OUT / f"{stage}-270m-{fmt}-{recipe}.json"
     print(f"{command} 270m {fmt} {recipe} ...", flush=True)
-    row = run_measured([*GE, command, str(out), *args, "--json", str(report)], OUT / f"{command}-270m-{fmt}-{recipe}.log")
-    if report.is_file():
+    row = run_measured([*GE, command, str(out), *args, "--json"], OUT / f"{command}-270m-{fmt}-{recipe}.log", report)
+    try:
         row.update(json.loads(report.read_text()))
+    except (OSError, json.JSONDecodeError):
+        pass  # the command failed before printing its result: the row keeps its exit code and log
     return row
 
 
@@ -137,7 +140,7 @@ def bench_parity(formats, recipe="fp32") -> list[dict]:
 def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=2, repeats=5) -> list[dict]:
     import numpy as np
 
-    from gemma_export.package import open_artifact
+    from gemma_export.runtime import open_artifact
 
     rows = []
     for fmt in formats:
