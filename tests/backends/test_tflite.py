@@ -9,6 +9,7 @@ from gemma_export.errors import UnsupportedError
 from gemma_export.runtime import open_artifact
 
 
+@pytest.mark.slow
 def test_fp32_file_holds_no_integer_weights(artifacts):
     assert read_codes(artifacts.get("tflite") / "model.tflite") == {}
 

@@ -8,7 +8,7 @@ import pytest
 
 import gemma_export.verification.check as check_mod
 from gemma_export.api import DEFAULT_TEXT
-from gemma_export.verification.check import EvalPlan, VerifyPlan, evaluate, verify_artifact
+from gemma_export.verification.check import EvalPlan, VerifyPlan, evaluate, verify_artifact, verify_build
 from helpers import TINY, cli, resign
 
 FAST = ["--positions", "40", "--new-tokens", "6"]
@@ -16,9 +16,10 @@ FAST = ["--positions", "40", "--new-tokens", "6"]
 
 @pytest.fixture(scope="module")
 def build(artifacts, tmp_path_factory):
+    """Two artifacts of one model: the ONNX graph with and without its debug output."""
     root = tmp_path_factory.mktemp("build")
-    for fmt in ("onnx", "tflite"):
-        artifacts.copy(fmt, root / fmt / "fp32")
+    artifacts.copy("onnx", root / "onnx" / "fp32")
+    artifacts.copy("onnx", root / "onnx-release" / "fp32", debug=False)
     return root
 
 
@@ -50,16 +51,28 @@ def test_every_artifact_verified_with_one_reference_table_json_and_report(build,
     lines = res.output.splitlines()
     assert lines[0].split()[:3] == ["artifact", "format", "recipe"]
     assert lines[1].startswith("onnx/fp32") and lines[1].endswith("PASS")
-    assert lines[2].startswith("tflite/fp32") and lines[2].endswith("PASS")
-    assert any(line.startswith("onnx/fp32 vs tflite/fp32") for line in lines)
+    assert lines[2].startswith("onnx-release/fp32") and lines[2].endswith("PASS")
+    assert any(line.startswith("onnx/fp32 vs onnx-release/fp32") for line in lines)
     assert lines[-1] == f"PASS all 2 artifacts in {build}"
     data = json.loads((rep / "report.json").read_text())
-    assert data["pass"] and [r["format"] for r in data["artifacts"]] == ["onnx", "tflite"]
+    assert data["pass"] and [r["artifact"] for r in data["artifacts"]] == [str(build / "onnx" / "fp32"),
+                                                                           str(build / "onnx-release" / "fp32")]
     (pair,) = data["pairwise"]
-    assert pair["formats"] == "onnx/fp32 vs tflite/fp32" and pair["positions"] == 40
-    assert pair["top1_agreement"] == 1.0 and pair["mean_kl"] < 1e-8 and pair["max_abs_diff"] < 1e-3
-    assert "onnx/fp32 vs tflite/fp32" in (rep / "report.md").read_text()
-    assert (rep / "onnx__fp32" / "parity.png").is_file() and (rep / "tflite__fp32" / "report.md").is_file()
+    assert pair["formats"] == "onnx/fp32 vs onnx/fp32" and pair["positions"] == 40
+    assert pair["top1_agreement"] == 1.0 and pair["mean_kl"] == 0.0
+    assert "onnx/fp32 vs onnx-release/fp32" in (rep / "report.md").read_text()
+    assert (rep / "onnx__fp32" / "parity.png").is_file() and (rep / "onnx-release__fp32" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_every_format_against_the_others(artifacts, tmp_path):
+    for fmt in ("onnx", "tflite", "pte"):
+        artifacts.copy(fmt, tmp_path / fmt)
+    result = verify_build(tmp_path, VerifyPlan(DEFAULT_TEXT, positions=40, new_tokens=6))
+    assert result.passed, [r.get("failures") for r in result.rows]
+    pairs = {p["formats"]: p for p in result.pairwise}
+    assert set(pairs) == {"onnx/fp32 vs pte/fp32", "onnx/fp32 vs tflite/fp32", "pte/fp32 vs tflite/fp32"}
+    assert all(p["top1_agreement"] == 1.0 and p["mean_kl"] < 1e-6 for p in pairs.values()), pairs
 
 
 def test_build_json_on_stdout(build):
@@ -78,11 +91,11 @@ def test_one_faulty_artifact_fails_the_build_with_exit_3(build, tmp_path):
     assert res.exit_code == 3, res.output
     assert f"parity FAILED for 1 of 2 artifacts: {bad / 'onnx' / 'fp32'}" in res.output
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    rows = {r["format"]: r for r in data["artifacts"]}
-    assert not rows["onnx"]["pass"] and rows["tflite"]["pass"]
-    assert any(f.startswith("mean_kl") for f in rows["onnx"]["failures"])
+    rows = data["artifacts"]
+    assert [r["pass"] for r in rows] == [False, True]
+    assert any(f.startswith("mean_kl") for f in rows[0]["failures"])
     (pair,) = data["pairwise"]
-    assert pair["mean_kl"] > 1e-4  # the formats disagree with each other too
+    assert pair["mean_kl"] > 1e-4  # the two artifacts disagree with each other too
 
 
 def test_unreadable_artifact_is_an_error_row_and_exit_1(build, tmp_path):
@@ -90,7 +103,7 @@ def test_unreadable_artifact_is_an_error_row_and_exit_1(build, tmp_path):
 
     bad = tmp_path / "build"
     shutil.copytree(build, bad)
-    (bad / "tflite" / "fp32" / "model.tflite").write_bytes(b"")
+    (bad / "onnx-release" / "fp32" / "model.onnx").write_bytes(b"")
     res = cli("verify", bad, "--all", *FAST)
     assert res.exit_code == 1, res.output
     assert "ERROR:" in res.output and "truncated or replaced" in res.output
