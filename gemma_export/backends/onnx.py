@@ -107,11 +107,11 @@ def _trace(model, job, workdir: Path, progress) -> None:
     t = torch.export.Dim("T", min=1, max=job.prefill_len)
     dynamic = {"tokens": {1: t}, "pos": None, "length": None, "caches": [None] * len(caches)}
     outputs = ["logits", *[f"{n}_out" for n in names]] + ([HIDDEN] if job.debug_outputs else [])
+    graph = _Graph(model, decode=False, hidden=job.debug_outputs).eval()
     progress("torch.onnx.export (dynamo)")
     with torch.no_grad():
         program = torch.onnx.export(
-            _Graph(model, decode=False, hidden=job.debug_outputs), (inputs["tokens"], inputs["pos"], inputs["length"],
-                                                                    caches),
+            graph, (inputs["tokens"], inputs["pos"], inputs["length"], caches),
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
             input_names=["tokens", "pos", "length", *names], output_names=outputs, optimize=True, verbose=False,
         )
