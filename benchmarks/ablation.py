@@ -69,7 +69,7 @@ def main(argv=None):
     from gemma_export.loading import ModelSpec, load
     from gemma_export.quant.quantize import quantize_
     from gemma_export.session import TorchSession
-    from gemma_export.tokenizer import Tokenizer
+    from gemma_export.loading import Tokenizer
     from gemma_export.verification.parity import teacher_forced
 
     ap = argparse.ArgumentParser()

@@ -40,7 +40,7 @@ def table(model: str = "270m") -> str:
 
 
 def sizes(model: str = "1b") -> str:
-    from gemma_export.config import PRESETS
+    from gemma_export.gemma3.config import PRESETS
 
     cfg = PRESETS[f"gemma3-{model}"]
     params = cfg.param_counts()["total"]

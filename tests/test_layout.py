@@ -124,3 +124,16 @@ def test_function_level_imports_of_our_modules_only_defer_heavy_ones(module):
     light = [name for name, top in imports(module)
              if not top and (t := ours(name)) and t != module and not _heavy_at_import(t)]
     assert not light, f"{module} imports {light} inside a function (no heavy import to defer)"
+
+
+def test_the_benchmarks_import_what_exists():
+    """benchmarks/ is not imported by the suite; its imports of the package must still resolve."""
+    import importlib
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gemma_export"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+                        f"{path.name}: {node.module}.{alias.name}"
