@@ -100,8 +100,7 @@ def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, th
 def evaluate(model: str, spec: ModelSpec | None = None, recipe="fp32", prefill_len: int = 128,
              plan: check.EvalPlan | None = None, progress=lambda m: None) -> dict:
     """Perplexity on held-out text, and KL / top-1 agreement against the fp32 model."""
-    return check.evaluate(model, spec or ModelSpec(model), recipe, prefill_len, plan or check.EvalPlan(DEFAULT_TEXT),
-                          progress)
+    return check.evaluate(spec or ModelSpec(model), recipe, prefill_len, plan or check.EvalPlan(DEFAULT_TEXT), progress)
 
 
 def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32") -> dict:

@@ -58,8 +58,6 @@ class ExportJob:
             raise ConfigError(f"a format is named twice: {', '.join(formats)}")
         if self.prefill_len < 2:
             raise ConfigError(f"prefill length must be at least 2, got {self.prefill_len}")
-        if self.max_context is not None and self.prefill_len > self.max_context:
-            raise ConfigError(f"prefill length {self.prefill_len} exceeds max context {self.max_context}")
 
     @classmethod
     def single(cls, model: ModelSpec, fmt: str, out, **settings) -> "ExportJob":

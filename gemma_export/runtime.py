@@ -40,17 +40,19 @@ class Opened:
                sampling: Sampling = Sampling()) -> Iterator[int]:
         """New token ids for a text prompt (the Gemma chat format with `chat`); a stop token, if
         one comes, is the last."""
-        tok = self.tokenizer
-        ids = tok.chat(prompt) if chat else tok.encode(prompt)
-        return generate(self.session, ids, max_new_tokens, tok.stop_ids, sampling)
+        return generate(self.session, self._prompt_ids(prompt, chat), max_new_tokens, self.tokenizer.stop_ids, sampling)
+
+    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, chat: bool = False, sampling: Sampling = Sampling(),
                  on_text: Callable[[str], None] | None = None) -> Generation:
         """Generate from a text prompt; `on_text` receives the new text as it is decoded."""
         tok, stop = self.tokenizer, self.tokenizer.stop_ids
+        ids = self._prompt_ids(prompt, chat)
         start = time.perf_counter()
         first, tokens, shown = None, [], ""
-        for token in self.stream(prompt, max_new_tokens, chat, sampling):
+        for token in generate(self.session, ids, max_new_tokens, stop, sampling):
             first = first or time.perf_counter()
             tokens.append(token)
             if on_text is not None and token not in stop:
@@ -58,8 +60,7 @@ class Opened:
                 on_text(text[len(shown):])
                 shown = text
         end = time.perf_counter()
-        prompt_tokens = len(tok.chat(prompt) if chat else tok.encode(prompt))
-        return Generation(prompt_tokens, tokens, tok.decode([t for t in tokens if t not in stop]),
+        return Generation(len(ids), tokens, tok.decode([t for t in tokens if t not in stop]),
                           (first or end) - start, end - start)
 
 

@@ -181,11 +181,11 @@ class EvalPlan:
     threads: int = 2
 
 
-def evaluate(model: str, spec: ModelSpec, recipe: str, prefill_len: int, plan: EvalPlan, progress=lambda m: None) -> dict:
-    """Perplexity of a model (an artifact, or `spec` quantized in PyTorch by `recipe`) on a text,
-    and its KL / top-1 agreement against the fp32 model it came from."""
-    if is_artifact(model):
-        test = open_artifact(model, plan.threads)
+def evaluate(spec: ModelSpec, recipe: str, prefill_len: int, plan: EvalPlan, progress=lambda m: None) -> dict:
+    """Perplexity of a model (an artifact folder, or the model `spec` quantized in PyTorch by
+    `recipe`) on a text, and its KL / top-1 agreement against the fp32 model it came from."""
+    if is_artifact(spec.source):
+        test = open_artifact(spec.source, plan.threads)
     else:
         test = open_model(spec, recipe, prefill_len, plan.threads, progress)
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]

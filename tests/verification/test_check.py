@@ -9,7 +9,8 @@ import pytest
 import gemma_export.verification.check as check_mod
 from gemma_export.api import DEFAULT_TEXT
 from gemma_export.verification.check import EvalPlan, VerifyPlan, evaluate, verify_artifact, verify_build
-from helpers import TINY, cli, resign
+from gemma_export.loading import ModelSpec
+from helpers import cli, resign
 
 FAST = ["--positions", "40", "--new-tokens", "6"]
 
@@ -116,8 +117,9 @@ def test_empty_build_folder(tmp_path):
 
 
 def test_eval_of_an_artifact_is_against_fp32(artifacts):
-    r = evaluate(str(artifacts.get("onnx")), TINY, "fp32", 16, EvalPlan(DEFAULT_TEXT, positions=40))
+    art = ModelSpec(str(artifacts.get("onnx")))
+    r = evaluate(art, "fp32", 16, EvalPlan(DEFAULT_TEXT, positions=40))
     assert r["positions"] == 40 and r["mean_kl"] < 1e-8 and r["top1_agreement"] == 1.0
     assert r["perplexity"] == pytest.approx(r["perplexity_reference"], rel=1e-5)
-    only = evaluate(str(artifacts.get("onnx")), TINY, "fp32", 16, EvalPlan(DEFAULT_TEXT, 40, with_reference=False))
+    only = evaluate(art, "fp32", 16, EvalPlan(DEFAULT_TEXT, 40, with_reference=False))
     assert only["perplexity"] == pytest.approx(r["perplexity"], rel=1e-4) and "mean_kl" not in only
