@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import backends
+from .backends.base import Vocab
 from .artifact import TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, staging, write_manifest
 from .errors import ConfigError
 from .gemma3 import family
@@ -132,7 +133,7 @@ def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: b
     model = prepared.loaded.take_model() if last else copy.deepcopy(prepared.loaded.model)
     with staging(target.out, job.force) as tmp:
         progress(f"converting to {target.format} (prefill {job.prefill_len}, context {job.max_context})")
-        exported = backend.export(model, job, tmp, progress)
+        exported = backend.export(model, job, tmp, progress, Vocab.of(Tokenizer(prepared.loaded.tokenizer_path)))
         del model
         progress("writing manifest (sha256 of every file)")
         manifest = package(tmp, job, target, prepared, exported, round(prepared.seconds + time.perf_counter() - t0, 1))
@@ -150,7 +151,7 @@ def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, ex
         model=ModelInfo(cfg.name, loaded.source, job.model.to_dict(), cfg.to_dict()),
         job=job.settings(),
         prefill_len=job.prefill_len, max_context=job.max_context, window=cfg.sliding_window,
-        cache_lengths=tuple(cfg.cache_len(i, job.max_context) for i in range(cfg.num_layers)),
+        cache_lengths=exported.cache_lengths or tuple(cfg.cache_len(i, job.max_context) for i in range(cfg.num_layers)),
         tokenizer=TokenizerInfo(TOKENIZER, cfg.bos_token_id, cfg.eos_token_id, family.STOP_TOKENS,
                                 family.CHAT_TEMPLATE),
         recipe=(quant.recipe if quant else resolve(job.recipe)).to_dict(),

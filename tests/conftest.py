@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CTX, T, TINY
+from helpers import CTX, TEXT, T, TINY
 
 torch.set_num_threads(2)
 
-TEXT = Path(__file__).parent / "data" / "gpl-3.txt"
 
 
 @pytest.fixture(scope="session")

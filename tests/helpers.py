@@ -15,6 +15,7 @@ from gemma_export.loading import ModelSpec
 T, CTX = 16, 256  # the tiny artifacts' prefill length and context (window 16: the text runs far past it)
 TINY = ModelSpec("tiny", random_weights=True, seed=0, max_context=CTX)
 FORMATS = ("onnx", "tflite", "pte")
+TEXT = Path(__file__).parent / "data" / "gpl-3.txt"
 
 
 def cli(*args):

@@ -4,9 +4,12 @@ A backend is one module exposing `BACKEND`, an object with:
   name        the name used on the command line and in manifests
   lowering    what it lowers (`Lowering`): checked against a recipe before any work starts
   runner      how a device runs the artifact (`Runner`): the golden bundle's script names it
-  export(model, job, workdir, progress) -> Exported     write the model files into workdir
+  export(model, job, workdir, progress, vocab) -> Exported   write the model files into workdir
   open(folder, manifest, threads) -> Session            run the artifact in the format's runtime
   read_codes(folder, manifest) -> [codes]               the integer weight codes the files hold
+  stock_generate(folder, manifest, text, max_new_tokens) -> Stock
+                greedy generation by the runtime's own LLM API on the artifact as shipped (the
+                prompt text has no <bos>: each runtime adds it its own way)
 """
 
 from __future__ import annotations
@@ -70,12 +73,38 @@ class Runner:
 
 
 @dataclass(frozen=True)
+class Vocab:
+    """What a runtime's own metadata needs of the tokenizer: the file to ship beside the model,
+    BOS, the stop tokens (ids), padding and the chat template."""
+
+    path: Path
+    bos_id: int
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    chat_template: str
+
+    @classmethod
+    def of(cls, tokenizer) -> "Vocab":
+        return cls(tokenizer.path, tokenizer.bos_id, tokenizer.pad_id, tuple(tokenizer.stop_ids), family.CHAT_TEMPLATE)
+
+
+@dataclass(frozen=True)
+class Stock:
+    """What a runtime's stock LLM API generated: the text as it streams it, and the token ids where
+    the API gives them (the stop token, if one came, left out of both)."""
+
+    text: str
+    tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Exported:
     """What a backend's export adds to the manifest."""
 
     entry_points: dict
     program: dict  # at least "file"; "external_data" when weights live beside it
     versions: dict = field(default_factory=dict)
+    cache_lengths: tuple[int, ...] | None = None  # when the runtime's caches differ from the model's
 
 
 class Backend(Protocol):
@@ -83,7 +112,7 @@ class Backend(Protocol):
     lowering: Lowering
     runner: Runner
 
-    def export(self, model, job, workdir: Path, progress: Progress) -> Exported: ...
+    def export(self, model, job, workdir: Path, progress: Progress, vocab: Vocab) -> Exported: ...
 
     def open(self, folder: Path, manifest: Manifest, threads: int) -> BaseSession: ...
 
@@ -91,6 +120,8 @@ class Backend(Protocol):
         """Every integer code array stored in the artifact (int8; [out, in], or [in, out] where
         the format stores a weight transposed): the bit-exact test looks for PyTorch's codes here."""
         ...
+
+    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> "Stock": ...
 
 
 def require(module: str, backend: str):

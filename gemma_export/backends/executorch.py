@@ -1,8 +1,11 @@
-"""ExecuTorch (.pte): prefill and decode methods in one program, lowered to XNNPACK.
+"""ExecuTorch (.pte): the program ExecuTorch's LLM runner drives, lowered to XNNPACK.
 
-The KV cache lives inside the program as mutable buffers shared by both methods
-(`MemoryPlanningPass(share_mutable_buffers=True)`), each sized per layer type exactly as in the
-PyTorch model. Weights are stored once (XNNPACK's named data store deduplicates them).
+One method, `forward(tokens int64 [1, T], input_pos int64 [1])` -> logits [1, T, V], serves
+prefill chunks (T up to the prefill length, a dynamic dimension) and decode (T = 1), and the
+constant methods the runner reads (`get_max_seq_len`, `get_eos_ids`, ...) describe it, so
+`TextLLMRunner` / `llama_main` run the artifact as they are. The KV cache lives inside the program
+as mutable buffers (`MemoryPlanningPass(share_mutable_buffers=True)` lets `reset` and the debug
+method share them), each sized per layer type exactly as in the PyTorch model.
 
 Quantized layers are written as torchao's choose-qparams / quantize / dequantize pattern, which
 XNNPACK runs as integer GEMMs on the codes (its own dynamic int8 activations). The tied token
@@ -32,13 +35,14 @@ from ..quant.modules import QEmbedding, QLinear, TiedQHead
 from ..quant.packing import pack_int4, unpack_int4
 from ..quant.quantize import quantized_state
 from ..session import BaseSession
-from ..trace import DECODE, PREFILL, cache_names, describe_io, sample_inputs, sample_outputs
-from .base import Exported, Lowering, Runner, require, session_info
+from ..trace import cache_names, describe_io, sample_outputs
+from .base import Exported, Lowering, Runner, Stock, require, session_info
 
 FILE = "model.pte"
 DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and the head
+FORWARD = "forward"
 HIDDEN = "hidden"
-RESET = "reset"  # zeroes the KV cache: call once after loading and before each new sequence
+RESET = "reset"  # zeroes the KV cache (optional: a freshly loaded program starts valid)
 
 
 class PteBackend:
@@ -46,26 +50,26 @@ class PteBackend:
     # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
     lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}))
     runner = Runner("GEMMA_PTE_RUNNER",
-                    "an executor_runner-style binary linked with the ExecuTorch runtime that loads the\n"
-                    "methods `prefill` and `decode` of the .pte with model.ptd as its external\n"
-                    "data map (the token table), calling method `reset` once before the first\n"
-                    "prefill (it zeroes the KV cache; the stock executor_runner runs one\n"
-                    "method once, so it cannot drive the cache; build one with this interface)")
+                    "ExecuTorch's llama runner (llama_main, built from executorch/examples/models/llama\n"
+                    "with XNNPACK, quantized and LLM custom kernels), run as\n"
+                    "$GEMMA_PTE_RUNNER --model_path model.pte --data_path model.ptd\n"
+                    "--tokenizer_path tokenizer.json --prompt ... --temperature 0")
 
-    def export(self, model, job, workdir: Path, progress) -> Exported:
+    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         require("executorch.exir", self.name)
         quantized = [{"name": n, "shape": list(q.shape), "bits": scheme.bits}
                      for n, (q, _, scheme) in quantized_state(model).items()]
         if _to_xnnpack_pattern(model):
             progress("quantized layers written as torchao's pattern for XNNPACK's integer kernels")
         programs, io = _export_methods(model, job, progress)
+        metadata = runner_metadata(model, job, vocab)
         del model  # the exported programs hold the weights now; nothing else should
         gc.collect()
-        _lower_and_write(programs, workdir, progress)
+        _lower_and_write(programs, metadata, workdir, progress)
         return Exported(
-            entry_points={PREFILL: io[PREFILL], DECODE: io[DECODE]},
+            entry_points=io,
             program={"file": FILE, "external_data": f"{DATA_TAG}.ptd", "backend": "XnnpackPartitioner",
-                     "kv_cache": "mutable buffers in the program",
+                     "kv_cache": "mutable buffers in the program", "runner_metadata": metadata,
                      "debug_entry_point": HIDDEN if job.debug_outputs else None, "reset_method": RESET,
                      "quantized_weights": quantized},
             versions=versions("executorch", "torchao"))
@@ -88,6 +92,20 @@ class PteBackend:
                 elif bits == 4 and raw.size * 2 == count:
                     out.append(unpack_int4(raw, count, offset=True).reshape(shape))
         return out
+
+
+    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
+        """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main)."""
+        require("executorch.kernels.quantized", self.name)  # registers the kernels the runner needs
+        require("executorch.extension.llm.custom_ops.custom_ops", self.name)
+        llm = require("executorch.extension.llm.runner", self.name)
+        prog = manifest.program
+        runner = llm.TextLLMRunner(str(folder / prog["file"]), str(folder / manifest.tokenizer.file),
+                                   str(folder / prog["external_data"]))
+        pieces: list[str] = []
+        runner.generate(text, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                   num_bos=1, num_eos=0), token_callback=pieces.append)
+        return Stock("".join(pieces))  # the runner streams text only
 
 
 BACKEND = PteBackend()
@@ -208,17 +226,19 @@ class _Cache(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
 
 
-class _Step(nn.Module):
-    """One entry point over the shared model and the shared cache buffers."""
+class _Forward(nn.Module):
+    """The LLM runner's entry point: `forward(tokens int64 [1, T], input_pos int64 [1])` -> logits
+    [1, T, V], T from 1 (decode) to the prefill length, over the shared cache buffers. ExecuTorch's
+    runner feeds int64; XNNPACK takes int32, so the cast is the program's first op."""
 
-    def __init__(self, model, cache: _Cache, decode: bool):
+    def __init__(self, model, cache: _Cache):
         super().__init__()
-        self.model, self.cache, self.decode = model, cache, decode
+        self.model, self.cache = model, cache
         self.names = cache_names(model.cfg.num_layers)
 
-    def forward(self, tokens, pos, length=None):
-        if self.decode:
-            length = torch.ones(1, dtype=torch.int32)
+    def forward(self, tokens, input_pos):
+        tokens, pos = tokens.to(torch.int32), input_pos.to(torch.int32)
+        length = torch.full((1,), tokens.shape[1], dtype=torch.int32)
         caches = [getattr(self.cache, n) for n in self.names]
         logits, new = self.model.step(tokens, pos, length, caches)
         for buf, value in zip(caches, new):
@@ -227,9 +247,9 @@ class _Step(nn.Module):
 
 
 class _Reset(nn.Module):
-    """Zero the shared cache buffers. The program stores no initial cache state (it would be the
-    size of the whole cache, in zeros, in the file); the runtime's planned memory is not
-    guaranteed to be zero, and unwritten slots, though masked, must not hold NaN or Inf."""
+    """Zero the shared cache buffers (for drivers that reuse a loaded program across unrelated
+    sequences). A fresh program needs no reset: runtimes zero-fill planned memory, and the sliding
+    cache masks every slot that a sequence has not written yet."""
 
     def __init__(self, cache: _Cache):
         super().__init__()
@@ -258,24 +278,40 @@ class _Hidden(nn.Module):
 def _export_methods(model, job, progress) -> tuple[dict, dict]:
     """torch.export of every method (non-strict: strict tracing copies every weight)."""
     cache = _Cache(model)
-    programs, io = {}, {}
-    for name, t, decode in ((PREFILL, job.prefill_len, False), (DECODE, 1, True)):
-        inputs = sample_inputs(model, t, decode, with_cache=False)
-        progress(f"torch.export {name} (T={t})")
-        with torch.no_grad():
-            programs[name] = torch.export.export(_Step(model, cache, decode), tuple(inputs.values()), strict=False)
-        io[name] = describe_io(inputs, sample_outputs(model, t, with_cache=False))
+    t = job.prefill_len
+    chunk = torch.export.Dim("chunk", min=1, max=t)
+    inputs = {"tokens": torch.zeros(1, t, dtype=torch.int64), "input_pos": torch.zeros(1, dtype=torch.int64)}
+    progress(f"torch.export {FORWARD} (T = 1..{t})")
     with torch.no_grad():
+        programs = {FORWARD: torch.export.export(_Forward(model, cache), tuple(inputs.values()),
+                                                 dynamic_shapes=({1: chunk}, None), strict=False)}
         programs[RESET] = torch.export.export(_Reset(cache), (torch.zeros(1, dtype=torch.int32),), strict=False)
+    io = {FORWARD: {"chunk": f"1..{t}", **describe_io(inputs, sample_outputs(model, t, with_cache=False))}}
     if job.debug_outputs:
-        progress(f"torch.export {HIDDEN} (debug, T={job.prefill_len})")
-        tokens, length = torch.zeros(1, job.prefill_len, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+        progress(f"torch.export {HIDDEN} (debug, T={t})")
+        tokens, length = torch.zeros(1, t, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
         with torch.no_grad():
             programs[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
     return programs, io
 
 
-def _lower_and_write(programs: dict, workdir: Path, progress) -> None:
+def runner_metadata(model, job, vocab) -> dict:
+    """The constant methods ExecuTorch's LLM runner reads: the prefill chunk it may pass
+    (`get_max_seq_len`), the context, the stop tokens and how the cache is driven."""
+    cfg = model.cfg
+    return {
+        "get_max_seq_len": job.prefill_len,
+        "get_max_context_len": job.max_context,
+        "get_vocab_size": cfg.vocab_size,
+        "get_bos_id": vocab.bos_id,
+        "get_eos_ids": list(vocab.stop_ids),
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_n_layers": cfg.num_layers,
+    }
+
+
+def _lower_and_write(programs: dict, metadata: dict, workdir: Path, progress) -> None:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -285,7 +321,8 @@ def _lower_and_write(programs: dict, workdir: Path, progress) -> None:
         _tag_table_for_delegate(ep)
     progress("lowering to XNNPACK")
     with _share_weights_on_deepcopy():
-        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=metadata)
     programs.clear()  # delegated weights now live in XNNPACK's serialized data; free the float copies
     gc.collect()
     progress("emitting ExecuTorch program")
@@ -386,6 +423,11 @@ def read_named_data(folder: Path, manifest: Manifest) -> dict[str, bytes]:
 
 
 class PteSession(BaseSession):
+    """The program driven exactly as ExecuTorch's LLM runner drives it: `forward` with int64 tokens
+    at their own length (no padding) and the position of the first."""
+
+    pads_prefill = False
+
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         runtime = require("executorch.runtime", "pte")
         path = folder / manifest.program["file"]
@@ -393,7 +435,7 @@ class PteSession(BaseSession):
         try:
             self._program = runtime.Runtime.get().load_program(str(path),
                                                                data_path=str(folder / data) if data else None)
-            self._methods = {m: self._program.load_method(m) for m in (PREFILL, DECODE, RESET)}
+            self._methods = {m: self._program.load_method(m) for m in (FORWARD, RESET)}
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
         self.info = session_info(manifest)
@@ -403,15 +445,15 @@ class PteSession(BaseSession):
         self._methods[RESET].execute([torch.zeros(1, dtype=torch.int32)])
 
     def _run(self, tokens, pos, n, decode):
-        args = [torch.from_numpy(tokens), torch.tensor([pos], dtype=torch.int32)]
-        if not decode:
-            args.append(torch.tensor([n], dtype=torch.int32))
-        return self._methods[DECODE if decode else PREFILL].execute(args)[0][0].numpy()
+        args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
+        return self._methods[FORWARD].execute(args)[0][0].numpy()
 
     def _hidden(self, tokens, n):
         if HIDDEN not in self._methods:
             if HIDDEN not in self._program.method_names:
                 raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
             self._methods[HIDDEN] = self._program.load_method(HIDDEN)
-        args = [torch.from_numpy(tokens), torch.tensor([n], dtype=torch.int32)]
+        padded = np.zeros((1, self.info.prefill_len), np.int32)
+        padded[:, :n] = tokens[:, :n]
+        args = [torch.from_numpy(padded), torch.tensor([n], dtype=torch.int32)]
         return self._methods[HIDDEN].execute(args)[0].numpy()

@@ -1,10 +1,14 @@
-"""ONNX: one graph with a dynamic chunk length serves prefill (T tokens) and decode (T = 1).
+"""ONNX as an onnxruntime-genai model folder: one graph with a dynamic chunk length serves
+prefill (T tokens) and decode (T = 1), with `genai_config.json` and the tokenizer beside it.
 
-The KV cache crosses the graph boundary as named inputs `k_cache_{i}`/`v_cache_{i}` and outputs
-`..._out`, each sized per layer type. Weights are stored once, as external data; quantized
-weights are the PyTorch codes, as MatMulNBits weights or DequantizeLinear inputs. The runtime
-session keeps the cache as onnxruntime OrtValues bound with IOBinding, so a step's outputs become
-the next step's inputs without a trip through numpy.
+The graph speaks onnxruntime-genai's decoder interface: `input_ids` int64 [1, T],
+`attention_mask` int64 [1, past + T] (its length gives the position), `past_key_values.{i}.key` /
+`.value` in and `present.{i}.key` / `.value` out, `logits` [1, T, V]. genai binds each present to
+the same buffer as its past (`past_present_share_buffer`) and sizes local layers' buffers as the
+window plus `cache_slack` slots (the `sliding_window` block); the graph's sliding cache keeps that
+shape, so genai only ever hands the buffers back. Weights are stored once, as external data;
+quantized weights are the PyTorch codes, as MatMulNBits weights or DequantizeLinear inputs. Our
+session drives the graph the way genai does, one shared OrtValue per cache.
 """
 
 from __future__ import annotations
@@ -20,22 +24,44 @@ from ..errors import ArtifactError, ExportError, UnsupportedError
 from ..gemma3 import family
 from ..quant.packing import pack_int4, unpack_int4
 from ..session import BaseSession
-from ..trace import DECODE, HIDDEN, PREFILL, CacheIO, cache_names, float_twin, sample_inputs
-from .base import Exported, Lowering, Runner, match_weights, require, session_info
+from ..trace import HIDDEN, cache_names, float_twin
+from .base import Exported, Lowering, Runner, Stock, match_weights, require, session_info
 
 FILE = "model.onnx"
 DATA = "model.onnx.data"
 OPSET = 18
 QUANT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 TABLE = f"{family.TABLE}.weight"
+CONFIG = "genai_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # genai's tokenizer does not load without it
+SLACK = 1  # genai's local buffers hold window + cache_slack slots (0 would mean its default, 16 on CPU)
+FORWARD = "decoder"
 
 
-class _Graph(CacheIO):
-    """The caches as one list argument: torch.onnx's dynamo exporter takes per-layer caches only
-    that way (as separate positional arguments they fail its dynamic-shape check)."""
+def genai_names(num_layers: int) -> list[str]:
+    """genai's cache names, in the model's flat order [k0, v0, k1, v1, ...]."""
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
-    def forward(self, tokens, pos, length, caches: list):
-        return tuple(self.step(tokens, pos, length, caches).values())
+
+def present_name(past: str) -> str:
+    return past.replace("past_key_values.", "present.")
+
+
+class _Graph(torch.nn.Module):
+    """One step in genai's interface. The caches come as one list argument: torch.onnx's dynamo
+    exporter takes per-layer caches only that way (as separate positional arguments they fail its
+    dynamic-shape check)."""
+
+    def __init__(self, model, hidden: bool):
+        super().__init__()
+        self.model, self.hidden = model, hidden
+
+    def forward(self, input_ids, attention_mask, caches: list):
+        t = input_ids.shape[1]
+        pos = torch.full((1,), attention_mask.shape[1] - t, dtype=torch.int32)
+        length = torch.full((1,), t, dtype=torch.int32)
+        out = self.model.step(input_ids.to(torch.int32), pos, length, caches, hidden=self.hidden)
+        return (out[0], *out[1], *out[2:])
 
 
 class OnnxBackend:
@@ -45,17 +71,20 @@ class OnnxBackend:
     lowering = Lowering(frozenset({(8, "channel"), (8, "block"), (4, "channel"), (4, "block")}),
                         frozenset({"float", "int8-dynamic", "int8-static", "int16-static"}))
     runner = Runner("GEMMA_ONNX_RUNNER",
-                    "a binary linked with onnxruntime that runs model.onnx (external data beside it),\n"
-                    "passing `k_cache_i_out`/`v_cache_i_out` of each call to the next as inputs\n"
-                    "(onnxruntime_perf_test only times a graph; it cannot drive the cache)")
+                    "onnxruntime-genai's model-generate example (model_generate / model-qa, built\n"
+                    "from onnxruntime-genai/examples/c), run on the artifact folder as\n"
+                    "$GEMMA_ONNX_RUNNER -m . (it reads genai_config.json and the tokenizer there)")
 
-    def export(self, model, job, workdir: Path, progress) -> Exported:
+    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         onnx = require("onnx", self.name)
         require("onnxscript", self.name)
         # trace a float graph; quantized weights are put back below. 8-bit weights with dynamic int8
         # activations leave the activation quantization to MatMulNBits (see _accuracy_level)
         codes = float_twin(model, activation_ops=lambda scheme: not _runtime_quantizes(scheme))
+        model.local_slack = SLACK
+        cache_lengths = tuple(model.cache_lengths())
         _trace(model, job, workdir, progress)
+        _write_genai_config(workdir, model.cfg, job, vocab)
         opset = OPSET
         if codes:
             progress(f"replacing {len(codes)} weights by DequantizeLinear of their integer codes")
@@ -67,11 +96,11 @@ class OnnxBackend:
         onnx.checker.check_model(str(workdir / FILE), full_check=True)
         io = _io(onnx.load(str(workdir / FILE), load_external_data=False).graph)
         return Exported(
-            entry_points={PREFILL: {"graph": FILE, "chunk": f"1..{job.prefill_len}", **io},
-                          DECODE: {"graph": FILE, "chunk": "1", **io}},
-            program={"file": FILE, "external_data": DATA, "opset": opset, "kv_cache": "graph inputs -> outputs",
+            entry_points={FORWARD: {"graph": FILE, "chunk": f"1..{job.max_context}", **io}},
+            program={"file": FILE, "external_data": DATA, "opset": opset, "genai_config": CONFIG,
+                     "kv_cache": "past_key_values.i -> present.i, one shared buffer each",
                      "debug_output": HIDDEN if job.debug_outputs else None, "quantized_weights": sorted(codes)},
-            versions=versions("onnx", "onnxruntime", "onnxscript"))
+            versions=versions("onnx", "onnxruntime", "onnxscript"), cache_lengths=cache_lengths)
 
     def open(self, folder: Path, manifest: Manifest, threads: int) -> "OnnxSession":
         return OnnxSession(folder, manifest, threads)
@@ -96,29 +125,98 @@ class OnnxBackend:
                 out[node.input[1]] = codes.astype(np.int8)
         return list(out.values())
 
+    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
+        """Greedy text from onnxruntime-genai on the folder as shipped (its tokenizer adds no <bos>)."""
+        og = require("onnxruntime_genai", self.name)
+        model = og.Model(str(folder))
+        tok = og.Tokenizer(model)
+        ids = [manifest.tokenizer.bos, *tok.encode(text).tolist()]
+        params = og.GeneratorParams(model)
+        # the graph's global caches are the context long, so genai's buffers must be too
+        params.set_search_options(do_sample=False, max_length=manifest.max_context)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array(ids, dtype=np.int32))
+        stream, pieces, tokens, stop = tok.create_stream(), [], [], _stop_ids(Path(folder))
+        while not gen.is_done() and len(tokens) < max_new_tokens:
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in stop:
+                break
+            tokens.append(token)
+            pieces.append(stream.decode(token))
+        return Stock("".join(pieces), tuple(tokens))
+
 
 BACKEND = OnnxBackend()
 
 
 def _trace(model, job, workdir: Path, progress) -> None:
-    names = cache_names(model.cfg.num_layers)
-    inputs = sample_inputs(model, job.prefill_len, decode=False)
-    caches = [inputs.pop(n) for n in names]
-    t = torch.export.Dim("T", min=1, max=job.prefill_len)
-    dynamic = {"tokens": {1: t}, "pos": None, "length": None, "caches": [None] * len(caches)}
-    outputs = ["logits", *[f"{n}_out" for n in names]] + ([HIDDEN] if job.debug_outputs else [])
-    graph = _Graph(model, decode=False, hidden=job.debug_outputs).eval()
+    pasts = genai_names(model.cfg.num_layers)
+    caches = model.new_cache()
+    t = job.prefill_len
+    # a whole prompt may come in one call (genai does not chunk), so T runs to the context
+    chunk = torch.export.Dim("T", min=1, max=job.max_context)
+    total = torch.export.Dim("total", min=1, max=job.max_context)
+    sample = (torch.zeros(1, t, dtype=torch.int64), torch.ones(1, t, dtype=torch.int64), caches)
+    dynamic = {"input_ids": {1: chunk}, "attention_mask": {1: total}, "caches": [None] * len(caches)}
+    outputs = ["logits", *map(present_name, pasts)] + ([HIDDEN] if job.debug_outputs else [])
+    graph = _Graph(model, hidden=job.debug_outputs).eval()
     progress("torch.onnx.export (dynamo)")
     with torch.no_grad():
         program = torch.onnx.export(
-            graph, (inputs["tokens"], inputs["pos"], inputs["length"], caches),
-            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
-            input_names=["tokens", "pos", "length", *names], output_names=outputs, optimize=True, verbose=False,
+            graph, sample, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
+            input_names=["input_ids", "attention_mask", *pasts], output_names=outputs, optimize=True, verbose=False,
         )
     progress("saving graph and external weights")
     program.save(str(workdir / FILE), external_data=True)
     del program
     gc.collect()
+
+
+def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:
+    """genai_config.json (the model, its window and stop tokens for onnxruntime-genai) and the
+    tokenizer_config.json its tokenizer needs, with the chat template."""
+    import json
+
+    local = [i for i in range(cfg.num_layers) if not cfg.is_global(i)]
+    config = {
+        "model": {
+            "type": "gemma3_text",
+            "bos_token_id": vocab.bos_id, "eos_token_id": list(vocab.stop_ids), "pad_token_id": vocab.pad_id,
+            "context_length": job.max_context, "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": FILE,
+                "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                # genai itself never moves cache contents: the graph slides its window
+                "sliding_window": {"window_size": cfg.sliding_window, "layers": local, "cache_slack": SLACK,
+                                   "slide_key_value_cache": False, "slide_inputs": False},
+            },
+        },
+        "search": {"do_sample": False, "max_length": job.max_context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "top_k": 1, "top_p": 1.0,
+                   "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "early_stopping": True,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+    (workdir / CONFIG).write_text(json.dumps(config, indent=2))
+    tokens = {k: v for k, v in family.SPECIAL_TOKENS.items() if k in ("bos", "eos", "pad")}
+    (workdir / TOKENIZER_CONFIG).write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        **{f"{k}_token": v for k, v in tokens.items()},
+        "model_max_length": job.max_context, "chat_template": family.CHAT_JINJA,
+    }, indent=2))
+
+
+def _stop_ids(folder: Path) -> set[int]:
+    import json
+
+    return set(json.loads((folder / CONFIG).read_text())["model"]["eos_token_id"])
 
 
 def _lower_codes(workdir: Path, codes: dict) -> None:
@@ -363,6 +461,9 @@ def _io(graph) -> dict:
 
 
 class OnnxSession(BaseSession):
+    """The graph driven as onnxruntime-genai drives it: tokens at their own length, an all-ones
+    mask as long as the sequence so far, and each present bound to its past's buffer."""
+
     pads_prefill = False  # the graph's chunk length is dynamic
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
@@ -382,7 +483,7 @@ class OnnxSession(BaseSession):
             raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
         self._ort = ort
         self.info = session_info(manifest)
-        self._names = cache_names(manifest.num_layers)
+        self._names = genai_names(manifest.num_layers)
         self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
         self._has_hidden = HIDDEN in {o.name for o in self._sess.get_outputs()}
         self.reset()
@@ -392,30 +493,27 @@ class OnnxSession(BaseSession):
             n: self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shapes[n], dtype=np.float32)) for n in self._names
         }
 
-    def _step(self, tokens: np.ndarray, pos: int, n: int, hidden: bool):
+    def _step(self, tokens: np.ndarray, pos: int, hidden: bool):
         b = self._sess.io_binding()
-        b.bind_cpu_input("tokens", tokens)
-        b.bind_cpu_input("pos", np.array([pos], dtype=np.int32))
-        b.bind_cpu_input("length", np.array([n], dtype=np.int32))
-        for name in self._names:
-            b.bind_ortvalue_input(name, self._cache[name])
-        b.bind_output("logits", "cpu")
-        for name in self._names:
-            b.bind_output(f"{name}_out", "cpu")
+        b.bind_cpu_input("input_ids", tokens.astype(np.int64))
+        b.bind_cpu_input("attention_mask", np.ones((1, pos + tokens.shape[1]), dtype=np.int64))
+        b.bind_output("logits", "cpu")  # outputs come back in binding order
         if self._has_hidden:  # every output is bound; only `_hidden` reads this one
             b.bind_output(HIDDEN, "cpu")
+        for name in self._names:
+            b.bind_ortvalue_input(name, self._cache[name])
+            b.bind_ortvalue_output(present_name(name), self._cache[name])
         self._sess.run_with_iobinding(b)
         outs = b.get_outputs()
-        self._cache = dict(zip(self._names, outs[1:1 + len(self._names)]))
-        return outs[0].numpy()[0], (outs[-1].numpy() if hidden else None)
+        return outs[0].numpy()[0], (outs[1].numpy() if hidden else None)
 
     def _run(self, tokens, pos, n, decode):
-        return self._step(tokens, pos, n, hidden=False)[0]
+        return self._step(tokens, pos, hidden=False)[0]
 
     def _hidden(self, tokens, n):
         if not self._has_hidden:
             raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
         self.reset()
-        hidden = self._step(tokens, 0, n, hidden=True)[1]
+        hidden = self._step(tokens, 0, hidden=True)[1]
         self.reset()
         return hidden

@@ -42,7 +42,7 @@ class TfliteBackend:
                     "a binary linked with LiteRT that runs the signatures `prefill_<T>` and `decode`\n"
                     "of the .tflite, passing the k/v caches from each call to the next")
 
-    def export(self, model, job, workdir: Path, progress) -> Exported:
+    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         litert_torch = require("litert_torch", self.name)
         codes = float_twin(model, activation_ops=False)  # the runtime's kernels quantize activations
         t = job.prefill_len
@@ -81,6 +81,9 @@ class TfliteBackend:
     def read_codes(self, folder: Path, manifest: Manifest) -> list[np.ndarray]:
         """The codes int8 [out, in] of every integer weight in the file (first signature)."""
         return list(tflite_codes.read_codes(folder / manifest.program["file"]).values())
+
+    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> None:
+        return None
 
 
 BACKEND = TfliteBackend()

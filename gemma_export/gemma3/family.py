@@ -42,6 +42,15 @@ STOP_TOKENS = ("<end_of_turn>", "<eos>")
 CHAT_TEMPLATE = "<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 
+# the same format as a Jinja chat template (runtimes that apply one from tokenizer_config.json)
+CHAT_JINJA = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 def chat_text(prompt: str) -> str:
     """The chat template without its leading <bos> (a tokenizer adds that as an id)."""
     return CHAT_TEMPLATE.removeprefix(SPECIAL_TOKENS["bos"]).format(prompt=prompt)

@@ -132,6 +132,8 @@ class Gemma3(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.max_context = cfg.runtime_context(max_context)
+        # extra (masked) slots on every local cache, for runtimes that allocate window + slack
+        self.local_slack = 0
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -153,7 +155,9 @@ class Gemma3(nn.Module):
 
     # --- cache ---------------------------------------------------------------------------
     def cache_lengths(self) -> list[int]:
-        return [self.cfg.cache_len(i, self.max_context) for i in range(self.cfg.num_layers)]
+        cfg, ctx = self.cfg, self.max_context
+        return [cfg.cache_len(i, ctx) if cfg.is_global(i) else min(cfg.cache_len(i, ctx) + self.local_slack, ctx)
+                for i in range(cfg.num_layers)]
 
     def cache_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the flat cache list [k0, v0, k1, v1, ...]."""
