@@ -129,12 +129,15 @@ def memory_gib() -> tuple[float, float]:
 
 
 def parse_formats(value: str) -> tuple[str, ...]:
-    """`onnx`, `onnx,pte` or `all` -> the formats, in the order given."""
+    """`onnx`, `onnx,pte` or `all` -> the formats, in the order given (runtime names such as
+    `ort-genai` or `litertlm` name their format)."""
     names = backends.NAMES if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if n not in backends.NAMES]
+    bad = [n for n in names if backends.ALIASES.get(n, n) not in backends.NAMES]
     if bad or not names:
         raise click.BadParameter(f"{', '.join(bad) or repr(value)} is not a format; choose from "
-                                 f"{', '.join(backends.NAMES)} (comma-separated) or all")
+                                 f"{', '.join(backends.NAMES)} (comma-separated) or all; "
+                                 f"{', '.join(f'{a} = {n}' for a, n in backends.ALIASES.items())}")
+    names = tuple(backends.canonical(n) for n in names)
     if len(set(names)) < len(names):
         raise click.BadParameter(f"a format is named twice in {value!r}")
     return names
@@ -217,8 +220,9 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, rand
 @cli.command()
 @click.argument("model")
 @click.option("--format", "fmt", required=True, callback=lambda ctx, param, v: parse_formats(v),
-              help="Artifact format: pte, onnx or tflite; several comma-separated, or all (quantized and "
-                   "calibrated once, one artifact per format under --out).")
+              help="Artifact format: pte (ExecuTorch's LLM runner), onnx (an onnxruntime-genai model "
+                   "folder; also ort-genai) or tflite (also litertlm); several comma-separated, or all "
+                   "(quantized and calibrated once, one artifact per format under --out).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")

@@ -105,6 +105,7 @@ def check(job: ExportJob):
     if job.model.max_context not in (None, job.max_context):
         raise ConfigError(f"model spec asks for context {job.model.max_context}, the job for {job.max_context}")
     job = replace(job, model=replace(job.model, max_context=job.max_context))
+    job = replace(job, targets=tuple(replace(t, format=backends.canonical(t.format)) for t in job.targets))
     targets = [(t, backends.get(t.format)) for t in job.targets]
     for target, _ in targets:
         backends.check_support(target.format, recipe)

@@ -18,12 +18,20 @@ REGISTRY = {
     "tflite": "gemma_export.backends.tflite",
 }
 NAMES = tuple(REGISTRY)
+# the runtime each format's folder is made for, accepted as the format's name
+ALIASES = {"ort-genai": "onnx", "litertlm": "tflite", "executorch": "pte"}
+
+
+def canonical(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown format {name!r}; known: {', '.join(REGISTRY)} "
+                          f"(or {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
+    return name
 
 
 def get(name: str) -> Backend:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown format {name!r}; known: {', '.join(REGISTRY)}")
-    return importlib.import_module(REGISTRY[name]).BACKEND
+    return importlib.import_module(REGISTRY[canonical(name)]).BACKEND
 
 
 def check_support(name: str, recipe) -> None:

@@ -105,6 +105,8 @@ class PteBackend:
         pieces: list[str] = []
         runner.generate(text, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
                                                    num_bos=1, num_eos=0), token_callback=pieces.append)
+        if pieces and pieces[-1] in manifest.tokenizer.stop:  # it streams the stop token, then stops
+            pieces.pop()
         return Stock("".join(pieces))  # the runner streams text only
 
 
