@@ -92,9 +92,11 @@ def bundle(artifact: str | Path, out: str | Path, plan: bundles.BundlePlan | Non
     return bundles.make_bundle(artifact, out, plan or bundles.BundlePlan(DEFAULT_TEXT), progress)
 
 
-def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2) -> dict:
-    """Produce a bundle's outputs with the artifact's desktop runtime, in the device layout."""
-    return bundles.run_bundle(bundle_dir, artifact, out, threads)
+def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2,
+               stock_runtime: bool = False) -> dict:
+    """Produce a bundle's outputs with the artifact's desktop runtime, in the device layout (or,
+    with `stock_runtime`, the text the runtime's own LLM API generates from the bundle's prompt)."""
+    return bundles.run_bundle(bundle_dir, artifact, out, threads, stock_runtime)
 
 
 def evaluate(model: str, spec: ModelSpec | None = None, recipe="fp32", prefill_len: int = 128,

@@ -393,13 +393,15 @@ def bundle(artifact, out, text, positions, new_tokens, prompt, reference, thread
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
               help="The artifact the bundle was made from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Outputs folder to write.")
+@click.option("--stock", "stock_runtime", is_flag=True,
+              help="Generate with the runtime's own LLM API instead (the desktop twin of run_stock_on_device.sh).")
 @threads_option
 @error_boundary
-def bundle_run(bundle_dir, artifact, out, threads):
+def bundle_run(bundle_dir, artifact, out, stock_runtime, threads):
     """Produce a bundle's outputs with the desktop runtime, in the layout a device runner writes."""
     from . import api
 
-    api.run_bundle(bundle_dir, artifact, out, threads)
+    api.run_bundle(bundle_dir, artifact, out, threads, stock_runtime)
     click.echo(f"{out}: outputs of {artifact} on the desktop runtime; check them with "
                f"gemma-export verify --outputs {out}")
 

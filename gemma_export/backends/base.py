@@ -70,6 +70,11 @@ class Runner:
 
     env: str
     description: str
+    # the stock runtime tool's arguments for one greedy generation on the phone, run from the
+    # folder holding artifact/: {prompt} is the prompt text as the tool takes it, {seq_len} the
+    # prompt plus new tokens, {new_tokens} the new tokens
+    stock_args: tuple[str, ...] = ()
+    bos_in_prompt: bool = True  # the tool adds no <bos> itself: the prompt text starts with it
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,10 @@ class PteBackend:
                     "ExecuTorch's llama runner (llama_main, built from executorch/examples/models/llama\n"
                     "with XNNPACK, quantized and LLM custom kernels), run as\n"
                     "$GEMMA_PTE_RUNNER --model_path model.pte --data_path model.ptd\n"
-                    "--tokenizer_path tokenizer.json --prompt ... --temperature 0")
+                    "--tokenizer_path tokenizer.json --prompt ... --temperature 0",
+                    stock_args=("--model_path", "artifact/model.pte", "--data_path", "artifact/model.ptd",
+                                "--tokenizer_path", "artifact/tokenizer.json", "--prompt", "{prompt}",
+                                "--temperature", "0", "--seq_len", "{seq_len}"))
 
     def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         require("executorch.exir", self.name)

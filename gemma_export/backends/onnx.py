@@ -73,7 +73,9 @@ class OnnxBackend:
     runner = Runner("GEMMA_ONNX_RUNNER",
                     "onnxruntime-genai's model-generate example (model_generate / model-qa, built\n"
                     "from onnxruntime-genai/examples/c), run on the artifact folder as\n"
-                    "$GEMMA_ONNX_RUNNER -m . (it reads genai_config.json and the tokenizer there)")
+                    "$GEMMA_ONNX_RUNNER -m . (it reads genai_config.json and the tokenizer there)",
+                    stock_args=("-m", "artifact", "-e", "cpu", "--prompt", "{prompt}", "--max_length", "{seq_len}",
+                                "--greedy"))
 
     def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         onnx = require("onnx", self.name)

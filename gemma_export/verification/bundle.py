@@ -32,6 +32,7 @@ from ..errors import ArtifactError, ConfigError
 from ..loading import Tokenizer
 from ..runtime import open_artifact, reference_for
 from ..session import generate
+from . import stock
 from .judge import Rule, Verdict, judge
 from .metrics import Comparison
 
@@ -161,6 +162,7 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
         recipe = reference_for(manifest, True, plan.reference, plan.threads)
         baseline = (recipe.description, collect(recipe.session, inputs, plan.topk, inputs["ref_topk_indices"]))
     index = _index(artifact, manifest, plan, inputs, (ref.description, reference), baseline)
+    index["stock"] = stock.stock_record(manifest, ref.tokenizer, plan.prompt, reference["greedy_tokens"].tolist())
     with staging(Path(out)) as tmp:
         np.savez(tmp / INPUTS_NPZ, **inputs)
         (tmp / INPUTS_DIR).mkdir()
@@ -170,9 +172,11 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
         if baseline is not None:
             np.savez(tmp / BASELINE_NPZ, **baseline[1])
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        script = tmp / SCRIPT
-        script.write_text(runner_script(index, sha256_file(tmp / INDEX)))
-        script.chmod(0o755)
+        for name, text in ((SCRIPT, runner_script(index, sha256_file(tmp / INDEX))),
+                           (stock.STOCK_SCRIPT, stock.stock_script(index, sha256_file(tmp / INDEX)))):
+            (tmp / name).write_text(text)
+            (tmp / name).chmod(0o755)
+        (tmp / stock.STOCK_PROMPT).write_text(index["stock"]["prompt"])
     progress(f"wrote {out}")
     return index
 
@@ -254,11 +258,18 @@ def read_inputs(bundle_dir: str | Path, index: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2) -> dict:
-    """Produce a bundle's outputs with the artifact's desktop runtime, in the device file layout."""
+def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, threads: int = 2,
+               stock_runtime: bool = False) -> dict:
+    """Produce a bundle's outputs with the artifact's desktop runtime, in the device file layout;
+    with `stock_runtime`, the text the runtime's own LLM API generates (as the phone's tool would)."""
     bundle_dir, out = Path(bundle_dir), Path(out)
     index = read_index(bundle_dir)
     check_artifact(artifact, index)
+    if stock_runtime:
+        info = {"bundle": str(bundle_dir.resolve()), "bundle_sha256": sha256_file(bundle_dir / INDEX),
+                **stock.run_stock(bundle_dir, Path(artifact), out, index), "artifact": str(Path(artifact).resolve())}
+        (out / INDEX).write_text(json.dumps(info, indent=2))
+        return info
     opened = open_artifact(artifact, threads, hashes=True)
     inputs = read_inputs(bundle_dir, index)
     outputs = collect(opened.session, inputs, index["topk"], inputs["ref_topk_indices"])
@@ -338,6 +349,8 @@ def check_outputs(outputs_dir: str | Path, bundle_dir: str | Path | None = None,
     _outputs_index_matches(outputs_dir, bundle_dir)
     if artifact:
         check_artifact(artifact, index)
+    if (outputs_dir / stock.STOCK_OUTPUT).is_file() and not (outputs_dir / OUTPUTS_NPZ).is_file():
+        return _check_stock(outputs_dir, bundle_dir, index)
     ref = _read_arrays(bundle_dir, REFERENCE_NPZ, index["reference"]["arrays"], "a bundle")
     test = _read_arrays(outputs_dir, OUTPUTS_NPZ, index["outputs"], "a runner's outputs folder")
     vocab = index["artifact"]["vocab_size"]
@@ -360,6 +373,22 @@ def check_outputs(outputs_dir: str | Path, bundle_dir: str | Path | None = None,
                     "rule": rule.to_dict(), **verdict.to_dict(), "topk": {"k": index["topk"], **topk},
                     "full_logits": full, "greedy_tokens": len(g_ref), "greedy_equal_prefix": equal,
                     "greedy_equal": g_ref == g_test, "greedy_reference": g_ref, "greedy_test": g_test}, verdict)
+
+
+def _check_stock(outputs_dir: Path, bundle_dir: Path, index: dict) -> Checked:
+    """A stock tool's printed text against the reference's greedy text. Recipes judged relative to
+    the recipe (the runtime rounds activations its own way) may diverge in greedy text: reported,
+    not failed, as `verify` does for their greedy tokens."""
+    if "stock" not in index:
+        raise ArtifactError(f"{bundle_dir}: this bundle has no stock-tool run; re-write it with gemma-export bundle")
+    report, failures = stock.check_stock_output(outputs_dir, index)
+    rule = Rule.for_recipe(index["recipe"])
+    failed = tuple(failures) if rule.require_greedy else ()
+    mode = "stock tool's greedy text against the reference" + ("" if rule.require_greedy else " (reported only)")
+    verdict = Verdict(not failed, mode, failed, ({"check": "greedy text found", "value": report["found"]},))
+    return Checked({"outputs": str(outputs_dir), "bundle": str(bundle_dir), "format": index["artifact"]["format"],
+                    "artifact": index["artifact"]["name"], "reference": index["reference"]["description"],
+                    **verdict.to_dict(), "stock": report}, verdict)
 
 
 # ----------------------------------------------------------------------------------------------

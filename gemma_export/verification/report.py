@@ -55,6 +55,10 @@ def locate_lines(found: dict) -> list[str]:
 
 def outputs_lines(checked: dict) -> list[str]:
     """The metric lines `verify --outputs` prints."""
+    if "stock" in checked:  # a stock tool's printed text
+        st = checked["stock"]
+        return _value_lines([("reference greedy text", repr(st["reference_text"])),
+                             ("found in the tool's output", st["found"])]) + [f"judged {checked['judged']}"]
     t, f = checked["topk"], checked["full_logits"]
     rows = [("positions", t["positions"]), ("top1_agreement", t["top1_agreement"]), ("top5_overlap", t["top5_overlap"]),
             (f"mean_kl (top-{t['k']})", t["mean_kl"]), (f"max_abs_diff (top-{t['k']})", t["max_abs_diff"]),

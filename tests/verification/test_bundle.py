@@ -228,3 +228,59 @@ def test_runtime_quantized_artifact_is_judged_relative_to_the_recipe_on_device(a
     bad = tampered(out, tmp_path, "at_reference", lambda a: a.__iadd__(rng.normal(0, 2, a.shape).astype(a.dtype)))
     res = run("verify", "--outputs", bad)
     assert res.exit_code == 3 and "mean KL to fp32" in res.output, res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# The stock runtime tool: run_stock_on_device.sh, bundle-run --stock, verify --outputs on its text
+# ----------------------------------------------------------------------------------------------
+
+# onnxruntime-genai's model-generate example, as a phone would run it: takes the arguments the
+# bundle's script passes (-m DIR -e cpu --prompt TEXT --max_length N --greedy) and prints the text
+FAKE_GENAI_TOOL = """#!{python}
+import argparse, numpy as np, onnxruntime_genai as og
+p = argparse.ArgumentParser()
+p.add_argument("-m"); p.add_argument("-e"); p.add_argument("--prompt"); p.add_argument("--max_length", type=int)
+p.add_argument("--greedy", action="store_true")
+a = p.parse_args()
+assert a.greedy and a.e == "cpu"
+model = og.Model(a.m); tok = og.Tokenizer(model); stream = tok.create_stream()
+params = og.GeneratorParams(model); params.set_search_options(do_sample=False)
+gen = og.Generator(model, params); ids = tok.encode(a.prompt)
+gen.append_tokens(np.asarray(ids, np.int32))
+print(a.prompt, end="")
+while not gen.is_done() and len(ids) < a.max_length:
+    gen.generate_next_token(); t = int(gen.get_next_tokens()[0]); ids = [*ids, t]
+    print(stream.decode(t), end="", flush=True)
+print("\\ntokens/s: 1.0")
+"""
+
+
+def test_stock_tool_round_trip_through_an_adb_shaped_device(bundle, artifact, tmp_path):
+    index = json.loads((bundle / "index.json").read_text())
+    assert index["stock"]["prompt"].startswith("<bos>")  # genai's tokenizer adds none
+    path = tool_dir(tmp_path, ["dirname", "awk", "cp", "sha256sum", "rm", "mkdir", "chmod", "sh", "cat"])
+    fake_adb(path)
+    tool = tmp_path / "model_generate"
+    tool.write_text(FAKE_GENAI_TOOL.format(python=sys.executable))
+    tool.chmod(0o755)
+    out = tmp_path / "stock"
+    res = subprocess.run(["/bin/sh", str(bundle / "run_stock_on_device.sh"), str(artifact), str(out)],
+                         capture_output=True, text=True, timeout=300,
+                         env={"PATH": str(path), "DEVICE_DIR": str(tmp_path / "phone"), "GEMMA_ONNX_RUNNER": str(tool)})
+    assert res.returncode == 0, res.stderr
+    check = run("verify", "--outputs", out, "--json")
+    assert check.exit_code == 0, check.output
+    report = json.loads(check.stdout)
+    assert report["stock"]["found"] and report["stock"]["reference_text"], report
+
+
+def test_stock_desktop_round_trip_and_a_wrong_text_fails(bundle, artifact, tmp_path):
+    out = tmp_path / "stock-desktop"
+    res = run("bundle-run", bundle, "--artifact", artifact, "--out", out, "--stock")
+    assert res.exit_code == 0, res.output
+    check = run("verify", "--outputs", out)
+    assert check.exit_code == 0 and check.output.splitlines()[-1].startswith("PASS"), check.output
+    text = (out / "stock_output.txt").read_text()
+    (out / "stock_output.txt").write_text(text[: len(text) // 2])  # the tool stopped early
+    check = run("verify", "--outputs", out)
+    assert check.exit_code == 3 and "does not contain the reference's" in check.output, check.output
