@@ -99,6 +99,7 @@ class PteBackend:
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main)."""
+        folder = Path(folder)
         require("executorch.kernels.quantized", self.name)  # registers the kernels the runner needs
         require("executorch.extension.llm.custom_ops.custom_ops", self.name)
         llm = require("executorch.extension.llm.runner", self.name)

@@ -129,6 +129,7 @@ class OnnxBackend:
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from onnxruntime-genai on the folder as shipped (its tokenizer adds no <bos>)."""
+        folder = Path(folder)
         og = require("onnxruntime_genai", self.name)
         model = og.Model(str(folder))
         tok = og.Tokenizer(model)
@@ -138,7 +139,7 @@ class OnnxBackend:
         params.set_search_options(do_sample=False, max_length=manifest.max_context)
         gen = og.Generator(model, params)
         gen.append_tokens(np.array(ids, dtype=np.int32))
-        stream, pieces, tokens, stop = tok.create_stream(), [], [], _stop_ids(Path(folder))
+        stream, pieces, tokens, stop = tok.create_stream(), [], [], _stop_ids(folder)
         while not gen.is_done() and len(tokens) < max_new_tokens:
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])

@@ -1,36 +1,99 @@
-"""TFLite / LiteRT (through litert-torch): signatures `prefill_<T>` and `decode` in one file.
+"""TFLite / LiteRT as a LiteRT-LM bundle (`model.litertlm`): the TFLite model with the
+signatures LiteRT-LM drives, its tokenizer and its LLM metadata (start and stop tokens, the chat
+template, the context), written with litert-lm-builder.
 
-The KV cache is passed as signature inputs `k_cache_{i}`/`v_cache_{i}` and returned as
-`..._out`, sized per layer type (window-sized on local layers). Both signatures share one copy of
-the weights. Quantized recipes convert the float twin and then get the PyTorch codes written into
-the file (`tflite_codes`). The runtime session uses LiteRT's CompiledModel with two sets of cache
-buffers that swap roles each step, so the cache is never copied through Python.
+Signatures, as LiteRT-LM's CPU executor calls them:
+  prefill_<T>  tokens int32 [1, T], input_pos int32 [T] (padding slots hold token 0, position 0),
+               kv_cache_k_<i> / kv_cache_v_<i> in and out under the same names (LiteRT-LM binds
+               one buffer to both); no logits (it decodes the prompt's last token instead)
+  decode       the same at T = 1, plus logits [1, 1, V]
+  score_<T>    prefill with logits for every position (teacher-forced verification; LiteRT-LM
+               only runs signatures named prefill*/decode, so it never pays for these logits)
+  hidden_<T>   debug: the residual stream per layer (verify --locate)
+The sliding cache lives in the graph, driven by input_pos: the first position and the number of
+valid tokens (position 0 or positions after the first) give the step; local layers keep
+window-sized caches. Weights are shared by every signature. Quantized recipes convert the float
+twin and then get the PyTorch codes written into the file (`tflite_codes`). Our session runs the
+TFLite section of the bundle with LiteRT's CompiledModel, one cache buffer bound as input and
+output, as LiteRT-LM does.
 """
 
 from __future__ import annotations
 
 import gc
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
+from ..gemma3.config import Gemma3Config
 from ..session import BaseSession
-from ..trace import DECODE, HIDDEN, CacheIO, cache_names, describe_io, float_twin, sample_inputs, sample_outputs
+from ..trace import DECODE, HIDDEN, describe_io, float_twin
 from . import tflite_codes
-from .base import Exported, Lowering, Runner, require, session_info
+from .base import Exported, Lowering, Runner, Stock, require, session_info
 
-FILE = "model.tflite"
+FILE = "model.litertlm"
+TFLITE = "model.tflite"  # staged, then packed into the bundle
 
 
 def prefill_name(t: int) -> str:
     return f"prefill_{t}"
 
 
+def score_name(t: int) -> str:
+    return f"score_{t}"
+
+
 def hidden_name(t: int) -> str:
     return f"hidden_{t}"  # debug signature: residual stream per layer (verify --locate)
+
+
+def cache_names(cfg) -> list[str]:
+    """LiteRT-LM finds the caches by the prefixes kv_cache_k_ / kv_cache_v_ (flat order [k0, v0,
+    k1, v1, ...]); the executor metadata says which are local."""
+    return [f"kv_cache_{kv}_{i}" for i in range(cfg.num_layers) for kv in ("k", "v")]
+
+
+class _Step(nn.Module):
+    """One LiteRT-LM step over keyword caches (signature converters name inputs by keyword)."""
+
+    def __init__(self, model, logits: bool, hidden: bool = False):
+        super().__init__()
+        self.model, self.logits, self.hidden = model, logits, hidden
+        self.names = cache_names(model.cfg)
+
+    def forward(self, tokens, input_pos, **caches):
+        pos = input_pos[:1]
+        if tokens.shape[1] == 1:
+            length = torch.ones(1, dtype=torch.int32)
+        else:  # padding slots are at position 0; valid ones are the first, and any after it > 0
+            length = 1 + (input_pos[1:] > 0).to(torch.int32).sum().reshape(1)
+        out = self.model.step(tokens, pos, length, [caches[n] for n in self.names], hidden=self.hidden,
+                              head=self.logits)
+        if self.hidden:
+            return {HIDDEN: out[2]}
+        result = dict(zip(self.names, out[1]))
+        if self.logits:
+            result["logits"] = out[0]
+        return result
+
+
+def _inputs(model, t: int) -> dict[str, torch.Tensor]:
+    inputs = {"tokens": torch.zeros(1, t, dtype=torch.int32), "input_pos": torch.arange(t, dtype=torch.int32)}
+    for name, shape in zip(cache_names(model.cfg), model.cache_shapes()):
+        inputs[name] = torch.zeros(shape, dtype=model.dtype)
+    return inputs
+
+
+def _outputs(model, t: int, logits: bool) -> dict[str, torch.Tensor]:
+    outs = {n: torch.zeros(s) for n, s in zip(cache_names(model.cfg), model.cache_shapes())}
+    if logits:
+        outs["logits"] = torch.zeros(1, t, model.cfg.vocab_size)
+    return outs
 
 
 class TfliteBackend:
@@ -39,92 +102,198 @@ class TfliteBackend:
     # the kernel; one weight scheme for the whole model
     lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}), uniform=True)
     runner = Runner("GEMMA_TFLITE_RUNNER",
-                    "a binary linked with LiteRT that runs the signatures `prefill_<T>` and `decode`\n"
-                    "of the .tflite, passing the k/v caches from each call to the next")
+                    "LiteRT-LM's command-line tool (litert_lm_main, built from the LiteRT-LM\n"
+                    "repository), run as $GEMMA_TFLITE_RUNNER --model_path model.litertlm\n"
+                    "--backend cpu --input_prompt ...",
+                    stock_args=("--model_path", "artifact/model.litertlm", "--backend", "cpu",
+                                "--input_prompt", "{prompt}"),
+                    bos_in_prompt=False)
 
     def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         litert_torch = require("litert_torch", self.name)
+        require("litert_lm_builder", self.name)
         codes = float_twin(model, activation_ops=False)  # the runtime's kernels quantize activations
         t = job.prefill_len
-        prefill_inputs = sample_inputs(model, t, decode=False)
-        decode_inputs = sample_inputs(model, 1, decode=True)
-        progress(f"litert-torch conversion (signatures {prefill_name(t)}, {DECODE}; lightweight)")
+        sigs = {prefill_name(t): (_Step(model, logits=False), _inputs(model, t)),
+                DECODE: (_Step(model, logits=True), _inputs(model, 1)),
+                score_name(t): (_Step(model, logits=True), _inputs(model, t))}
+        if job.debug_outputs:
+            sigs[hidden_name(t)] = (_Step(model, logits=False, hidden=True), _inputs(model, t))
+        progress(f"litert-torch conversion (signatures {', '.join(sigs)}; lightweight)")
+        tflite = workdir / TFLITE
         with torch.no_grad():
-            sigs = (litert_torch.signature(prefill_name(t), CacheIO(model, decode=False).eval(),
-                                           sample_kwargs=prefill_inputs)
-                    .signature(DECODE, CacheIO(model, decode=True).eval(), sample_kwargs=decode_inputs))
-            if job.debug_outputs:
-                sigs = sigs.signature(hidden_name(t), CacheIO(model, decode=False, hidden=True, logits=False).eval(),
-                                      sample_kwargs=prefill_inputs)
+            conv = None
+            for name, (module, inputs) in sigs.items():
+                conv = (conv or litert_torch).signature(name, module.eval(), sample_kwargs=inputs)
             # lightweight conversion keeps memory down for 1B+; its default runtime constant folding
             # writes constants the interpreter rejects ("Tensor N is invalidly specified in
             # schema"), so it is turned off.
-            edge = sigs.convert(lightweight_conversion=True, runtime_constant_folding=False)
+            edge = conv.convert(lightweight_conversion=True, runtime_constant_folding=False)
             progress("writing .tflite")
-            edge.export(str(workdir / FILE))
+            edge.export(str(tflite))
         del edge
         gc.collect()
         quantized = []
         if codes:
-            quantized = tflite_codes.quantize_file(workdir / FILE, codes, progress)
+            quantized = tflite_codes.quantize_file(tflite, codes, progress)
+        progress("packing the LiteRT-LM bundle (model, tokenizer, LLM metadata)")
+        _write_bundle(workdir, tflite, model.cfg, job, vocab)
+        tflite.unlink()
+        entry = {prefill_name(t): describe_io(_inputs(model, t), _outputs(model, t, False)),
+                 DECODE: describe_io(_inputs(model, 1), _outputs(model, 1, True)),
+                 score_name(t): describe_io(_inputs(model, t), _outputs(model, t, True))}
         return Exported(
-            entry_points={prefill_name(t): describe_io(prefill_inputs, sample_outputs(model, t)),
-                          DECODE: describe_io(decode_inputs, sample_outputs(model, 1))},
-            program={"file": FILE,
-                     "signatures": [prefill_name(t), DECODE] + ([hidden_name(t)] if job.debug_outputs else []),
-                     "kv_cache": "signature inputs -> outputs", "quantized_weights": quantized},
-            versions=versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer"))
+            entry_points=entry,
+            program={"file": FILE, "signatures": list(sigs), "kv_cache": "one buffer per cache, in and out",
+                     "quantized_weights": quantized},
+            versions=versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "litert-lm-builder"))
 
     def open(self, folder: Path, manifest: Manifest, threads: int) -> "TfliteSession":
         return TfliteSession(folder, manifest, threads)
 
     def read_codes(self, folder: Path, manifest: Manifest) -> list[np.ndarray]:
-        """The codes int8 [out, in] of every integer weight in the file (first signature)."""
-        return list(tflite_codes.read_codes(folder / manifest.program["file"]).values())
+        """The codes int8 [out, in] of every integer weight in the bundle's TFLite model."""
+        return list(tflite_codes.read_codes(folder / manifest.program["file"], tflite_section(
+            folder / manifest.program["file"])).values())
 
-    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> None:
-        return None
+    def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
+        """Greedy text from LiteRT-LM's own engine on the bundle (it adds the start token itself)."""
+        folder = Path(folder)
+        lm = require("litert_lm", self.name)
+        lm.set_min_log_severity(lm.LogSeverity.ERROR) if hasattr(lm, "set_min_log_severity") else None
+        with lm.Engine(str(folder / manifest.program["file"]), backend=lm.Backend.CPU(),
+                       max_num_tokens=manifest.max_context) as engine:
+            session = engine.create_session(apply_prompt_template=False, max_output_tokens=max_new_tokens,
+                                            sampler_config=lm.SamplerConfig(top_k=1, temperature=0.0))
+            session.run_prefill([text])
+            responses = session.run_decode()
+            session.close()
+        return Stock(_response_text(responses))
+
+
+def _response_text(responses) -> str:
+    texts = getattr(responses, "texts", None)
+    if texts is None:
+        return str(responses)
+    return texts[0] if texts else ""
+
+
+def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab) -> None:
+    from litert_lm_builder import litertlm_builder as lb
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    from ..gemma3 import family
+
+    meta = llm_metadata_pb2.LlmMetadata()
+    meta.start_token.token_ids.ids.append(vocab.bos_id)
+    for stop in vocab.stop_ids:
+        meta.stop_tokens.add().token_ids.ids.append(stop)
+    meta.max_num_tokens = job.max_context
+    meta.llm_model_type.gemma3.SetInParent()
+    user_prefix, _, rest = family.chat_text("{prompt}").partition("{prompt}")
+    user_suffix, model_prefix = rest.split(family.SPECIAL_TOKENS["start_of_turn"], 1)
+    meta.prompt_templates.user.prefix = user_prefix
+    meta.prompt_templates.user.suffix = user_suffix
+    meta.prompt_templates.model.prefix = family.SPECIAL_TOKENS["start_of_turn"] + model_prefix
+    meta.prompt_templates.model.suffix = family.SPECIAL_TOKENS["end_of_turn"] + "\n"
+    meta.jinja_prompt_template = family.CHAT_JINJA
+    meta.supports_thinking = False
+    meta.supports_function_calling = False
+    meta_path, exec_path = workdir / "llm_metadata.pb", workdir / "executor_metadata.pb"
+    meta_path.write_bytes(meta.SerializeToString())
+    exec_path.write_bytes(_executor_metadata(cfg, job).SerializeToString())
+    builder = (lb.LitertLmFileBuilder()
+               .add_system_metadata(lb.Metadata(key="Authors", value="gemma-export", dtype=lb.DType.STRING))
+               .add_llm_metadata(str(meta_path))
+               .add_executor_metadata(str(exec_path))
+               .add_tflite_model(str(tflite), lb.TfLiteModelType.PREFILL_DECODE)
+               .add_hf_tokenizer(str(vocab.path)))
+    with (workdir / FILE).open("wb") as f:
+        builder.build(f, validate_metadata=True)
+    meta_path.unlink()
+    exec_path.unlink()
+
+
+def _executor_metadata(cfg, job):
+    """Which caches are local (window-sized) and which global, and the window: without it
+    LiteRT-LM takes the shortest cache as the longest sequence it may run."""
+    from litert_lm_builder.runtime.proto import executor_metadata_pb2 as em
+
+    meta = em.ExecutorMetadata()
+    llm = meta.llm_executor_metadata
+    llm.max_history_size = job.max_context
+    mask = llm.attention_mask_settings
+    mask.attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
+    mask.local_attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
+    mask.sliding_window_size = cfg.sliding_window
+    names = cache_names(cfg)
+    for i in range(cfg.num_layers):
+        scope = "GLOBAL" if cfg.is_global(i) else "LOCAL"
+        for kv, name in zip(("KEY", "VALUE"), names[2 * i:2 * i + 2]):
+            buf = llm.state_buffers.add(prefill_input_name=name, prefill_output_name=name, decode_input_name=name,
+                                        decode_output_name=name, sequence_axis=2,
+                                        maximum_sequence_length=cfg.cache_len(i, job.max_context))
+            buf.type = getattr(em.StateBuffer, f"TYPE_{scope}_{kv}_CACHE")
+    return meta
+
+
+def tflite_section(bundle: Path) -> tuple[int, int]:
+    """(offset, size) of the TFLite model inside a .litertlm bundle."""
+    from litert_lm_builder import litertlm_peek
+
+    try:
+        header = litertlm_peek.read_litertlm_header(str(bundle), io.StringIO())
+    except (ValueError, OSError, IndexError) as e:
+        raise ArtifactError(f"{bundle}: not a LiteRT-LM bundle ({e})") from None
+    sections = header.SectionMetadata()
+    for i in range(sections.ObjectsLength() if sections else 0):
+        obj = sections.Objects(i)
+        if litertlm_peek.get_model_type(obj) == "tf_lite_prefill_decode":
+            return obj.BeginOffset(), obj.EndOffset() - obj.BeginOffset()
+    raise ArtifactError(f"{bundle}: the LiteRT-LM bundle holds no prefill/decode TFLite model")
 
 
 BACKEND = TfliteBackend()
 
 
 class TfliteSession(BaseSession):
+    """The bundle's TFLite model driven as LiteRT-LM drives it: the decode signature with one
+    buffer per cache bound as input and output; prefill chunks padded with token 0 at position 0
+    (through score_<T>, which adds the logits verification needs)."""
+
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         compiled = require("ai_edge_litert.compiled_model", "tflite")
         path = folder / manifest.program["file"]
+        offset, size = tflite_section(path)
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(size)
         try:
-            self._cm = compiled.CompiledModel.from_file(str(path))
+            self._cm = compiled.CompiledModel.from_buffer(data)
         except Exception as e:
             raise ArtifactError(f"{path}: LiteRT could not load the model ({str(e).splitlines()[0]})") from None
+        self._data = data  # the runtime reads weights from this buffer
         self.info = session_info(manifest)
-        self._prefill = prefill_name(self.info.prefill_len)
-        self._signatures = manifest.program["signatures"]
-        self._names = cache_names(manifest.num_layers)
+        t = self.info.prefill_len
+        self._score, self._signatures = score_name(t), manifest.program["signatures"]
+        self._names = cache_names(Gemma3Config.from_dict(manifest.model.config))
         self._hidden_width = manifest.hidden_size
         self._shapes = {e["name"]: e["shape"] for e in manifest.entry_points[DECODE]["inputs"]}
         cm = self._cm
-        # Two cache sets; each step reads one and writes the other, then they swap.
-        self._a = {n: cm.create_input_buffer_by_name(DECODE, n) for n in self._names}
-        self._b = {n: cm.create_output_buffer_by_name(DECODE, f"{n}_out") for n in self._names}
-        self._io = {}
-        for sig in (self._prefill, DECODE):
-            keys = ("tokens", "pos") if sig == DECODE else ("tokens", "pos", "length")
-            ins = {k: cm.create_input_buffer_by_name(sig, k) for k in keys}
-            self._io[sig] = (ins, cm.create_output_buffer_by_name(sig, "logits"))
+        self._cache = {n: cm.create_input_buffer_by_name(DECODE, n) for n in self._names}
+        self._io = {sig: ({k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "input_pos")},
+                          cm.create_output_buffer_by_name(sig, "logits")) for sig in (self._score, DECODE)}
         self.reset()
 
     def reset(self) -> None:
         for n in self._names:
-            self._a[n].write(np.zeros(self._shapes[n], dtype=np.float32))
+            self._cache[n].write(np.zeros(self._shapes[n], dtype=np.float32))
 
     def _run(self, tokens, pos, n, decode):
-        sig = DECODE if decode else self._prefill
+        sig = DECODE if decode else self._score
         ins, logits = self._io[sig]
         _write_step(ins, tokens, pos, n)
-        outs = {"logits": logits, **{f"{k}_out": self._b[k] for k in self._names}}
-        self._cm.run_by_name(sig, {**ins, **self._a}, outs)
-        self._a, self._b = self._b, self._a
+        self._cm.run_by_name(sig, {**ins, **self._cache}, {"logits": logits, **self._cache})
         t, v = tokens.shape[1], self.info.vocab_size
         return logits.read(t * v, np.float32).reshape(t, v)
 
@@ -132,7 +301,7 @@ class TfliteSession(BaseSession):
         sig, cm = hidden_name(self.info.prefill_len), self._cm
         if sig not in self._signatures:
             raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
-        ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "pos", "length")}
+        ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "input_pos")}
         _write_step(ins, tokens, 0, n)
         zeros = {k: cm.create_input_buffer_by_name(sig, k) for k in self._names}
         for k, buf in zeros.items():
@@ -144,7 +313,8 @@ class TfliteSession(BaseSession):
 
 
 def _write_step(ins: dict, tokens: np.ndarray, pos: int, n: int) -> None:
+    """Tokens and positions as LiteRT-LM writes them: padding slots hold token 0 at position 0."""
     ins["tokens"].write(tokens)
-    ins["pos"].write(np.array([pos], dtype=np.int32))
-    if "length" in ins:
-        ins["length"].write(np.array([n], dtype=np.int32))
+    positions = np.zeros(tokens.shape[1], dtype=np.int32)
+    positions[:n] = pos + np.arange(n, dtype=np.int32)
+    ins["input_pos"].write(positions)

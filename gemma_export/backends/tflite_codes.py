@@ -35,17 +35,21 @@ def _schema():
 class TfliteFile:
     """A memory-mapped .tflite; `write=True` patches buffers in place (sizes never change)."""
 
-    def __init__(self, path: Path, write: bool = False):
+    def __init__(self, path: Path, write: bool = False, section: tuple[int, int] | None = None):
         self._f = open(path, "r+b" if write else "rb")  # noqa: SIM115 - closed in close()
-        self._buf = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
+        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
+        # a model packed inside another file (a .litertlm bundle): (offset, size)
+        self._buf = memoryview(self._map)[section[0]:section[0] + section[1]] if section else self._map
         self.fb = _schema()
         self.model = self.fb.Model.GetRootAs(self._buf, 0)
 
     def close(self):
         self.model = None
-        self._buf.flush()
+        self._map.flush()
         try:
-            self._buf.close()
+            if isinstance(self._buf, memoryview):
+                self._buf.release()
+            self._map.close()
         except BufferError:  # numpy views still alive; the mapping closes when they go
             pass
         self._f.close()
@@ -175,10 +179,10 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
     return sorted(names.values())
 
 
-def read_codes(path: Path) -> dict:
+def read_codes(path: Path, section: tuple[int, int] | None = None) -> dict:
     """{tensor name: codes int8 [out, in]} of every integer weight in the file (first signature)."""
     out = {}
-    with TfliteFile(path) as f:
+    with TfliteFile(path, section=section) as f:
         for sg, t in f.tensors(0):
             got = f.codes(sg, t)
             if got is not None:

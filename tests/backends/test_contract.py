@@ -23,7 +23,7 @@ SLOW = pytest.mark.slow
 # the fast run keeps ONNX; the TFLite conversion and ExecuTorch lowering run in `make test`
 FP32 = [pytest.param("onnx"), pytest.param("tflite", marks=SLOW), pytest.param("pte", marks=SLOW)]
 # formats a stock LLM runtime drives as shipped
-STOCK = [pytest.param("onnx"), pytest.param("pte", marks=SLOW)]
+STOCK = [pytest.param("onnx"), pytest.param("pte", marks=SLOW), pytest.param("tflite", marks=SLOW)]
 # fp32 artifacts must agree with eager PyTorch to float rounding
 EXACT = Rule(False, Thresholds(min_top1=1.0, min_top5=1.0, max_mean_kl=1e-8, max_abs_diff=1e-3))
 QUANTIZED = [pytest.param(p, marks=SLOW, id=f"{p[0]}-{p[1]}")

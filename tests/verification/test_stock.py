@@ -12,7 +12,7 @@ from gemma_export.verification.stock import chat_text, prompts, stock_parity
 from helpers import CTX, TEXT, T, write_hf_folder
 
 SLOW = pytest.mark.slow
-STOCK = [pytest.param("onnx"), pytest.param("pte", marks=SLOW)]
+STOCK = [pytest.param("onnx"), pytest.param("pte", marks=SLOW), pytest.param("tflite", marks=SLOW)]
 # Scaling <end_of_turn>'s (tied) embedding row by this makes the tiny model answer the chat
 # prompt with two tokens and then <end_of_turn>: a stop the runtime must honour from its metadata.
 EOT_SCALE = -3.45
@@ -52,7 +52,7 @@ def real_artifacts(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+@pytest.mark.parametrize("fmt", ["onnx", "pte", "tflite"])
 def test_real_270m_runtime_greedy_equals_pytorch(real_artifacts, fmt):
     """32 greedy tokens from the runtime's own API after a short prompt and after one longer than
     the 512 window, equal to the PyTorch reference's."""
