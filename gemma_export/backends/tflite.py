@@ -114,8 +114,10 @@ class TfliteBackend:
         require("litert_lm_builder", self.name)
         codes = float_twin(model, activation_ops=False)  # the runtime's kernels quantize activations
         t = job.prefill_len
-        sigs = {prefill_name(t): (_Step(model, logits=False), _inputs(model, t)),
-                DECODE: (_Step(model, logits=True), _inputs(model, 1)),
+        # decode first: its subgraph holds every weight (prefill without logits drops the last
+        # layer's MLP), and the codes are matched and written there
+        sigs = {DECODE: (_Step(model, logits=True), _inputs(model, 1)),
+                prefill_name(t): (_Step(model, logits=False), _inputs(model, t)),
                 score_name(t): (_Step(model, logits=True), _inputs(model, t))}
         if job.debug_outputs:
             sigs[hidden_name(t)] = (_Step(model, logits=False, hidden=True), _inputs(model, t))

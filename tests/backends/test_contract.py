@@ -50,8 +50,9 @@ def test_manifest_describes_the_artifact(artifacts, fmt):
     assert all(len(f.sha256) == 64 for f in m.files.values())
     assert "torch" in m.versions and m.model.config["name"] == "tiny"
     assert m.tokenizer.stop == ("<end_of_turn>", "<eos>") and "{prompt}" in m.tokenizer.chat_template
-    for ep in m.entry_points.values():  # each names its inputs and outputs as the runtime sees them
-        assert ep["inputs"] and any(e["name"] == "logits" for e in ep["outputs"])
+    # each names its inputs and outputs as the runtime sees them (a runtime's prefill may have no logits)
+    assert all(ep["inputs"] and ep["outputs"] for ep in m.entry_points.values())
+    assert any(e["name"] == "logits" for ep in m.entry_points.values() for e in ep["outputs"])
 
 
 @pytest.mark.parametrize("fmt", FP32)
@@ -155,7 +156,8 @@ def test_int4_artifact_is_smaller(artifacts, pair):
     m = read_manifest(artifacts.get(fmt, recipe, debug=fmt == "pte"))
     size = sum(f.bytes for name, f in m.files.items() if name.startswith("model."))
     fp32 = 16_832_448 * 4  # tiny's parameters in fp32
-    assert size < fp32 * (0.3 if recipe.startswith("int4") else 0.45)
+    packed_tokenizer = 6e6  # a LiteRT-LM bundle carries its tokenizer (5.6 MB compressed)
+    assert size < fp32 * (0.3 if recipe.startswith("int4") else 0.45) + packed_tokenizer
 
 
 @pytest.mark.parametrize("pair", QUANTIZED)

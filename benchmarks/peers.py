@@ -1,0 +1,133 @@
+"""Peer artifacts: what each stock runtime's OWN exporter makes from the bundled Gemma 3 270M.
+
+`benchmarks.runtimes` compares our artifact with these, inside the same runtime. Both sides must
+start from the same weights, so the peers are built from a Hugging Face folder written from OUR
+loaded fp32 module (`hf_from_model` copies its tensors): any difference in the results comes from
+the exporter and its quantizer, not from a second GGUF dequantization.
+
+  genai_builder(out, precision)    onnxruntime-genai's model builder (`-p int4|int8 -e cpu`)
+  optimum_executorch(out, qlinear) optimum-executorch's XNNPACK recipe (`--qlinear 8da4w|8da8w`)
+
+Usage (one export per process, so its peak RSS is its own):
+  python -m benchmarks.peers genai-builder OUT int4
+  python -m benchmarks.peers optimum-executorch OUT 8da4w
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HF_DIR = ROOT / "out" / "bench-runtimes" / "hf-gemma3-270m"
+CONTEXT = 2048  # our artifacts are exported with --max-context 2048: the peers get the same context
+
+
+def hf_folder(target: Path = HF_DIR) -> Path:
+    """A transformers folder (config.json, model.safetensors, tokenizer) holding our fp32 weights.
+
+    transformers refuses save_pretrained on a GGUF-loaded model, but a Gemma3ForCausalLM filled
+    from our module saves normally. The tokenizer is ours too, with the tokenizer_config.json that
+    AutoTokenizer (and so both peer exporters) needs beside tokenizer.json. Written once.
+    """
+    done = target / ".complete"
+    if done.is_file():
+        return target
+    from gemma_export.gemma3 import family
+    from gemma_export.gemma3.reference import hf_from_model
+    from gemma_export.loading import ModelSpec, load
+
+    loaded = load(ModelSpec("gemma3-270m"))
+    hf = hf_from_model(loaded.take_model())
+    hf.config.max_position_embeddings = CONTEXT  # the exporters size rope tables / caches from this
+    target.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(target)
+    shutil.copyfile(loaded.tokenizer_path, target / "tokenizer.json")
+    tokens = {f"{k}_token": v for k, v in family.SPECIAL_TOKENS.items() if k in ("bos", "eos", "pad")}
+    (target / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False, **tokens,
+        "model_max_length": CONTEXT, "chat_template": family.CHAT_JINJA}, indent=2))
+    done.touch()
+    return target
+
+
+def flatten_rope(config) -> None:
+    """Give a transformers-5 Gemma 3 config the flat RoPE fields the genai builder reads.
+
+    transformers 5 nests RoPE per layer type (`rope_parameters = {full_attention: {...},
+    sliding_attention: {...}}`); builder 0.18 indexes `rope_parameters["rope_type"]` (KeyError
+    otherwise), takes the global base from `rope_theta` (silently 10,000 if absent) and the local
+    base from `rope_local_base_freq`.
+    """
+    nested = config.rope_parameters
+    if "full_attention" not in nested:
+        return
+    full, local = nested["full_attention"], nested["sliding_attention"]
+    if full.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"flattening only covers default RoPE, got {full}")
+    config.rope_parameters = dict(full)
+    config.rope_theta = full["rope_theta"]
+    config.rope_local_base_freq = local["rope_theta"]
+
+
+def genai_builder(out: Path, precision: str, extra: tuple[str, ...] = ()) -> dict:
+    """onnxruntime-genai's builder on our weights, CPU, its default options for `precision`.
+
+    Driven through its Python entry points (what `python -m onnxruntime_genai.models.builder`
+    runs) so the loaded config can be flattened between parsing and building.
+    """
+    from onnxruntime_genai.models import builder
+
+    hf, out = hf_folder(), Path(out)
+    cache = out.parent / f"{out.name}-cache"
+    opts = builder.parse_extra_options(None, str(hf), str(out), precision, "cpu", str(cache), list(extra))
+    flatten_rope(opts["hf_details"]["hf_config"])
+    builder.create_model(None, str(hf), str(out), precision, "cpu", str(cache), **opts)
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"exporter": "onnxruntime-genai builder", "precision": precision, "execution_provider": "cpu",
+            "extra_options": list(extra)}
+
+
+def optimum_executorch(out: Path, qlinear: str, qembedding: str | None = None) -> dict:
+    """optimum-executorch's XNNPACK recipe on our weights (`qlinear` 8da4w / 8da8w, group 32).
+
+    Uses its CLI entry (`optimum-cli export executorch`), run in this process through its main,
+    with the SDPA / KV-cache custom ops the ExecuTorch LLM runner expects.
+    """
+    hf, out = hf_folder(), Path(out)
+    args = ["export", "executorch", "--model", str(hf), "--task", "text-generation", "--recipe", "xnnpack",
+            "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", qlinear, "--max_seq_len", str(CONTEXT),
+            "--output_dir", str(out)]
+    if qembedding:
+        args += ["--qembedding", qembedding]
+    from optimum.commands.optimum_cli import main as optimum_cli
+
+    sys.argv = ["optimum-cli", *args]
+    optimum_cli()
+    shutil.copyfile(hf / "tokenizer.json", out / "tokenizer.json")
+    shutil.copyfile(hf / "tokenizer_config.json", out / "tokenizer_config.json")
+    return {"exporter": "optimum-executorch", "command": "optimum-cli " + " ".join(args)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("exporter", choices=["genai-builder", "optimum-executorch", "hf-folder"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("quant", nargs="?", help="int4|int8 (genai-builder) or 8da4w|8da8w (optimum-executorch)")
+    args = ap.parse_args(argv)
+    if args.exporter == "hf-folder":
+        info = {"hf_folder": str(hf_folder(args.out))}
+    elif args.exporter == "genai-builder":
+        info = genai_builder(args.out, args.quant)
+    else:
+        info = optimum_executorch(args.out, args.quant)
+    if args.exporter != "hf-folder":
+        (args.out / "peer-export.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
