@@ -34,6 +34,8 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.stock
+	$(PY) -m benchmarks.runtimes
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

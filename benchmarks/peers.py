@@ -94,22 +94,56 @@ def genai_builder(out: Path, precision: str, extra: tuple[str, ...] = ()) -> dic
 def optimum_executorch(out: Path, qlinear: str, qembedding: str | None = None) -> dict:
     """optimum-executorch's XNNPACK recipe on our weights (`qlinear` 8da4w / 8da8w, group 32).
 
-    Uses its CLI entry (`optimum-cli export executorch`), run in this process through its main,
-    with the SDPA / KV-cache custom ops the ExecuTorch LLM runner expects.
+    The same call `optimum-cli export executorch --recipe xnnpack --use_custom_sdpa
+    --use_custom_kv_cache --qlinear Q --max_seq_len 2048` makes (its documented LLM export: the
+    SDPA and KV-cache custom ops ExecuTorch's LLM runner expects), through `main_export`: the
+    `optimum-cli` front end lives in the base `optimum` package, which is not installed here.
     """
-    hf, out = hf_folder(), Path(out)
-    args = ["export", "executorch", "--model", str(hf), "--task", "text-generation", "--recipe", "xnnpack",
-            "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", qlinear, "--max_seq_len", str(CONTEXT),
-            "--output_dir", str(out)]
-    if qembedding:
-        args += ["--qembedding", qembedding]
-    from optimum.commands.optimum_cli import main as optimum_cli
+    _optimum_shim()
+    from optimum.exporters.executorch.__main__ import main_export
 
-    sys.argv = ["optimum-cli", *args]
-    optimum_cli()
+    hf, out = hf_folder(), Path(out)
+    kwargs = {"use_custom_sdpa": True, "use_custom_kv_cache": True, "qlinear": qlinear, "max_seq_len": CONTEXT}
+    if qembedding:
+        kwargs["qembedding"] = qembedding
+    main_export(model_name_or_path=str(hf), task="text-generation", recipe="xnnpack", output_dir=str(out), **kwargs)
     shutil.copyfile(hf / "tokenizer.json", out / "tokenizer.json")
     shutil.copyfile(hf / "tokenizer_config.json", out / "tokenizer_config.json")
-    return {"exporter": "optimum-executorch", "command": "optimum-cli " + " ".join(args)}
+    return {"exporter": "optimum-executorch", "task": "text-generation", "recipe": "xnnpack", **kwargs}
+
+
+def _optimum_shim() -> None:
+    """optimum-executorch 1.1.0 imports two things from the base `optimum` package it declares but
+    that is not installed here: `is_transformers_version`, and the CLI base classes its argument
+    parser module subclasses (imported by the export entry point, unused without optimum-cli).
+    Provide just those."""
+    try:
+        import optimum.commands.base  # noqa: F401
+        import optimum.utils.import_utils  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import operator
+    import types
+
+    import transformers
+    from packaging import version
+
+    ops = {"<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">=": operator.ge,
+           ">": operator.gt}
+
+    def is_transformers_version(op: str, wanted: str) -> bool:
+        return ops[op](version.parse(transformers.__version__), version.parse(wanted))
+
+    utils = types.ModuleType("optimum.utils")
+    import_utils = types.ModuleType("optimum.utils.import_utils")
+    import_utils.is_transformers_version = is_transformers_version
+    utils.import_utils = import_utils
+    base = types.ModuleType("optimum.commands.base")
+    base.BaseOptimumCLICommand = type("BaseOptimumCLICommand", (), {})
+    base.CommandInfo = lambda **kw: types.SimpleNamespace(**kw)
+    sys.modules.update({"optimum.utils": utils, "optimum.utils.import_utils": import_utils,
+                        "optimum.commands.base": base})
 
 
 def main(argv=None):

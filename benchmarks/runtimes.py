@@ -109,13 +109,17 @@ def export(cmd: list[str], out: Path, reuse: bool) -> dict:
     return row
 
 
-def measure(runtime: str, artifact: Path, what: str) -> dict:
-    """One measurement in its own process: what it printed as JSON, plus its wall time and peak RSS."""
-    report = artifact.parent / f"{artifact.name}.{what}.json"
+def measure(runtime: str, artifact: Path, what: str, name: str | None = None) -> dict:
+    """One measurement in its own process: what it wrote as JSON, plus its wall time and peak RSS.
+    Its report and log are OUT/NAME.json and OUT/NAME.log (default NAME: ARTIFACT.WHAT)."""
+    name = name or f"{artifact.name}.{what}"
+    report, log = OUT / f"{name}.json", OUT / f"{name}.log"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.runtimes", "measure", runtime, str(artifact), what, str(report)]
-    print(f"{what}: {artifact.name} ...", flush=True)
-    row = run_measured(cmd, artifact.parent / f"{artifact.name}.{what}.log")
+    print(f"{what}: {name} ...", flush=True)
+    load = os.getloadavg()[0]  # other work on the machine slows both sides: recorded, not corrected
+    row = run_measured(cmd, log)
+    row["loadavg_1m_before"] = round(load, 2)
     try:
         row.update(json.loads(report.read_text()))
     except (OSError, json.JSONDecodeError):
@@ -179,7 +183,16 @@ def bench(runtime: str, recipe: str, reuse: bool) -> dict:
     peer = {"side": "peer", "exporter": rt.peer, "recipe": rt.peer_quant[recipe],
             **artifact_row(runtime, peer_dir, export_peer(runtime, recipe, peer_dir, reuse))}
     return {"runtime": runtime, "recipe_class": recipe, "rows": [ours, peer],
-            "ratios_ours_over_peer": ratios(ours, peer), "greedy_prefix_match": greedy_agreement(ours, peer)}
+            "ratios_ours_over_peer": ratios(ours, peer), "greedy_prefix_match": greedy_agreement(ours, peer),
+            "fp32_reference": fp32_reference(ours_dir)}
+
+
+def fp32_reference(artifact: Path) -> dict:
+    """The fp32 PyTorch perplexity on the same tokens, measured once per run of this script."""
+    cached = OUT / "fp32-reference.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    return measure("reference", artifact, "ppl", "fp32-reference")
 
 
 def write(results: Path, doc: dict) -> Path:
@@ -376,9 +389,8 @@ def et_ppl(artifact: Path) -> dict:
     pte, ptd = pte_files(artifact)
     program = Runtime.get().load_program(str(pte), data_path=str(ptd) if ptd else None)
     forward = program.load_method("forward")
-    per_token = forward.metadata.input_tensor_meta(1).sizes()[0] != 1 if hasattr(forward, "metadata") else None
-    if per_token is None:
-        per_token = (artifact / "manifest.json").is_file() is False
+    # the position input's (upper-bound) shape says which convention the program uses
+    per_token = tuple(forward.metadata.input_tensor_meta(1).sizes()) != (1,)
 
     def step(chunk, pos):
         tokens = torch.tensor([chunk], dtype=torch.int64)
@@ -392,13 +404,31 @@ def et_ppl(artifact: Path) -> dict:
     return row
 
 
+def fp32_ppl(artifact: Path) -> dict:
+    """The same perplexity from the fp32 PyTorch model (transformers, holding our weights): the
+    floor both quantized artifacts are judged against. `artifact` only supplies the tokenizer."""
+    import math
+
+    import torch
+
+    from gemma_export.gemma3.reference import hf_from_model, hf_logits
+    from gemma_export.loading import ModelSpec, load
+
+    inputs, targets = ppl_inputs(artifact)
+    hf = hf_from_model(load(ModelSpec("gemma3-270m")).take_model())
+    torch.set_num_threads(os.cpu_count() or 1)
+    logits = hf_logits(hf, inputs).numpy()
+    return {"perplexity": round(math.exp(nll_sum(logits, targets) / len(targets)), 4), "positions": len(targets),
+            "model": "fp32 PyTorch (transformers Gemma3ForCausalLM with our weights)"}
+
+
 WORKERS = {("ort-genai", "speed"): genai_speed, ("ort-genai", "ppl"): genai_ppl,
-           ("executorch", "speed"): et_speed, ("executorch", "ppl"): et_ppl}
+           ("executorch", "speed"): et_speed, ("executorch", "ppl"): et_ppl, ("reference", "ppl"): fp32_ppl}
 
 
 def worker(argv) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.runtimes measure")
-    ap.add_argument("runtime", choices=sorted(RUNTIMES))
+    ap.add_argument("runtime", choices=[*sorted(RUNTIMES), "reference"])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("what", choices=["speed", "ppl"])
     ap.add_argument("json_out", type=Path)

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gemma_export", "calibration")
 HEAVY = {"torch", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao", "litert_torch", "ai_edge_litert",
-         "ai_edge_quantizer", "transformers", "matplotlib", "tokenizers", "gguf", "safetensors"}
+         "ai_edge_quantizer", "transformers", "matplotlib", "tokenizers", "gguf", "safetensors", "onnxruntime_genai",
+         "litert_lm", "litert_lm_builder"}
 RUNTIMES = HEAVY - {"torch", "transformers", "matplotlib", "tokenizers", "gguf", "safetensors"}
 
 

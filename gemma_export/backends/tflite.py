@@ -30,6 +30,7 @@ from torch import nn
 
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
+from ..gemma3 import family
 from ..gemma3.config import Gemma3Config
 from ..session import BaseSession
 from ..trace import DECODE, HIDDEN, describe_io, float_twin
@@ -183,8 +184,6 @@ def _response_text(responses) -> str:
 def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab) -> None:
     from litert_lm_builder import litertlm_builder as lb
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
-
-    from ..gemma3 import family
 
     meta = llm_metadata_pb2.LlmMetadata()
     meta.start_token.token_ids.ids.append(vocab.bos_id)

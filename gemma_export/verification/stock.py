@@ -15,6 +15,7 @@ from .. import backends
 from ..artifact import read_manifest
 from ..gemma3 import family
 from ..loading import Tokenizer
+from ..runtime import reference_for
 from ..session import generate
 
 # a few turns the model can copy, so that even a base (not instruction-tuned) model ends its turn
@@ -62,8 +63,6 @@ def prompts(tok: Tokenizer, text: str, window: int) -> dict[str, str]:
 def stock_parity(folder: str | Path, name: str, text: str, new_tokens: int, reference=None) -> StockParity:
     """Generate `new_tokens` greedily from `text` (no <bos>) with the format's stock runtime and
     with `reference` (an `Opened`; default: the artifact's PyTorch reference)."""
-    from ..runtime import reference_for
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     reference = reference or reference_for(manifest)
