@@ -91,19 +91,23 @@ def genai_builder(out: Path, precision: str, extra: tuple[str, ...] = ()) -> dic
             "extra_options": list(extra)}
 
 
-def optimum_executorch(out: Path, qlinear: str, qembedding: str | None = None) -> dict:
+def optimum_executorch(out: Path, qlinear: str, qembedding: str | None = None, custom_ops: bool = False) -> dict:
     """optimum-executorch's XNNPACK recipe on our weights (`qlinear` 8da4w / 8da8w, group 32).
 
-    The same call `optimum-cli export executorch --recipe xnnpack --use_custom_sdpa
-    --use_custom_kv_cache --qlinear Q --max_seq_len 2048` makes (its documented LLM export: the
-    SDPA and KV-cache custom ops ExecuTorch's LLM runner expects), through `main_export`: the
-    `optimum-cli` front end lives in the base `optimum` package, which is not installed here.
+    The call `optimum-cli export executorch --task text-generation --recipe xnnpack --qlinear Q
+    --max_seq_len 2048` makes, through `main_export`: the `optimum-cli` front end lives in the base
+    `optimum` package, which is not installed here. Its faster LLM path (`--use_custom_sdpa
+    --use_custom_kv_cache`, `custom_ops=True`) imports `transformers.cache_utils.HybridCache`,
+    which transformers 5.24 no longer has (optimum-executorch 1.1.0 pins transformers 5.0.0rc1),
+    so by default the peer is exported without it.
     """
     _optimum_shim()
     from optimum.exporters.executorch.__main__ import main_export
 
     hf, out = hf_folder(), Path(out)
-    kwargs = {"use_custom_sdpa": True, "use_custom_kv_cache": True, "qlinear": qlinear, "max_seq_len": CONTEXT}
+    kwargs = {"qlinear": qlinear, "max_seq_len": CONTEXT}
+    if custom_ops:
+        kwargs.update(use_custom_sdpa=True, use_custom_kv_cache=True)
     if qembedding:
         kwargs["qembedding"] = qembedding
     main_export(model_name_or_path=str(hf), task="text-generation", recipe="xnnpack", output_dir=str(out), **kwargs)

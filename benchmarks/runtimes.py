@@ -12,18 +12,24 @@ For each (runtime, recipe class) both artifacts come from the same fp32 weights 
   int4          int4-b32        -p int4 (block 32)  --qlinear 8da4w (group 32)
   int8          int8            -p int8             --qlinear 8da8w
 
-Measured per artifact, each measurement in its own process (so its peak RSS is its own):
-  speed   prefill tok/s on a 512-token prompt and decode tok/s over 64 greedy new tokens (median
-          of 3 after a warm-up), peak RSS of that process (load + prefill + decode)
+Measured per artifact, each measurement in its own process (so its peak RSS is its own), speed
+of both sides back to back and then perplexity of both (the same background load for a ratio):
+  speed   the runtime's own generation API: prefill tok/s on a 512-token prompt and decode tok/s
+          over 64 greedy new tokens (median of 3 after a warm-up), and that process's peak RSS
+          (load + prefill + decode). ExecuTorch: TextLLMRunner, rates from its own Stats.
+  loop    (ExecuTorch) the same through executorch.runtime `forward` calls, chunked as the program
+          allows; the ratios use it when the runner cannot drive one of the two programs
   ppl     perplexity on 1,024 held-out tokens (tests/data/gpl-3.txt after its first 2,048 tokens),
-          teacher-forced in 128-token chunks through the runtime's logits
+          teacher-forced through the runtime's logits, 128 tokens a call (or what the program takes)
   size    the model files (graph/program and weights, not the tokenizer)
+plus, once, the fp32 PyTorch perplexity on the same tokens (the floor for both).
 
 Usage: python -m benchmarks.runtimes [--runtimes ort-genai,executorch] [--recipes int4,int8]
                                      [--reuse-exports] [--results DIR]
-Writes RESULTS/runtimes-<runtime>-<recipe>.json: both rows and the ratios ours/peer.
+Writes RESULTS/runtimes-<runtime>-<recipe>.json: both rows and the ratios ours/peer; artifacts,
+logs and per-measurement JSON go under out/bench-runtimes/.
 Measurement worker (what main runs per measurement):
-  python -m benchmarks.runtimes measure RUNTIME ARTIFACT speed|ppl JSON_OUT
+  python -m benchmarks.runtimes measure RUNTIME ARTIFACT speed|loop|ppl JSON_OUT
 """
 
 from __future__ import annotations
@@ -54,11 +60,14 @@ class Runtime:
     peer: str  # benchmarks.peers exporter
     peer_quant: dict  # recipe class -> the peer exporter's quantization argument
     model_files: tuple[str, ...]  # suffixes counted as the model (not the tokenizer)
+    measurements: tuple[str, ...] = ("speed", "ppl")
 
 
 RUNTIMES = {
     "ort-genai": Runtime("onnx", "genai-builder", {"int4": "int4", "int8": "int8"}, (".onnx", ".onnx.data")),
-    "executorch": Runtime("pte", "optimum-executorch", {"int4": "8da4w", "int8": "8da8w"}, (".pte", ".ptd")),
+    # loop: the same program driven through executorch.runtime, for when the runner cannot drive one
+    "executorch": Runtime("pte", "optimum-executorch", {"int4": "8da4w", "int8": "8da8w"}, (".pte", ".ptd"),
+                          ("speed", "loop", "ppl")),
 }
 
 
@@ -123,9 +132,16 @@ def measure(runtime: str, artifact: Path, what: str, name: str | None = None) ->
     try:
         row.update(json.loads(report.read_text()))
     except (OSError, json.JSONDecodeError):
-        pass  # the worker failed: the row keeps its exit code and log
+        row["error"] = error_lines(log)  # the worker failed: the row keeps its exit code, log and why
     print(f"  {row}", flush=True)
     return row
+
+
+def error_lines(log: Path, keep: int = 3) -> list[str]:
+    """The last lines of a failed worker's log that say what went wrong."""
+    marks = ("Error", "error", "Attempted", "Traceback", "failed")
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if any(m in ln for m in marks)]
+    return lines[-keep:]
 
 
 def model_mib(runtime: str, artifact: Path) -> dict:
@@ -137,24 +153,34 @@ def model_mib(runtime: str, artifact: Path) -> dict:
 
 def artifact_row(runtime: str, artifact: Path, export_row: dict) -> dict:
     row = {"artifact": str(artifact.relative_to(ROOT)), "export": export_row}
-    if export_row.get("exit_code") != 0:
-        return row
-    row.update(model_mib(runtime, artifact))
-    for what in ("speed", "ppl"):
-        m = measure(runtime, artifact, what)
-        row[what] = m
+    if export_row.get("exit_code") == 0:
+        row.update(model_mib(runtime, artifact))
     return row
 
 
-RATIO_KEYS = {"prefill_tok_s": ("speed", "prefill_tok_s"), "decode_tok_s": ("speed", "decode_tok_s"),
-              "peak_rss_gib": ("speed", "peak_rss_gib"), "model_file_mib": (None, "model_file_mib"),
-              "perplexity": ("ppl", "perplexity")}
+def measure_all(runtime: str, rows: list[dict]) -> None:
+    """Speed of both artifacts back to back, then perplexity of both: on a shared machine the two
+    sides of a ratio then run under the same background load (recorded as loadavg_1m_before)."""
+    for what in RUNTIMES[runtime].measurements:
+        for row in rows:
+            if row["export"].get("exit_code") == 0:
+                row[what] = measure(runtime, ROOT / row["artifact"], what)
+
+
+def speed_source(ours: dict, peer: dict) -> str:
+    """The LLM runner's numbers when it ran both artifacts, else the direct `forward` loop's."""
+    ok = all((r.get("speed") or {}).get("exit_code") == 0 for r in (ours, peer))
+    return "speed" if ok or not (ours.get("loop") and peer.get("loop")) else "loop"
 
 
 def ratios(ours: dict, peer: dict) -> dict:
-    """ours / peer for every measured number both rows have (higher is better for tok/s only)."""
-    out = {}
-    for name, (section, key) in RATIO_KEYS.items():
+    """ours / peer for every number both rows have (for tok/s higher is better, else lower)."""
+    src = speed_source(ours, peer)
+    keys = {"prefill_tok_s": (src, "prefill_tok_s"), "decode_tok_s": (src, "decode_tok_s"),
+            "peak_rss_gib": (src, "peak_rss_gib"), "model_file_mib": (None, "model_file_mib"),
+            "perplexity": ("ppl", "perplexity")}
+    out = {"speed_from": src}
+    for name, (section, key) in keys.items():
         a = (ours.get(section) or {}).get(key) if section else ours.get(key)
         b = (peer.get(section) or {}).get(key) if section else peer.get(key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
@@ -164,7 +190,8 @@ def ratios(ours: dict, peer: dict) -> dict:
 
 def greedy_agreement(ours: dict, peer: dict) -> int | None:
     """How many of the 64 greedy tokens match before the two artifacts first disagree."""
-    a, b = (ours.get("speed") or {}).get("greedy_tokens"), (peer.get("speed") or {}).get("greedy_tokens")
+    src = speed_source(ours, peer)
+    a, b = (ours.get(src) or {}).get("greedy_tokens"), (peer.get(src) or {}).get("greedy_tokens")
     if not a or not b:
         return None
     n = 0
@@ -178,10 +205,12 @@ def greedy_agreement(ours: dict, peer: dict) -> int | None:
 def bench(runtime: str, recipe: str, reuse: bool) -> dict:
     rt = RUNTIMES[runtime]
     ours_dir, peer_dir = OUT / f"ours-{runtime}-{recipe}", OUT / f"peer-{runtime}-{recipe}"
+    # both exports first, then the measurements: none of them runs beside an export
     ours = {"side": "ours", "recipe": OUR_RECIPE[recipe],
             **artifact_row(runtime, ours_dir, export_ours(runtime, recipe, ours_dir, reuse))}
     peer = {"side": "peer", "exporter": rt.peer, "recipe": rt.peer_quant[recipe],
             **artifact_row(runtime, peer_dir, export_peer(runtime, recipe, peer_dir, reuse))}
+    measure_all(runtime, [ours, peer])
     return {"runtime": runtime, "recipe_class": recipe, "rows": [ours, peer],
             "ratios_ours_over_peer": ratios(ours, peer), "greedy_prefix_match": greedy_agreement(ours, peer),
             "fp32_reference": fp32_reference(ours_dir)}
@@ -242,19 +271,19 @@ def nll_sum(logits, targets) -> float:
     return float((lse - x[np.arange(len(targets)), targets]).sum())
 
 
-def teacher_forced_ppl(step, inputs: list[int], targets: list[int]) -> dict:
-    """Perplexity from `step(chunk, pos) -> logits [len(chunk), V]` called CHUNK tokens at a time."""
+def teacher_forced_ppl(step, inputs: list[int], targets: list[int], chunk_len: int = CHUNK) -> dict:
+    """Perplexity from `step(chunk, pos) -> logits [len(chunk), V]` called chunk_len tokens at a time."""
     import math
 
     total, t0 = 0.0, time.perf_counter()
-    for pos in range(0, len(inputs), CHUNK):
-        chunk = inputs[pos:pos + CHUNK]
+    for pos in range(0, len(inputs), chunk_len):
+        chunk = inputs[pos:pos + chunk_len]
         logits = step(chunk, pos)
         if logits.shape[0] != len(chunk):
             raise RuntimeError(f"runtime returned logits for {logits.shape[0]} of {len(chunk)} positions")
         total += nll_sum(logits, targets[pos:pos + len(chunk)])
     return {"perplexity": round(math.exp(total / len(targets)), 4), "positions": len(targets),
-            "ppl_seconds": round(time.perf_counter() - t0, 1)}
+            "chunk": chunk_len, "ppl_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def summary(prefill: list[float], decode: list[float], tokens: list[int], prompt_tokens: int, load_s: float) -> dict:
@@ -378,9 +407,11 @@ def et_speed(artifact: Path) -> dict:
     return row
 
 
-def et_ppl(artifact: Path) -> dict:
-    """`forward(tokens [1, T], position)` through executorch.runtime: ours takes the chunk's first
-    position ([1]); optimum's takes one position per token ([T], `cache_position`)."""
+def et_forward(artifact: Path):
+    """`forward(tokens [1, T], position)` through executorch.runtime, as `step(chunk, pos) -> logits
+    [T, V]`, and the longest chunk it takes. Ours takes the chunk's first position ([1]);
+    optimum's takes one per token ([T], `cache_position`); a program exported with static shapes
+    takes one token per call. The inputs' (upper-bound) shapes say which."""
     import torch
 
     et_register_ops()
@@ -389,8 +420,9 @@ def et_ppl(artifact: Path) -> dict:
     pte, ptd = pte_files(artifact)
     program = Runtime.get().load_program(str(pte), data_path=str(ptd) if ptd else None)
     forward = program.load_method("forward")
-    # the position input's (upper-bound) shape says which convention the program uses
-    per_token = tuple(forward.metadata.input_tensor_meta(1).sizes()) != (1,)
+    meta = forward.metadata
+    per_token = tuple(meta.input_tensor_meta(1).sizes()) != (1,)
+    chunk_len = min(CHUNK, int(meta.input_tensor_meta(0).sizes()[1]))
 
     def step(chunk, pos):
         tokens = torch.tensor([chunk], dtype=torch.int64)
@@ -399,9 +431,45 @@ def et_ppl(artifact: Path) -> dict:
         logits = forward.execute([tokens, where])[0]
         return logits.reshape(-1, logits.shape[-1])[-len(chunk):].float().numpy()
 
-    row = teacher_forced_ppl(step, *ppl_inputs(artifact))
-    row["position_input"] = "per token" if per_token else "first position"
+    return step, chunk_len
+
+
+def et_loop(artifact: Path) -> dict:
+    """Prefill and greedy decode by calling the program's `forward` directly (executorch.runtime),
+    chunked as the program allows: the same work the LLM runner does, without the runner, so it
+    still measures a program the runner cannot drive."""
+    import numpy as np
+
+    from gemma_export.loading.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    step, chunk_len = et_forward(artifact)
+    load_s = time.perf_counter() - t0
+    prompt = [Tokenizer(artifact / "tokenizer.json").bos_id, *text_ids(artifact)[:PROMPT - 1]]
+
+    def once():
+        t0 = time.perf_counter()
+        for pos in range(0, len(prompt), chunk_len):
+            logits = step(prompt[pos:pos + chunk_len], pos)
+        t1 = time.perf_counter()
+        tokens, pos = [int(np.argmax(logits[-1]))], len(prompt)
+        while len(tokens) < NEW_TOKENS:
+            tokens.append(int(np.argmax(step([tokens[-1]], pos)[-1])))
+            pos += 1
+        t2 = time.perf_counter()
+        # the first new token comes from the prefill's logits: NEW_TOKENS - 1 decode calls
+        return len(prompt) / (t1 - t0), (len(tokens) - 1) / (t2 - t1), tokens
+
+    once()  # warm-up
+    runs = [once() for _ in range(REPEATS)]
+    row = summary([r[0] for r in runs], [r[1] for r in runs], runs[-1][2], len(prompt), load_s)
+    row["prefill_chunk"] = chunk_len
     return row
+
+
+def et_ppl(artifact: Path) -> dict:
+    step, chunk_len = et_forward(artifact)
+    return teacher_forced_ppl(step, *ppl_inputs(artifact), chunk_len)
 
 
 def fp32_ppl(artifact: Path) -> dict:
@@ -423,14 +491,14 @@ def fp32_ppl(artifact: Path) -> dict:
 
 
 WORKERS = {("ort-genai", "speed"): genai_speed, ("ort-genai", "ppl"): genai_ppl,
-           ("executorch", "speed"): et_speed, ("executorch", "ppl"): et_ppl, ("reference", "ppl"): fp32_ppl}
+           ("executorch", "speed"): et_speed, ("executorch", "loop"): et_loop, ("executorch", "ppl"): et_ppl, ("reference", "ppl"): fp32_ppl}
 
 
 def worker(argv) -> None:
     ap = argparse.ArgumentParser(prog="benchmarks.runtimes measure")
     ap.add_argument("runtime", choices=[*sorted(RUNTIMES), "reference"])
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("what", choices=["speed", "ppl"])
+    ap.add_argument("what", choices=["speed", "loop", "ppl"])
     ap.add_argument("json_out", type=Path)
     args = ap.parse_args(argv)
     result = WORKERS[(args.runtime, args.what)](args.artifact)

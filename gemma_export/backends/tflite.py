@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,11 @@ class TfliteBackend:
         folder = Path(folder)
         lm = require("litert_lm", self.name)
         lm.set_min_log_severity(lm.LogSeverity.ERROR) if hasattr(lm, "set_min_log_severity") else None
-        with lm.Engine(str(folder / manifest.program["file"]), backend=lm.Backend.CPU(),
-                       max_num_tokens=manifest.max_context) as engine:
+        # the engine caches XNNPACK's packed weights beside the model unless told otherwise; an
+        # artifact folder stays as exported
+        with tempfile.TemporaryDirectory() as cache, lm.Engine(
+                str(folder / manifest.program["file"]), backend=lm.Backend.CPU(),
+                max_num_tokens=manifest.max_context, cache_dir=cache) as engine:
             session = engine.create_session(apply_prompt_template=False, max_output_tokens=max_new_tokens,
                                             sampler_config=lm.SamplerConfig(top_k=1, temperature=0.0))
             session.run_prefill([text])
