@@ -80,17 +80,16 @@ class Runner:
 @dataclass(frozen=True)
 class Vocab:
     """What a runtime's own metadata needs of the tokenizer: the file to ship beside the model,
-    BOS, the stop tokens (ids), padding and the chat template."""
+    BOS, the stop tokens (ids) and padding (the chat template is the family's)."""
 
     path: Path
     bos_id: int
     pad_id: int
     stop_ids: tuple[int, ...]
-    chat_template: str
 
     @classmethod
     def of(cls, tokenizer) -> "Vocab":
-        return cls(tokenizer.path, tokenizer.bos_id, tokenizer.pad_id, tuple(tokenizer.stop_ids), family.CHAT_TEMPLATE)
+        return cls(tokenizer.path, tokenizer.bos_id, tokenizer.pad_id, tuple(tokenizer.stop_ids))
 
 
 @dataclass(frozen=True)

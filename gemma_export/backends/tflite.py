@@ -164,7 +164,7 @@ class TfliteBackend:
         """Greedy text from LiteRT-LM's own engine on the bundle (it adds the start token itself)."""
         folder = Path(folder)
         lm = require("litert_lm", self.name)
-        lm.set_min_log_severity(lm.LogSeverity.ERROR) if hasattr(lm, "set_min_log_severity") else None
+        lm.set_min_log_severity(lm.LogSeverity.ERROR)
         # the engine caches XNNPACK's packed weights beside the model unless told otherwise; an
         # artifact folder stays as exported
         with tempfile.TemporaryDirectory() as cache, lm.Engine(
