@@ -5,8 +5,10 @@ The graph speaks onnxruntime-genai's decoder interface: `input_ids` int64 [1, T]
 `attention_mask` int64 [1, past + T] (its length gives the position), `past_key_values.{i}.key` /
 `.value` in and `present.{i}.key` / `.value` out, `logits` [1, T, V]. genai binds each present to
 the same buffer as its past (`past_present_share_buffer`) and sizes local layers' buffers as the
-window plus `cache_slack` slots (the `sliding_window` block); the graph's sliding cache keeps that
-shape, so genai only ever hands the buffers back. Weights are stored once, as external data;
+window plus `cache_slack` slots (the `sliding_window` block). Attention is onnxruntime's
+GroupQueryAttention, which writes the new keys and values into those buffers in place (local
+layers' as a sliding window it shifts when full) and reads only the positions in use, so a step
+costs what the conversation holds, not the context. Weights are stored once, as external data;
 quantized weights are the PyTorch codes, as MatMulNBits weights or DequantizeLinear inputs. Our
 session drives the graph the way genai does, one shared OrtValue per cache.
 """
@@ -34,7 +36,9 @@ QUANT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 TABLE = f"{family.TABLE}.weight"
 CONFIG = "genai_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # genai's tokenizer does not load without it
-SLACK = 1  # genai's local buffers hold window + cache_slack slots (0 would mean its default, 16 on CPU)
+# genai's local buffers hold window + cache_slack slots; the attention kernel shifts a full buffer
+# by the slack at once, so a larger slack moves the cache less often (16 is genai's CPU default)
+SLACK = 16
 FORWARD = "decoder"
 
 
@@ -47,20 +51,73 @@ def present_name(past: str) -> str:
     return past.replace("past_key_values.", "present.")
 
 
+@torch.library.custom_op("gemma_export::group_query_attention", mutates_args=())
+def _gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+         seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int, kv_heads: int, scale: float,
+         window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """onnxruntime's GroupQueryAttention, as a placeholder op for tracing: it exists only in the
+    exported graph (the PyTorch model keeps its own attention)."""
+    raise UnsupportedError("group_query_attention runs only inside onnxruntime")
+
+
+@_gqa.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, scale, window):
+    return q.new_empty(q.shape), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
+def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, scale, window):
+    """com.microsoft GroupQueryAttention: K/V written into the past buffers at the sequence's
+    position (present shares the buffer), the queries attend to what is in use. A local layer's
+    buffer is window + slack slots (`sliding_window_cache`): the kernel keeps the last positions."""
+    from onnxscript import values
+
+    gqa = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
+    ring = {"sliding_window_cache": 1} if window > 0 else {}
+    return gqa(q, k, v, past_k, past_v, seqlens_k, total, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale,
+               local_window_size=window, do_rotary=0, _outputs=3, **ring)
+
+
+def _gqa_schema():
+    """The part of onnxruntime's GroupQueryAttention signature we use (onnx ships no schema for
+    contrib ops, and onnxscript builds a node only from one)."""
+    from onnx.defs import OpSchema
+
+    p = OpSchema.FormalParameter
+    t, m = "T", "M"
+    attrs = [OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in
+             ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "sliding_window_cache")]
+    attrs.append(OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""))
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[p("query", t), p("key", t), p("value", t), p("past_key", t), p("past_value", t),
+                p("seqlens_k", m), p("total_sequence_length", m)],
+        outputs=[p("output", t), p("present_key", t), p("present_value", t)],
+        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], ""), (m, ["tensor(int32)"], "")],
+        attributes=attrs)
+
+
 class _Graph(torch.nn.Module):
     """One step in genai's interface. The caches come as one list argument: torch.onnx's dynamo
     exporter takes per-layer caches only that way (as separate positional arguments they fail its
-    dynamic-shape check)."""
+    dynamic-shape check). Attention is onnxruntime's GroupQueryAttention on the shared buffers."""
 
     def __init__(self, model, hidden: bool):
         super().__init__()
         self.model, self.hidden = model, hidden
 
     def forward(self, input_ids, attention_mask, caches: list):
+        cfg = self.model.cfg
         t = input_ids.shape[1]
         pos = torch.full((1,), attention_mask.shape[1] - t, dtype=torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
-        out = self.model.step(input_ids.to(torch.int32), pos, length, caches, hidden=self.hidden)
+        total = attention_mask.sum(dtype=torch.int32)  # genai's mask is all ones: its length
+        seqlens = (total - 1).reshape(1)
+
+        def attention(q, k, v, k_cache, v_cache, is_global, scale):
+            window = -1 if is_global else cfg.sliding_window
+            return _gqa(q, k, v, k_cache, v_cache, seqlens, total, cfg.num_heads, cfg.num_kv_heads, scale, window)
+
+        out = self.model.step(input_ids.to(torch.int32), pos, length, caches, hidden=self.hidden, attention=attention)
         return (out[0], *out[1], *out[2:])
 
 
@@ -169,6 +226,7 @@ def _trace(model, job, workdir: Path, progress) -> None:
         program = torch.onnx.export(
             graph, sample, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
             input_names=["input_ids", "attention_mask", *pasts], output_names=outputs, optimize=True, verbose=False,
+            custom_translation_table={torch.ops.gemma_export.group_query_attention.default: _gqa_onnx},
         )
     progress("saving graph and external weights")
     program.save(str(workdir / FILE), external_data=True)
@@ -197,7 +255,7 @@ def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
-                # genai itself never moves cache contents: the graph slides its window
+                # genai itself never moves cache contents: the attention kernel keeps each local window
                 "sliding_window": {"window_size": cfg.sliding_window, "layers": local, "cache_slack": SLACK,
                                    "slide_key_value_cache": False, "slide_inputs": False},
             },

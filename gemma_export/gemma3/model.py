@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.scale = cfg.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache):
+    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache, kernel=None):
         cfg = self.cfg
         b, t, _ = x.shape
         kv, rep, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -86,6 +86,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if kernel is not None:  # a runtime's fused attention, updating its cache buffers in place
+            flat = lambda y: y.transpose(1, 2).reshape(b, t, -1)  # noqa: E731
+            out, new_k, new_v = kernel(flat(q), flat(k), flat(v), k_cache, v_cache, self.is_global, self.scale)
+            return self.o_proj(out), new_k, new_v
         keys = torch.cat((k_cache, k), dim=2)  # [b, kv, S+T, d]
         values = torch.cat((v_cache, v), dim=2)
         # Grouped-query attention by grouping query heads per KV head (no repeat of K/V):
@@ -112,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache):
-        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, keep, k_cache, v_cache)
+    def forward(self, x, cos, sin, mask, keep, k_cache, v_cache, kernel=None):
+        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, keep, k_cache, v_cache, kernel)
         x = x + self.post_attention_layernorm(h)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, k_cache, v_cache
@@ -192,7 +196,8 @@ class Gemma3(nn.Module):
         """Token ids [1, T] -> the residual stream entering layer 0, [1, T, hidden]."""
         return self.embed_tokens(tokens) * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
 
-    def decode(self, x, pos, length, caches, all_logits: bool = True, hidden: bool = False, head: bool = True):
+    def decode(self, x, pos, length, caches, all_logits: bool = True, hidden: bool = False, head: bool = True,
+               attention=None):
         """x [1, T, hidden] embeddings, pos [1] int (position of x[:, 0]), length [1] int (valid
         positions of a padded chunk), caches the flat list [k0, v0, k1, v1, ...].
 
@@ -201,6 +206,11 @@ class Gemma3(nn.Module):
         stream entering layer 0 and after each layer, [L + 1, T, hidden] (the debug output
         `verify --locate` uses to find the first diverging layer). head=False skips the output
         head (logits None) for a graph that only wants the residual stream.
+
+        `attention` replaces the sliding-cache attention by a runtime's own kernel, called per layer
+        as attention(q, k, v, k_cache, v_cache, is_global, scale) with q/k/v [1, T, heads*head_dim]
+        after QK-norm and RoPE; it returns (out, new k_cache, new v_cache) and owns the cache
+        layout and masking (an unpadded chunk only).
         """
         cfg = self.cfg
         t = x.shape[1]
@@ -213,7 +223,7 @@ class Gemma3(nn.Module):
         }
         lengths = self.cache_lengths()
         masks, keeps = {}, {}
-        for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)}:
+        for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)} if attention is None else ():
             window = None if is_global else cfg.sliding_window
             masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
             keeps[s] = length + torch.arange(s, dtype=length.dtype)
@@ -221,7 +231,7 @@ class Gemma3(nn.Module):
         for i, layer in enumerate(self.layers):
             g, s = cfg.is_global(i), lengths[i]
             cos, sin = ropes[g]
-            x, k, v = layer(x, cos, sin, masks[(s, g)], keeps[s], caches[2 * i], caches[2 * i + 1])
+            x, k, v = layer(x, cos, sin, masks.get((s, g)), keeps.get(s), caches[2 * i], caches[2 * i + 1], attention)
             new_caches += [k, v]
             states.append(x[0])
         if not all_logits:

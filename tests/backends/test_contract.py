@@ -45,7 +45,8 @@ def failures(rule, comparison):
 def test_manifest_describes_the_artifact(artifacts, fmt):
     m = read_manifest(artifacts.get(fmt))
     assert m.format == fmt and m.prefill_len == T and m.max_context == CTX and m.window == 16
-    assert m.cache_lengths[1] == CTX and m.cache_lengths[0] in (16, 17)  # window (+ a runtime's slack slot)
+    # window, plus a runtime's slack slots (one slot; genai's 16 for onnx)
+    assert m.cache_lengths[1] == CTX and m.cache_lengths[0] in (16, 17, 32)
     assert set(m.files) >= {"tokenizer.json", m.program["file"]}
     assert all(len(f.sha256) == 64 for f in m.files.values())
     assert "torch" in m.versions and m.model.config["name"] == "tiny"
