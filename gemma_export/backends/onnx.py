@@ -15,6 +15,7 @@ session drives the graph the way genai does, one shared OrtValue per cache.
 
 from __future__ import annotations
 
+import functools
 import gc
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, sc
                local_window_size=window, do_rotary=0, _outputs=3, **ring)
 
 
+@functools.cache
 def _gqa_schema():
     """The part of onnxruntime's GroupQueryAttention signature we use (onnx ships no schema for
     contrib ops, and onnxscript builds a node only from one)."""
@@ -110,8 +112,8 @@ class _Graph(torch.nn.Module):
         t = input_ids.shape[1]
         pos = torch.full((1,), attention_mask.shape[1] - t, dtype=torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
-        total = attention_mask.sum(dtype=torch.int32)  # genai's mask is all ones: its length
-        seqlens = (total - 1).reshape(1)
+        total = pos[0] + t  # GroupQueryAttention's total_sequence_length (scalar) and seqlens_k = total - 1
+        seqlens = pos + (t - 1)
 
         def attention(q, k, v, k_cache, v_cache, is_global, scale):
             window = -1 if is_global else cfg.sliding_window

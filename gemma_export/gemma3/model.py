@@ -223,10 +223,11 @@ class Gemma3(nn.Module):
         }
         lengths = self.cache_lengths()
         masks, keeps = {}, {}
-        for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)} if attention is None else ():
-            window = None if is_global else cfg.sliding_window
-            masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
-            keeps[s] = length + torch.arange(s, dtype=length.dtype)
+        if attention is None:  # a runtime kernel masks and places the keys itself
+            for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)}:
+                window = None if is_global else cfg.sliding_window
+                masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
+                keeps[s] = length + torch.arange(s, dtype=length.dtype)
         new_caches, states = [], [x[0]]
         for i, layer in enumerate(self.layers):
             g, s = cfg.is_global(i), lengths[i]
