@@ -20,7 +20,7 @@ from .judge import Rule, Verdict, judge, judge_build
 from .parity import LOCATE_THRESHOLD, ParityResult, locate, parity, perplexity_of, schedule_for, teacher_forced
 
 # the summary keys reported for the comparisons against fp32 in a relative judgement
-_FP32_KEYS = ("top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
+_FP32_KEYS = ("positions", "top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
 
 
 @dataclass(frozen=True)

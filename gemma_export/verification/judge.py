@@ -18,6 +18,7 @@ came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..errors import ArtifactError, ConfigError, ParityError
@@ -25,7 +26,9 @@ from ..quant.recipes import QuantRecipe, Thresholds, resolve
 
 RELATIVE_KL = 1.25  # the artifact's mean KL to fp32 may be this multiple of the recipe's ...
 RELATIVE_KL_SLACK = 1e-3  # ... or this much above it, whichever is larger
-RELATIVE_TOP1 = 0.02  # and its top-1 agreement with fp32 this much below the recipe's
+RELATIVE_TOP1 = 0.02  # and its top-1 agreement with fp32 this much below the recipe's, or one
+# standard error of the recipe's agreement over the compared positions if larger: on few positions
+# or flat distributions a couple of near-ties flipping by rounding moves top-1 by more than 2%
 
 # threshold field -> (summary key, comparison)
 CHECKS = {
@@ -72,8 +75,10 @@ class Rule:
             if recipe_vs_fp32 is None:
                 raise ValueError("a relative judgement needs the recipe's comparison with fp32")
             r_kl, r_top1 = recipe_vs_fp32["mean_kl"], recipe_vs_fp32["top1_agreement"]
+            n = recipe_vs_fp32.get("positions") or 0
+            se = math.sqrt(r_top1 * (1 - r_top1) / n) if n else 0.0
             own = {"max_mean_kl": (max(RELATIVE_KL * r_kl, r_kl + RELATIVE_KL_SLACK), r_kl),
-                   "min_top1": (r_top1 - RELATIVE_TOP1, r_top1)}
+                   "min_top1": (r_top1 - max(RELATIVE_TOP1, se), r_top1)}
             out = [Bound(*CHECKS[k], limit, "relative to the recipe", recipe)
                    for k, (limit, recipe) in own.items() if k not in self.overrides]
         else:

@@ -145,7 +145,8 @@ def _against_fp32(r: dict) -> list[str]:
     return ["## Judged against fp32", "",
             "The runtime quantizes activations itself, so the artifact is compared with the fp32 model, "
             f"relative to the recipe in PyTorch: mean KL at most {RELATIVE_KL}x the recipe's (or "
-            f"+{RELATIVE_KL_SLACK:g}), top-1 agreement at most {RELATIVE_TOP1:g} below it. The metrics "
+            f"+{RELATIVE_KL_SLACK:g}), top-1 agreement at most {RELATIVE_TOP1:g} (or one standard error of the "
+            "recipe's agreement over these positions, if larger) below it. The metrics "
             "further down compare the artifact with the recipe in PyTorch (for information).", "",
             "| vs fp32 | artifact | recipe in PyTorch |", "|---|---|---|",
             f"| top-1 agreement | {a['top1_agreement']:.4f} | {b['top1_agreement']:.4f} |",

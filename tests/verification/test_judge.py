@@ -32,6 +32,15 @@ def test_runtime_quantized_recipes_are_judged_relative_to_the_recipe():
     assert failed.failures == ("mean KL to fp32 = 0.05, needs <= 0.01625 (the recipe in PyTorch: 0.013)",)
 
 
+def test_top1_slack_widens_to_one_standard_error_on_few_positions():
+    rule = Rule.for_recipe("int8")
+    few = {"mean_kl": 0.002, "top1_agreement": 0.32, "positions": 96}  # one SE = 0.0476
+    assert judge(rule, {"a": {"mean_kl": 0.002, "top1_agreement": 0.30}}, {"a": few}).passed
+    assert not judge(rule, {"a": {"mean_kl": 0.002, "top1_agreement": 0.27}}, {"a": few}).passed
+    many = {**few, "top1_agreement": 0.92, "positions": 2000}  # SE 0.006: the 2% floor applies
+    assert not judge(rule, {"a": {"mean_kl": 0.002, "top1_agreement": 0.895}}, {"a": many}).passed
+
+
 def test_overrides_replace_the_bound_in_either_mode_and_are_reported():
     absolute = Rule.for_recipe("fp32", {"min_top1": 1.5})
     v = judge(absolute, {"a": GOOD})
