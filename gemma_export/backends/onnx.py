@@ -139,8 +139,8 @@ class OnnxBackend:
     def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
         onnx = require("onnx", self.name)
         require("onnxscript", self.name)
-        # trace a float graph; quantized weights are put back below. 8-bit weights with dynamic int8
-        # activations leave the activation quantization to MatMulNBits (see _accuracy_level)
+        # trace a float graph; quantized weights are put back below. Dynamic int8 activations (either
+        # weight width) are left to MatMulNBits (see _accuracy_level)
         codes = float_twin(model, activation_ops=lambda scheme: not _runtime_quantizes(scheme))
         model.local_slack = SLACK
         cache_lengths = tuple(model.cache_lengths())
@@ -379,14 +379,15 @@ def _nbits_layout(q: np.ndarray, s: np.ndarray, scheme) -> tuple[np.ndarray, np.
 
 
 def _runtime_quantizes(scheme) -> bool:
-    return scheme.bits == 8 and scheme.activations == "int8-dynamic"
+    return scheme.activations == "int8-dynamic"
 
 
 def _accuracy_level(scheme) -> int:
-    """onnxruntime's 8-bit MatMulNBits is fast only with int8 compute (accuracy level 4: it
-    quantizes activations itself; at level 1 its 8-bit path is many times slower). That is what an
-    int8-dynamic scheme asks for, so those layers run at level 4 without our own activation ops;
-    every other layer computes in fp32 (level 1) on exactly our activations."""
+    """An int8-dynamic scheme asks for int8 compute, which is MatMulNBits' accuracy level 4: it
+    quantizes activations itself (per block of K) and runs MLAS's int8 kernels, for 4-bit codes as
+    for 8-bit. Our own float activation-quantization ops in front of a level-1 (fp32) MatMulNBits
+    would give the same rounding class at a fraction of the speed, so those layers get level 4 and
+    no activation ops; every other layer computes in fp32 (level 1) on exactly our activations."""
     return 4 if _runtime_quantizes(scheme) else 1
 
 

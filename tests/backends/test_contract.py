@@ -147,8 +147,8 @@ def test_quantized_artifact_matches_the_pytorch_quantized_model(artifacts, quant
     assert m.recipe_name == recipe and m.format == fmt
     ids = random_ids(80, seed=2)
     c = teacher_forced(TorchSession(quantized_tiny(recipe), prefill_len=T), open_artifact(out).session, ids)
-    # ONNX int8 leaves the activation quantization to MatMulNBits (its own rounding, like XNNPACK)
-    th = LOWERING["pte"] if (fmt, recipe) == ("onnx", "int8") else LOWERING[fmt]
+    # ONNX leaves the activation quantization to MatMulNBits (its own rounding, like XNNPACK)
+    th = LOWERING["pte"] if fmt == "onnx" else LOWERING[fmt]
     assert not failures(Rule(False, th), c), c.summary()
 
 
