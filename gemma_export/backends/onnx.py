@@ -25,6 +25,7 @@ import torch
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, ExportError, UnsupportedError
 from ..gemma3 import family
+from ..gemma3.model import plain_forms
 from ..quant.packing import pack_int4, unpack_int4
 from ..session import BaseSession
 from ..trace import HIDDEN, cache_names, float_twin
@@ -224,7 +225,7 @@ def _trace(model, job, workdir: Path, progress) -> None:
     outputs = ["logits", *map(present_name, pasts)] + ([HIDDEN] if job.debug_outputs else [])
     graph = _Graph(model, hidden=job.debug_outputs).eval()
     progress("torch.onnx.export (dynamo)")
-    with torch.no_grad():
+    with torch.no_grad(), plain_forms(model):
         program = torch.onnx.export(
             graph, sample, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
             input_names=["input_ids", "attention_mask", *pasts], output_names=outputs, optimize=True, verbose=False,

@@ -13,6 +13,7 @@ modulo: the same graph converts to every format, and positions can run past the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,6 +28,8 @@ NEG_INF = -1e30  # additive mask value; finite so fully-masked padding rows stay
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: the stored weight w is applied as (1 + w), computed in fp32."""
 
+    plain = False  # the textbook form instead (see plain_forms)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -34,6 +37,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if self.plain:
+            y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
         # mean of squares over the last dim, written as a 4D mean over dims (2, 3) with keepdim:
         # the form XNNPACK delegates (a plain last-dim mean splits the ExecuTorch graph into
         # hundreds of partitions, and lowering time grows with their count).
@@ -50,8 +56,30 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    plain = False  # GELU written out (see plain_forms)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        g = self.gate_proj(x)
+        if self.plain:
+            a = 0.5 * g * (1.0 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * torch.pow(g, 3))))
+        else:
+            a = F.gelu(g, approximate="tanh")
+        return self.down_proj(a * self.up_proj(x))
+
+
+@contextlib.contextmanager
+def plain_forms(model: nn.Module):
+    """RMSNorm and tanh-GELU in their textbook forms while tracing: the forms onnxruntime's graph
+    optimizer recognises and fuses at load (SimplifiedLayerNormalization, FastGelu). The default
+    forms are the ones XNNPACK delegates whole."""
+    mods = [m for m in model.modules() if isinstance(m, (RMSNorm, MLP))]
+    for m in mods:
+        m.plain = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            del m.plain
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: float) -> torch.Tensor:

@@ -29,6 +29,23 @@ def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, t
     assert "hidden_states" in {o.name for o in debug.output}
 
 
+def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path):
+    """The graph's RMSNorm and GELU are in the forms onnxruntime's optimizer fuses: each becomes one
+    kernel instead of a chain of elementwise nodes run one by one every step."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(artifacts.get("onnx", debug=False) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+    layers = tiny.cfg.num_layers
+    assert ops["SimplifiedLayerNormalization"] == 6 * layers + 1, ops  # 4 per block, QK-norm, the final norm
+    assert ops["FastGelu"] == layers and not ops["Tanh"] and not ops["ReduceMean"], ops
+
+
 @pytest.mark.slow
 def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny):
     """Static int8/int16 activations (calibrated per-tensor scales) from a recipe file, through ONNX."""
