@@ -2,6 +2,7 @@
 artifacts (by format, recipe and debug outputs), and the real 270M."""
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,17 @@ import torch
 
 from helpers import CTX, TEXT, T, TINY
 
-torch.set_num_threads(2)
+# `make test` runs two xdist workers on the 2-core machine: one torch thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# tests sharing a session fixture that takes minutes to build run on one worker, which builds it once
+_SHARED = ("artifacts", "real")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [f for f in _SHARED if f in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 
