@@ -26,9 +26,9 @@ demo: install
 	$(GE) verify $(OUT)/demo-onnx --report $(OUT)/demo-onnx-report
 	$(GE) generate $(OUT)/demo-onnx --prompt "The capital of France is" --max-new-tokens 32
 
-# two workers (the 2-core machine); tests sharing the tiny artifacts or the real 270M stay together
+# two workers (the 2-core machine); they share the tiny artifacts (tests/conftest.py)
 test: install
-	$(PY) -m pytest -q -rs -n 2 --dist loadgroup
+	$(PY) -m pytest -q -rs -n 2
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

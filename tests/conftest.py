@@ -12,17 +12,8 @@ import torch
 from helpers import CTX, TEXT, T, TINY
 
 # `make test` runs two xdist workers on the 2-core machine: one torch thread each
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-# tests sharing a session fixture that takes minutes to build run on one worker, which builds it once
-_SHARED = ("artifacts", "real")
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        shared = [f for f in _SHARED if f in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else 2)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +25,8 @@ def tiny():
 
 
 class Artifacts:
-    """Tiny artifacts exported on first use and shared; tests that change one work on a copy."""
+    """Tiny artifacts exported on first use and shared, across xdist workers too (the first to ask
+    exports under a file lock, the others wait and reuse); tests that change one work on a copy."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -43,11 +35,18 @@ class Artifacts:
     def get(self, fmt: str, recipe: str = "fp32", debug: bool = True) -> Path:
         key = (fmt, recipe, debug)
         if key not in self._made:
+            from filelock import FileLock
+
             from gemma_export import pipeline
 
             out = self.root / f"{fmt}-{recipe}-{'debug' if debug else 'release'}"
-            pipeline.export(pipeline.ExportJob.single(TINY, fmt, out, recipe=recipe, prefill_len=T,
-                                                      debug_outputs=debug))
+            done = out.with_name(out.name + ".done")
+            with FileLock(str(out) + ".lock"):
+                if not done.is_file():
+                    shutil.rmtree(out, ignore_errors=True)
+                    pipeline.export(pipeline.ExportJob.single(TINY, fmt, out, recipe=recipe, prefill_len=T,
+                                                              debug_outputs=debug))
+                    done.touch()
             self._made[key] = out
         return self._made[key]
 
@@ -58,6 +57,10 @@ class Artifacts:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
+    if WORKER:  # the workers' base temps are siblings: share one folder between them
+        root = tmp_path_factory.getbasetemp().parent / "artifacts"
+        root.mkdir(exist_ok=True)
+        return Artifacts(root)
     return Artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
