@@ -175,16 +175,21 @@ class OnnxBackend:
 
         model = onnx.load(str(folder / manifest.program["file"]))
         inits = {i.name: i for i in model.graph.initializer}
+        # a fused MatMulNBits (q/k/v, gate/up) feeds a Split: its codes are the weights' rows in turn
+        splits = {n.input[0]: numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node
+                  if n.op_type == "Split" and len(n.input) > 1 and n.input[1] in inits}
         out = {}
         for node in model.graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0].endswith(".codes"):
                 out[node.output[0]] = numpy_helper.to_array(inits[node.input[0]])
-            elif node.op_type == "MatMulNBits" and node.input[1] not in out:
+            elif node.op_type == "MatMulNBits" and f"{node.input[1]}:0" not in out:
                 attrs = {a.name: a.i for a in node.attribute}
                 u = numpy_helper.to_array(inits[node.input[1]])  # [N, K/block, block*bits/8]
                 n, k, bits = attrs["N"], attrs["K"], attrs["bits"]
                 codes = (unpack_int4(u, offset=True) if bits == 4 else u.astype(np.int16) - 128).reshape(n, k)
-                out[node.input[1]] = codes.astype(np.int8)
+                rows = splits.get(node.output[0], [n])
+                for i, part in enumerate(np.split(codes.astype(np.int8), np.cumsum(rows)[:-1])):
+                    out[f"{node.input[1]}:{i}"] = part
         return list(out.values())
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
@@ -298,7 +303,7 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
     floats = ((i.name, numpy_helper.to_array(i)) for i in graph.initializer
               if i.data_type == TensorProto.FLOAT and len(i.dims) == 2)
     hits = match_weights(codes, floats, transposed=True)
-    keep = []
+    keep, matmuls = [], []
     for init in graph.initializer:
         if init.name not in hits:
             keep.append(init)
@@ -310,9 +315,10 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
         if name == TABLE and layout == "oi":  # gathered and used as the tied head
             keep += _lower_table(graph, init.name, q, s, scheme)
         elif users:  # x @ W^T: run it as MatMulNBits
-            keep += _lower_matmuls(graph, users, init.name, q, s, scheme)
+            matmuls.append((init.name, users, q, s, scheme))
         else:
             keep += _dequantize_linear(graph, init.name, layout, q, s, scheme)
+    keep += _lower_matmul_groups(graph, matmuls)
     del graph.initializer[:]
     graph.initializer.extend(keep)
     if any(n.domain == "com.microsoft" for n in graph.node):
@@ -423,6 +429,39 @@ def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray
     for m in users:
         graph.node.remove(m)
         graph.node.append(matmul(m))  # topological order restored by the caller
+    return inits
+
+
+def _lower_matmul_groups(graph, matmuls: list) -> list:
+    """Lower each (weight, users, codes, scales, scheme) to MatMulNBits, fusing the weights that one
+    input feeds (q/k/v, gate/up) into one MatMulNBits and a Split: the kernel quantizes its input
+    per call at accuracy level 4, and one wide call streams the input once."""
+    from onnx import helper, numpy_helper
+
+    groups: dict = {}
+    for item in matmuls:
+        weight, users, q, _, scheme = item
+        key = (users[0].input[0], q.shape[1], scheme) if len(users) == 1 else (weight,)
+        groups.setdefault(key, []).append(item)
+    inits = []
+    for items in groups.values():
+        if len(items) == 1:
+            weight, users, q, s, scheme = items[0]
+            inits += _lower_matmuls(graph, users, weight, q, s, scheme)
+            continue
+        fused = f"{items[0][0]}.fused{len(items)}"
+        q = np.concatenate([it[2] for it in items])
+        s = np.concatenate([it[3] for it in items])
+        w_inits, _, matmul = _nbits_weights(graph, fused, q, s, items[0][4])
+        mms = [it[1][0] for it in items]
+        for m in mms:
+            graph.node.remove(m)
+        out = f"{fused}.out"
+        graph.node.append(matmul(helper.make_node("MatMul", [mms[0].input[0], fused], [out], name=f"{mms[0].name}_fused")))
+        sizes = numpy_helper.from_array(np.array([it[2].shape[0] for it in items], np.int64), f"{fused}.split")
+        graph.node.append(helper.make_node("Split", [out, sizes.name], [m.output[0] for m in mms], name=f"{fused}_split",
+                                           axis=-1))
+        inits += [*w_inits, sizes]
     return inits
 
 

@@ -61,3 +61,19 @@ def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny):
     c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, random_ids(60, seed=3))
     verdict = judge(Judged(False, Thresholds(min_top1=0.9, max_mean_kl=1e-5)), {"artifact": c.summary()})
     assert verdict.passed, c.summary()
+
+
+@pytest.mark.slow
+def test_matmuls_sharing_an_input_are_one_matmulnbits(artifacts, tiny):
+    """q/k/v and gate/up read one input: each group is one MatMulNBits (its input quantized once)
+    and a Split back into the projections."""
+    from collections import Counter
+
+    import onnx
+
+    graph = onnx.load(str(artifacts.get("onnx", "int4-b32-rtn") / "model.onnx"), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    layers, cfg = tiny.cfg.num_layers, tiny.cfg
+    assert ops["MatMulNBits"] == 4 * layers + 1 and ops["Split"] == 2 * layers, ops  # qkv, o, gate-up, down; head
+    widths = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"})
+    assert cfg.q_dim + 2 * cfg.num_kv_heads * cfg.head_dim in widths and 2 * cfg.intermediate_size in widths
