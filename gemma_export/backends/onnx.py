@@ -55,28 +55,30 @@ def present_name(past: str) -> str:
 
 @torch.library.custom_op("gemma_export::group_query_attention", mutates_args=())
 def _gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-         seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int, kv_heads: int, scale: float,
-         window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         seqlens_k: torch.Tensor, total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+         kv_heads: int, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """onnxruntime's GroupQueryAttention, as a placeholder op for tracing: it exists only in the
     exported graph (the PyTorch model keeps its own attention)."""
     raise UnsupportedError("group_query_attention runs only inside onnxruntime")
 
 
 @_gqa.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, scale, window):
+def _(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale, window):
     return q.new_empty(q.shape), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
-def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, scale, window):
+def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale, window):
     """com.microsoft GroupQueryAttention: K/V written into the past buffers at the sequence's
     position (present shares the buffer), the queries attend to what is in use. A local layer's
-    buffer is window + slack slots (`sliding_window_cache`): the kernel keeps the last positions."""
+    buffer is window + slack slots (`sliding_window_cache`): the kernel keeps the last positions.
+    RoPE is the kernel's too (`do_rotary`, half-split as in rotate_half), from cos/sin tables of the
+    layer type's base, at the positions seqlens_k implies."""
     from onnxscript import values
 
     gqa = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
     ring = {"sliding_window_cache": 1} if window > 0 else {}
-    return gqa(q, k, v, past_k, past_v, seqlens_k, total, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale,
-               local_window_size=window, do_rotary=0, _outputs=3, **ring)
+    return gqa(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads=num_heads, kv_num_heads=kv_heads,
+               scale=scale, local_window_size=window, do_rotary=1, rotary_interleaved=0, _outputs=3, **ring)
 
 
 @functools.cache
@@ -88,12 +90,13 @@ def _gqa_schema():
     p = OpSchema.FormalParameter
     t, m = "T", "M"
     attrs = [OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in
-             ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "sliding_window_cache")]
+             ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
+              "sliding_window_cache")]
     attrs.append(OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""))
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[p("query", t), p("key", t), p("value", t), p("past_key", t), p("past_value", t),
-                p("seqlens_k", m), p("total_sequence_length", m)],
+                p("seqlens_k", m), p("total_sequence_length", m), p("cos_cache", t), p("sin_cache", t)],
         outputs=[p("output", t), p("present_key", t), p("present_value", t)],
         type_constraints=[(t, ["tensor(float)", "tensor(float16)"], ""), (m, ["tensor(int32)"], "")],
         attributes=attrs)
@@ -107,6 +110,11 @@ class _Graph(torch.nn.Module):
     def __init__(self, model, hidden: bool):
         super().__init__()
         self.model, self.hidden = model, hidden
+        # RoPE tables for GroupQueryAttention, one pair per layer type, every position of the context
+        for kind, is_global in (("local", False), ("global", True)):
+            cos, sin = model.rope_tables(is_global, model.max_context)
+            self.register_buffer(f"cos_cache_{kind}", cos, persistent=False)
+            self.register_buffer(f"sin_cache_{kind}", sin, persistent=False)
 
     def forward(self, input_ids, attention_mask, caches: list):
         cfg = self.model.cfg
@@ -117,8 +125,12 @@ class _Graph(torch.nn.Module):
         seqlens = pos + (t - 1)
 
         def attention(q, k, v, k_cache, v_cache, is_global, scale):
-            window = -1 if is_global else cfg.sliding_window
-            return _gqa(q, k, v, k_cache, v_cache, seqlens, total, cfg.num_heads, cfg.num_kv_heads, scale, window)
+            window, kind = (-1, "global") if is_global else (cfg.sliding_window, "local")
+            cos, sin = getattr(self, f"cos_cache_{kind}"), getattr(self, f"sin_cache_{kind}")
+            return _gqa(q, k, v, k_cache, v_cache, seqlens, total, cos, sin, cfg.num_heads, cfg.num_kv_heads, scale,
+                        window)
+
+        attention.rotary = True  # q and k come before RoPE
 
         out = self.model.step(input_ids.to(torch.int32), pos, length, caches, hidden=self.hidden, attention=attention)
         return (out[0], *out[1], *out[2:])

@@ -109,6 +109,11 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         kv, rep, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        if kernel is not None and cos is None:  # the kernel rotates q and k itself: no transposes either
+            q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d)).reshape(b, t, -1)
+            k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).reshape(b, t, -1)
+            out, new_k, new_v = kernel(q, k, self.v_proj(x), k_cache, v_cache, self.is_global, self.scale)
+            return self.o_proj(out), new_k, new_v
         q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
@@ -209,6 +214,13 @@ class Gemma3(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def rope_tables(self, is_global: bool, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles, [positions, head_dim / 2] (the half the
+        rotation repeats), for kernels that apply RoPE themselves; the same values `_rope` uses."""
+        inv_freq = self.inv_freq_global if is_global else self.inv_freq_local
+        freqs = torch.arange(positions, dtype=torch.int32).float()[:, None] * inv_freq[None, :]
+        return freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+
     def _mask(self, q_pos, cache_len: int, t: int, window: int | None, rep: int):
         """Additive mask [rep*T, S+T] for queries at q_pos over [cache slots, new tokens]."""
         start = q_pos[:1] - cache_len
@@ -238,17 +250,21 @@ class Gemma3(nn.Module):
         `attention` replaces the sliding-cache attention by a runtime's own kernel, called per layer
         as attention(q, k, v, k_cache, v_cache, is_global, scale) with q/k/v [1, T, heads*head_dim]
         after QK-norm and RoPE; it returns (out, new k_cache, new v_cache) and owns the cache
-        layout and masking (an unpadded chunk only).
+        layout and masking (an unpadded chunk only). A kernel with `rotary = True` gets q and k
+        before RoPE and rotates them itself (from `rope_tables`).
         """
         cfg = self.cfg
         t = x.shape[1]
         dtype = self.dtype
         q_pos = pos + torch.arange(t, dtype=pos.dtype)
         rep = cfg.num_heads // cfg.num_kv_heads
-        ropes = {
-            False: self._rope(q_pos, self.inv_freq_local, dtype),
-            True: self._rope(q_pos, self.inv_freq_global, dtype),
-        }
+        if getattr(attention, "rotary", False):
+            ropes = {False: (None, None), True: (None, None)}
+        else:
+            ropes = {
+                False: self._rope(q_pos, self.inv_freq_local, dtype),
+                True: self._rope(q_pos, self.inv_freq_global, dtype),
+            }
         lengths = self.cache_lengths()
         masks, keeps = {}, {}
         if attention is None:  # a runtime kernel masks and places the keys itself

@@ -31,7 +31,9 @@ def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, t
 
 def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path):
     """The graph's RMSNorm and GELU are in the forms onnxruntime's optimizer fuses: each becomes one
-    kernel instead of a chain of elementwise nodes run one by one every step."""
+    kernel instead of a chain of elementwise nodes run one by one every step. RoPE is inside
+    GroupQueryAttention: no rotation nodes (rotate_half's Neg, the angles' Cos/Sin) and no head
+    transposes are left around it."""
     from collections import Counter
 
     import onnx
@@ -44,6 +46,7 @@ def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path
     layers = tiny.cfg.num_layers
     assert ops["SimplifiedLayerNormalization"] == 6 * layers + 1, ops  # 4 per block, QK-norm, the final norm
     assert ops["FastGelu"] == layers and not ops["Tanh"] and not ops["ReduceMean"], ops
+    assert ops["GroupQueryAttention"] == layers and not (ops["Neg"] or ops["Cos"] or ops["Sin"] or ops["Transpose"]), ops
 
 
 @pytest.mark.slow
