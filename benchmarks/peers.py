@@ -7,10 +7,13 @@ the exporter and its quantizer, not from a second GGUF dequantization.
 
   genai_builder(out, precision)    onnxruntime-genai's model builder (`-p int4|int8 -e cpu`)
   optimum_executorch(out, qlinear) optimum-executorch's XNNPACK recipe (`--qlinear 8da4w|8da8w`)
+  litert_torch(out, recipe)        litert-torch's HF exporter, bundled as .litertlm
+                                   (`dynamic_wi4b32_afp32|dynamic_wi8_afp32`)
 
 Usage (one export per process, so its peak RSS is its own):
   python -m benchmarks.peers genai-builder OUT int4
   python -m benchmarks.peers optimum-executorch OUT 8da4w
+  python -m benchmarks.peers litert-torch OUT dynamic_wi4b32_afp32
 """
 
 from __future__ import annotations
@@ -116,6 +119,55 @@ def optimum_executorch(out: Path, qlinear: str, qembedding: str | None = None, c
     return {"exporter": "optimum-executorch", "task": "text-generation", "recipe": "xnnpack", **kwargs}
 
 
+def litert_torch(out: Path, recipe: str) -> dict:
+    """litert-torch's Hugging Face exporter on our weights, bundled for LiteRT-LM.
+
+    What `litert-torch export_hf --model HF --output_dir OUT --quantization_recipe R
+    --prefill_lengths 128 --cache_length 2048 --bundle_litert_lm` runs, with the same prefill chunk
+    and context as ours. Its defaults keep a full-length cache on every layer (its ring-buffer
+    option is not used: it failed on Gemma 3 in trials, see STACK-NOTES).
+    """
+    _tensorflow_schema_shim()
+    from litert_torch.generative.export_hf import export as export_hf
+
+    hf, out = hf_folder(), Path(out)
+    kwargs = {"prefill_lengths": [128], "cache_length": CONTEXT, "quantization_recipe": recipe,
+              "bundle_litert_lm": True}
+    export_hf.export(model=str(hf), output_dir=str(out), **kwargs)
+    bundles = sorted(out.glob("*.litertlm"))
+    if len(bundles) != 1:
+        raise SystemExit(f"litert-torch wrote {len(bundles)} .litertlm bundles in {out}")
+    shutil.copyfile(hf / "tokenizer.json", out / "tokenizer.json")
+    return {"exporter": "litert-torch export_hf", "bundle": bundles[0].name, **kwargs}
+
+
+def _tensorflow_schema_shim() -> None:
+    """litert-torch's generative layers import TensorFlow's TFLite flatbuffer schema
+    (`tensorflow.lite.python.schema_py_generated`), an undeclared dependency; ai-edge-litert ships
+    the same generated module. Alias it, nothing else of TensorFlow."""
+    try:
+        import tensorflow.lite.python.schema_py_generated  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.machinery
+    import types
+
+    from ai_edge_litert import schema_py_generated
+
+    def stub(name):  # with a spec: torch.compile's import probes call find_spec on it
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        m.__path__ = []
+        return m
+
+    names = ["tensorflow", "tensorflow.lite", "tensorflow.lite.python"]
+    mods = {n: sys.modules.get(n) or stub(n) for n in names}
+    mods["tensorflow.lite.python"].schema_py_generated = schema_py_generated
+    sys.modules.update(mods)
+    sys.modules["tensorflow.lite.python.schema_py_generated"] = schema_py_generated
+
+
 def _optimum_shim() -> None:
     """optimum-executorch 1.1.0 imports two things from the base `optimum` package it declares but
     that is not installed here: `is_transformers_version`, and the CLI base classes its argument
@@ -152,14 +204,17 @@ def _optimum_shim() -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("exporter", choices=["genai-builder", "optimum-executorch", "hf-folder"])
+    ap.add_argument("exporter", choices=["genai-builder", "optimum-executorch", "litert-torch", "hf-folder"])
     ap.add_argument("out", type=Path)
-    ap.add_argument("quant", nargs="?", help="int4|int8 (genai-builder) or 8da4w|8da8w (optimum-executorch)")
+    ap.add_argument("quant", nargs="?", help="int4|int8 (genai-builder), 8da4w|8da8w (optimum-executorch), "
+                    "an ai-edge-quantizer recipe (litert-torch)")
     args = ap.parse_args(argv)
     if args.exporter == "hf-folder":
         info = {"hf_folder": str(hf_folder(args.out))}
     elif args.exporter == "genai-builder":
         info = genai_builder(args.out, args.quant)
+    elif args.exporter == "litert-torch":
+        info = litert_torch(args.out, args.quant)
     else:
         info = optimum_executorch(args.out, args.quant)
     if args.exporter != "hf-folder":

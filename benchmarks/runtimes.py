@@ -7,24 +7,32 @@ For each (runtime, recipe class) both artifacts come from the same fp32 weights 
   ort-genai   onnxruntime-genai (og.Model / Generator): ours `--format onnx` vs its model builder
   executorch  ExecuTorch's LLM runner (TextLLMRunner) and `executorch.runtime`: ours `--format pte`
               vs optimum-executorch's XNNPACK recipe
+  litert-lm   LiteRT-LM's engine (litert_lm.Engine / Session): ours `--format tflite` (a .litertlm
+              bundle) vs litert-torch's HF exporter with `--bundle_litert_lm`
 
   recipe class  ours            ort-genai builder   optimum-executorch
   int4          int4-b32        -p int4 (block 32)  --qlinear 8da4w (group 32)
   int8          int8            -p int8             --qlinear 8da8w
 
+  recipe class  litert-torch (ai-edge-quantizer recipe)
+  int4          dynamic_wi4b32_afp32
+  int8          dynamic_wi8_afp32
+
 Measured per artifact, each measurement in its own process (so its peak RSS is its own), speed
 of both sides back to back and then perplexity of both (the same background load for a ratio):
   speed   the runtime's own generation API: prefill tok/s on a 512-token prompt and decode tok/s
           over 64 greedy new tokens (median of 3 after a warm-up), and that process's peak RSS
-          (load + prefill + decode). ExecuTorch: TextLLMRunner, rates from its own Stats.
+          (load + prefill + decode). ExecuTorch: TextLLMRunner, rates from its own Stats;
+          LiteRT-LM: rates from the engine's own benchmark info (its tokenizer, the same text).
   loop    (ExecuTorch) the same through executorch.runtime `forward` calls, chunked as the program
           allows; the ratios use it when the runner cannot drive one of the two programs
   ppl     perplexity on 1,024 held-out tokens (tests/data/gpl-3.txt after its first 2,048 tokens),
-          teacher-forced through the runtime's logits, 128 tokens a call (or what the program takes)
+          teacher-forced through the runtime's logits, 128 tokens a call (or what the program takes);
+          LiteRT-LM exposes no logits: its own text scoring (`run_text_scoring`) instead
   size    the model files (graph/program and weights, not the tokenizer)
 plus, once, the fp32 PyTorch perplexity on the same tokens (the floor for both).
 
-Usage: python -m benchmarks.runtimes [--runtimes ort-genai,executorch] [--recipes int4,int8]
+Usage: python -m benchmarks.runtimes [--runtimes ort-genai,executorch,litert-lm] [--recipes int4,int8]
                                      [--reuse-exports] [--results DIR]
 Writes RESULTS/runtimes-<runtime>-<recipe>.json: both rows and the ratios ours/peer; artifacts,
 logs and per-measurement JSON go under out/bench-runtimes/.
@@ -68,6 +76,8 @@ RUNTIMES = {
     # loop: the same program driven through executorch.runtime, for when the runner cannot drive one
     "executorch": Runtime("pte", "optimum-executorch", {"int4": "8da4w", "int8": "8da8w"}, (".pte", ".ptd"),
                           ("speed", "loop", "ppl")),
+    "litert-lm": Runtime("tflite", "litert-torch", {"int4": "dynamic_wi4b32_afp32", "int8": "dynamic_wi8_afp32"},
+                         (".litertlm",)),
 }
 
 
@@ -490,7 +500,83 @@ def fp32_ppl(artifact: Path) -> dict:
             "model": "fp32 PyTorch (transformers Gemma3ForCausalLM with our weights)"}
 
 
-WORKERS = {("ort-genai", "speed"): genai_speed, ("ort-genai", "ppl"): genai_ppl,
+# --- LiteRT-LM -----------------------------------------------------------------------------------
+
+
+def litertlm_engine(artifact: Path, cache_dir: str):
+    import litert_lm as lm
+
+    bundles = sorted(artifact.glob("*.litertlm"))
+    if len(bundles) != 1:
+        raise SystemExit(f"{artifact}: expected one .litertlm bundle, found {len(bundles)}")
+    lm.set_min_log_severity(lm.LogSeverity.ERROR)
+    # full context on both sides: our global caches are CONTEXT long, and so is the peer's cache
+    return lm.Engine(str(bundles[0]), backend=lm.Backend.CPU(thread_count=os.cpu_count()),
+                     max_num_tokens=CONTEXT, cache_dir=cache_dir, enable_benchmark=True)
+
+
+def litertlm_speed(artifact: Path) -> dict:
+    """run_prefill(text) then run_decode() (greedy, 64 new tokens); rates and token counts are the
+    engine's own benchmark info. The engine tokenizes (and adds <bos>): the prompt is the held-out
+    text's first tokens as text, the same string for both artifacts."""
+    import tempfile
+
+    import litert_lm as lm
+
+    from gemma_export.loading.tokenizer import Tokenizer
+
+    text = Tokenizer(artifact / "tokenizer.json").decode(text_ids(artifact)[:PROMPT - 1])
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        engine = litertlm_engine(artifact, cache)
+        load_s = time.perf_counter() - t0
+
+        def once():
+            session = engine.create_session(apply_prompt_template=False, max_output_tokens=NEW_TOKENS,
+                                            sampler_config=lm.SamplerConfig(top_k=1, temperature=0.0))
+            session.run_prefill([text])
+            reply = session.run_decode()
+            info = session.get_benchmark_info()
+            session.close()
+            reply = reply.texts[0] if reply.texts else ""
+            return (info.last_prefill_tokens_per_second, info.last_decode_tokens_per_second,
+                    info.last_prefill_token_count, engine.tokenize(reply))
+
+        once()  # warm-up (the first run also packs XNNPACK's weights into the cache folder)
+        runs = [once() for _ in range(REPEATS)]
+        engine.close()
+    return summary([r[0] for r in runs], [r[1] for r in runs], list(runs[-1][3]), runs[-1][2], load_s)
+
+
+def litertlm_ppl(artifact: Path) -> dict:
+    """Perplexity from the engine's own scoring of the held-out slice (as text) in a fresh session:
+    the per-token log-likelihoods it returns, over its own tokenization of the text."""
+    import math
+    import tempfile
+
+    from gemma_export.loading.tokenizer import Tokenizer
+
+    _, held = ppl_inputs(artifact)
+    text = Tokenizer(artifact / "tokenizer.json").decode(held)
+    with tempfile.TemporaryDirectory() as cache:
+        engine = litertlm_engine(artifact, cache)
+        session = engine.create_session(apply_prompt_template=False)
+        t0 = time.perf_counter()
+        scored = session.run_text_scoring([text], store_token_lengths=True)
+        seconds = time.perf_counter() - t0
+        session.close()
+        engine.close()
+    logp = list(scored.token_scores[0]) if scored.token_scores else []
+    if not logp:
+        raise SystemExit("LiteRT-LM returned no per-token scores")
+    return {"perplexity": round(math.exp(-sum(logp) / len(logp)), 4), "positions": len(logp),
+            "score": float(scored.scores[0]) if scored.scores else None,
+            "token_lengths": list(scored.token_lengths), "ppl_seconds": round(seconds, 1),
+            "method": "litert_lm Session.run_text_scoring (per-token log-likelihoods)"}
+
+
+WORKERS = {("litert-lm", "speed"): litertlm_speed, ("litert-lm", "ppl"): litertlm_ppl,
+           ("ort-genai", "speed"): genai_speed, ("ort-genai", "ppl"): genai_ppl,
            ("executorch", "speed"): et_speed, ("executorch", "loop"): et_loop, ("executorch", "ppl"): et_ppl, ("reference", "ppl"): fp32_ppl}
 
 
@@ -510,7 +596,7 @@ def main(argv=None):
     if argv[:1] == ["measure"]:
         return worker(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtimes", default="ort-genai,executorch")
+    ap.add_argument("--runtimes", default="ort-genai,executorch,litert-lm")
     ap.add_argument("--recipes", default="int4,int8")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="measure artifacts already exported under out/bench-runtimes/ (and their export record)")
