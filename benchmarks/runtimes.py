@@ -18,11 +18,13 @@ For each (runtime, recipe class) both artifacts come from the same fp32 weights 
   int4          dynamic_wi4b32_afp32
   int8          dynamic_wi8_afp32
 
-Measured per artifact, each measurement in its own process (so its peak RSS is its own), speed
-of both sides back to back and then perplexity of both (the same background load for a ratio):
+Measured per artifact, each measurement in its own process (so its peak RSS is its own): speed in
+three rounds, the two sides alternating which runs first (ours, peer; peer, ours; ours, peer), then
+perplexity of both (both sides of a ratio under the same background load):
   speed   the runtime's own generation API: prefill tok/s on a 512-token prompt and decode tok/s
-          over 64 greedy new tokens (median of 3 after a warm-up), and that process's peak RSS
-          (load + prefill + decode). ExecuTorch: TextLLMRunner, rates from its own Stats;
+          over 64 greedy new tokens (median of 3 after a warm-up, in each round; the row gives the
+          median over the rounds, each round under `rounds`), and the largest peak RSS of a round's
+          process (load + prefill + decode). ExecuTorch: TextLLMRunner, rates from its own Stats;
           LiteRT-LM: rates from the engine's own benchmark info (its tokenizer, the same text).
   loop    (ExecuTorch) the same through executorch.runtime `forward` calls, chunked as the program
           allows; the ratios use it when the runner cannot drive one of the two programs
@@ -168,13 +170,43 @@ def artifact_row(runtime: str, artifact: Path, export_row: dict) -> dict:
     return row
 
 
+SPEED_ROUNDS = 3  # rounds of the speed measurements, the two sides alternating which goes first
+TIMED = ("speed", "loop")
+
+
 def measure_all(runtime: str, rows: list[dict]) -> None:
-    """Speed of both artifacts back to back, then perplexity of both: on a shared machine the two
-    sides of a ratio then run under the same background load (recorded as loadavg_1m_before)."""
+    """Speed of both artifacts in alternating rounds (ours, peer; peer, ours; ...), then perplexity of
+    both: on a shared machine whose speed drifts, both sides of a ratio see the same background load
+    (recorded as loadavg_1m_before), and neither always runs first."""
+    ok = [row for row in rows if row["export"].get("exit_code") == 0]
     for what in RUNTIMES[runtime].measurements:
-        for row in rows:
-            if row["export"].get("exit_code") == 0:
+        if what not in TIMED:
+            for row in ok:
                 row[what] = measure(runtime, ROOT / row["artifact"], what)
+            continue
+        rounds = {id(row): [] for row in ok}
+        for r in range(SPEED_ROUNDS):
+            for row in (ok if r % 2 == 0 else ok[::-1]):
+                name = f"{Path(row['artifact']).name}.{what}.{r}"
+                rounds[id(row)].append(measure(runtime, ROOT / row["artifact"], what, name))
+        for row in ok:
+            row[what] = combine_rounds(rounds[id(row)])
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One row from a measurement's rounds: rates are the median over the rounds that ran, peak RSS
+    the largest; the last successful round's details, and every round's numbers under `rounds`."""
+    good = [r for r in runs if r.get("exit_code") == 0 and "decode_tok_s" in r]
+    if not good:
+        return runs[-1]
+    row = dict(good[-1])
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        if all(isinstance(r.get(key), (int, float)) for r in good):
+            row[key] = round(statistics.median(r[key] for r in good), 2)
+    row["peak_rss_gib"] = max(r.get("peak_rss_gib") or 0 for r in good)
+    row["rounds"] = [{k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_gib", "loadavg_1m_before",
+                                             "exit_code")} for r in runs]
+    return row
 
 
 def speed_source(ours: dict, peer: dict) -> str:
