@@ -248,10 +248,48 @@ def _trace(model, job, workdir: Path, progress) -> None:
             input_names=["input_ids", "attention_mask", *pasts], output_names=outputs, optimize=True, verbose=False,
             custom_translation_table={torch.ops.gemma_export.group_query_attention.default: _gqa_onnx},
         )
+    _fuse_norms(program.model)
     progress("saving graph and external weights")
     program.save(str(workdir / FILE), external_data=True)
     del program
     gc.collect()
+
+
+def _fuse_norms(model) -> None:
+    """Each residual Add feeding an RMSNorm becomes one com.microsoft SkipSimplifiedLayerNormalization
+    (the sum is its extra output): onnxruntime fuses the norms at load but not the Add into them.
+    The other norms go back to the textbook form, which onnxruntime fuses at load: its
+    SimplifiedLayerNormalization sits in the default domain, which onnx's checker rejects."""
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    fuse_rms_normalization(model)
+    fuse_skip_rms_normalization(model)
+    pattern.RewriteRuleSet([_PlainRmsNorm.rule()]).apply_to_model(model)
+    model.graph.sort()  # a fused norm's sum may feed nodes placed before it
+
+
+class _PlainRmsNorm:
+    """SimplifiedLayerNormalization(x, w) -> x / sqrt(mean(x^2) + eps) * w (see _fuse_norms)."""
+
+    @staticmethod
+    def rule():
+        from onnxscript.rewriter import pattern
+
+        class Rule(pattern.RewriteRuleClassBase):
+            def pattern(self, op, x, scale):
+                return op.SimplifiedLayerNormalization(x, scale, _allow_other_attributes=True, _outputs=["y"])
+
+            def rewrite(self, op, x, scale, y, **_):
+                attrs = y.producer().attributes
+                eps = attrs.get_float("epsilon", 1e-5)
+                if attrs.get_int("axis", -1) != -1:
+                    raise ExportError("onnx: an RMSNorm over an axis other than the last")
+                ms = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), op.Constant(value_ints=[-1]), keepdims=1)
+                return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, op.Constant(value_float=eps)))), scale)
+
+        return Rule.rule()
 
 
 def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:

@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if self.plain:
-            y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            y = xf * torch.reciprocal(torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))  # onnxscript's form
             return (y * (1.0 + self.weight.float())).to(x.dtype)
         # mean of squares over the last dim, written as a 4D mean over dims (2, 3) with keepdim:
         # the form XNNPACK delegates (a plain last-dim mean splits the ExecuTorch graph into
@@ -69,9 +69,9 @@ class MLP(nn.Module):
 
 @contextlib.contextmanager
 def plain_forms(model: nn.Module):
-    """RMSNorm and tanh-GELU in their textbook forms while tracing: the forms onnxruntime's graph
-    optimizer recognises and fuses at load (SimplifiedLayerNormalization, FastGelu). The default
-    forms are the ones XNNPACK delegates whole."""
+    """RMSNorm and tanh-GELU in their textbook forms while tracing: the forms onnxscript's and
+    onnxruntime's graph rewriters recognise and fuse (SimplifiedLayerNormalization, FastGelu). The
+    default forms are the ones XNNPACK delegates whole."""
     mods = [m for m in model.modules() if isinstance(m, (RMSNorm, MLP))]
     for m in mods:
         m.plain = True

@@ -31,7 +31,8 @@ def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, t
 
 def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path):
     """The graph's RMSNorm and GELU are in the forms onnxruntime's optimizer fuses: each becomes one
-    kernel instead of a chain of elementwise nodes run one by one every step. RoPE is inside
+    kernel instead of a chain of elementwise nodes run one by one every step, and a residual Add
+    before a norm is part of it. RoPE is inside
     GroupQueryAttention: no rotation nodes (rotate_half's Neg, the angles' Cos/Sin) and no head
     transposes are left around it."""
     from collections import Counter
@@ -44,7 +45,10 @@ def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path
     ort.InferenceSession(str(artifacts.get("onnx", debug=False) / "model.onnx"), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
     layers = tiny.cfg.num_layers
-    assert ops["SimplifiedLayerNormalization"] == 6 * layers + 1, ops  # 4 per block, QK-norm, the final norm
+    norms = ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"]
+    assert norms == 6 * layers + 1, ops  # 4 per block, QK-norm, the final norm
+    # the residual Adds are inside the norms after them: the pre-MLP one, the next layer's input norm
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers, ops
     assert ops["FastGelu"] == layers and not ops["Tanh"] and not ops["ReduceMean"], ops
     assert ops["GroupQueryAttention"] == layers and not (ops["Neg"] or ops["Cos"] or ops["Sin"] or ops["Transpose"]), ops
 
