@@ -266,30 +266,25 @@ def _fuse_norms(model) -> None:
 
     fuse_rms_normalization(model)
     fuse_skip_rms_normalization(model)
-    pattern.RewriteRuleSet([_PlainRmsNorm.rule()]).apply_to_model(model)
+    pattern.RewriteRuleSet([_plain_rms_norm_rule()]).apply_to_model(model)
     model.graph.sort()  # a fused norm's sum may feed nodes placed before it
 
 
-class _PlainRmsNorm:
-    """SimplifiedLayerNormalization(x, w) -> x / sqrt(mean(x^2) + eps) * w (see _fuse_norms)."""
+def _plain_rms_norm_rule():
+    """SimplifiedLayerNormalization(x, w) (last axis, as onnxscript fuses it) -> x / sqrt(mean(x^2)
+    + eps) * w, the form onnxruntime fuses at load (see _fuse_norms)."""
+    from onnxscript.rewriter import pattern
 
-    @staticmethod
-    def rule():
-        from onnxscript.rewriter import pattern
+    class PlainRmsNorm(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x, scale):
+            return op.SimplifiedLayerNormalization(x, scale, _allow_other_attributes=True, _outputs=["y"])
 
-        class Rule(pattern.RewriteRuleClassBase):
-            def pattern(self, op, x, scale):
-                return op.SimplifiedLayerNormalization(x, scale, _allow_other_attributes=True, _outputs=["y"])
+        def rewrite(self, op, x, scale, y, **_):
+            eps = y.producer().attributes.get_float("epsilon", 1e-5)
+            ms = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), op.Constant(value_ints=[-1]), keepdims=1)
+            return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, op.Constant(value_float=eps)))), scale)
 
-            def rewrite(self, op, x, scale, y, **_):
-                attrs = y.producer().attributes
-                eps = attrs.get_float("epsilon", 1e-5)
-                if attrs.get_int("axis", -1) != -1:
-                    raise ExportError("onnx: an RMSNorm over an axis other than the last")
-                ms = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), op.Constant(value_ints=[-1]), keepdims=1)
-                return op.Mul(op.Div(x, op.Sqrt(op.Add(ms, op.Constant(value_float=eps)))), scale)
-
-        return Rule.rule()
+    return PlainRmsNorm.rule()
 
 
 def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:

@@ -109,13 +109,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         kv, rep, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d))
+        k = self.k_norm(self.k_proj(x).view(b, t, kv, d))
         if kernel is not None and cos is None:  # the kernel rotates q and k itself: no transposes either
-            q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d)).reshape(b, t, -1)
-            k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).reshape(b, t, -1)
-            out, new_k, new_v = kernel(q, k, self.v_proj(x), k_cache, v_cache, self.is_global, self.scale)
+            out, new_k, new_v = kernel(q.reshape(b, t, -1), k.reshape(b, t, -1), self.v_proj(x), k_cache, v_cache,
+                                       self.is_global, self.scale)
             return self.o_proj(out), new_k, new_v
-        q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).transpose(1, 2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin

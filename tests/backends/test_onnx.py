@@ -32,9 +32,8 @@ def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, t
 def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path):
     """The graph's RMSNorm and GELU are in the forms onnxruntime's optimizer fuses: each becomes one
     kernel instead of a chain of elementwise nodes run one by one every step, and a residual Add
-    before a norm is part of it. RoPE is inside
-    GroupQueryAttention: no rotation nodes (rotate_half's Neg, the angles' Cos/Sin) and no head
-    transposes are left around it."""
+    before a norm is part of it. RoPE is inside GroupQueryAttention: no rotation nodes (rotate_half's
+    Neg, the angles' Cos/Sin) and no head transposes are left around it."""
     from collections import Counter
 
     import onnx
