@@ -10,9 +10,14 @@ Signatures, as LiteRT-LM's CPU executor calls them:
   score_<T>    prefill with logits for every position (teacher-forced verification; LiteRT-LM
                only runs signatures named prefill*/decode, so it never pays for these logits)
   hidden_<T>   debug: the residual stream per layer (verify --locate)
-The sliding cache lives in the graph, driven by input_pos: the first position and the number of
-valid tokens (position 0 or positions after the first) give the step; local layers keep
-window-sized caches. Weights are shared by every signature. Quantized recipes convert the float
+The cache lives in the graph, driven by input_pos: the first position and the number of valid
+tokens (position 0 or positions after the first) give the step. Each cache is a ring (position p
+in slot p mod S; local layers keep the window, global ones the context, so a global slot is its
+position): decode writes its key and value in place with one DYNAMIC_UPDATE_SLICE (LiteRT-LM binds
+the same buffer as input and output, and the kernel then copies nothing) and attends over the
+buffer; a prefill chunk attends over [cache, chunk] and rewrites the cache once. Values are stored
+transposed, [1, kv, head_dim, S], so both attention products read the caches as they lie.
+Weights are shared by every signature. Quantized recipes convert the float
 twin and then get the PyTorch codes written into the file (`tflite_codes`). Our session runs the
 TFLite section of the bundle with LiteRT's CompiledModel, one cache buffer bound as input and
 output, as LiteRT-LM does.
@@ -33,6 +38,7 @@ from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
 from ..gemma3.config import Gemma3Config
+from ..gemma3.model import NEG_INF
 from ..session import BaseSession
 from ..trace import DECODE, HIDDEN, describe_io, float_twin
 from . import tflite_codes
@@ -75,7 +81,7 @@ class _Step(nn.Module):
         else:  # padding slots are at position 0; valid ones are the first, and any after it > 0
             length = 1 + (input_pos[1:] > 0).to(torch.int32).sum().reshape(1)
         out = self.model.step(tokens, pos, length, [caches[n] for n in self.names], hidden=self.hidden,
-                              head=self.logits)
+                              head=self.logits, attention=RingAttention(self.model.cfg, pos, length, tokens.shape[1]))
         if self.hidden:
             return {HIDDEN: out[2]}
         result = dict(zip(self.names, out[1]))
@@ -84,15 +90,85 @@ class _Step(nn.Module):
         return result
 
 
+class RingAttention:
+    """The attention kernel of the TFLite graph (`Gemma3.decode`'s `attention` hook) for a step of
+    t tokens at position pos, `length` of them valid. Keys are kept [1, kv, S, d], values
+    transposed [1, kv, d, S]; slot s holds the latest position written that is s modulo S.
+
+    Decode (t = 1) writes the new key and value at slot pos mod S with dynamic_update_slice and
+    attends over the buffer: nothing else of the cache is read twice or moved. A prefill chunk
+    attends over [cache, chunk] (its own earlier tokens need the entries it is about to
+    overwrite) and then gathers the new cache from that concatenation, taking each slot's latest
+    valid chunk position, so padding never enters it."""
+
+    def __init__(self, cfg, pos: torch.Tensor, length: torch.Tensor, t: int):
+        self.cfg, self.pos, self.length, self.t = cfg, pos, length, t
+
+    def __call__(self, q, k, v, k_cache, v_cache, is_global, scale):
+        cfg, t, pos = self.cfg, self.t, self.pos
+        kv, d = cfg.num_kv_heads, cfg.head_dim
+        rep, size = cfg.num_heads // kv, k_cache.shape[2]
+        window = None if is_global else cfg.sliding_window
+        if t == 1:  # no transposes: one position's heads are contiguous
+            qg, k, v = q.reshape(1, kv, rep, d), k.reshape(1, kv, 1, d), v.reshape(1, kv, d, 1)
+            slot = torch.remainder(pos, size).reshape([])
+            zero = torch.zeros([], dtype=slot.dtype)
+            keys = _dynamic_update_slice(k_cache, k, [zero, zero, slot, zero])
+            values = _dynamic_update_slice(v_cache, v, [zero, zero, zero, slot])
+            # slot s now holds position pos - ((pos - s) mod S); negative: never written
+            k_pos = pos - torch.remainder(pos - torch.arange(size, dtype=pos.dtype), size)
+            mask = _allowed(pos, k_pos, window)
+        else:
+            qg = q.view(1, t, cfg.num_heads, d).transpose(1, 2).reshape(1, kv, rep * t, d)
+            k = k.view(1, t, kv, d).transpose(1, 2)
+            v = v.view(1, t, kv, d).permute(0, 2, 3, 1)
+            keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=3)
+            q_pos = pos + torch.arange(t, dtype=pos.dtype)
+            last = pos - 1  # the latest position in the cache before this chunk
+            old = last - torch.remainder(last - torch.arange(size, dtype=pos.dtype), size)
+            mask = _allowed(q_pos, torch.cat((old, q_pos)), window)
+            # slot s takes chunk token j = (n - 1) - ((pos + n - 1 - s) mod S) when j >= 0
+            n = self.length
+            j = (n - 1) - torch.remainder(pos + n - 1 - torch.arange(size, dtype=pos.dtype), size)
+            take = torch.where(j >= 0, size + j, torch.arange(size, dtype=pos.dtype))
+        scores = torch.matmul(qg * scale, keys.transpose(2, 3)) + torch.where(mask, 0.0, NEG_INF).to(q.dtype).repeat(
+            rep, 1)
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values.transpose(2, 3))  # [1, kv, rep*t, d]
+        out = out.reshape(1, cfg.num_heads, t, d).transpose(1, 2).reshape(1, t, cfg.q_dim)
+        if t > 1:
+            keys, values = torch.index_select(keys, 2, take), torch.index_select(values, 3, take)
+        return out, keys, values
+
+
+def _allowed(q_pos, k_pos, window):
+    """[queries, keys] bool: the key was written (position >= 0), is not after the query and, on a
+    local layer, lies inside its window."""
+    diff = q_pos.reshape(-1, 1) - k_pos.reshape(1, -1)
+    ok = (k_pos.reshape(1, -1) >= 0) & (diff >= 0)
+    return ok & (diff < window) if window is not None else ok
+
+
+def _dynamic_update_slice(cache, update, start):
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+    return dynamic_update_slice(cache, update, start)
+
+
+def cache_shapes(model) -> list[tuple[int, ...]]:
+    """The flat cache shapes of the TFLite graph: keys [1, kv, S, d], values [1, kv, d, S]."""
+    return [s if i % 2 == 0 else s[:2] + (s[3], s[2]) for i, s in enumerate(model.cache_shapes())]
+
+
 def _inputs(model, t: int) -> dict[str, torch.Tensor]:
     inputs = {"tokens": torch.zeros(1, t, dtype=torch.int32), "input_pos": torch.arange(t, dtype=torch.int32)}
-    for name, shape in zip(cache_names(model.cfg), model.cache_shapes()):
+    for name, shape in zip(cache_names(model.cfg), cache_shapes(model)):
         inputs[name] = torch.zeros(shape, dtype=model.dtype)
     return inputs
 
 
 def _outputs(model, t: int, logits: bool) -> dict[str, torch.Tensor]:
-    outs = {n: torch.zeros(s) for n, s in zip(cache_names(model.cfg), model.cache_shapes())}
+    outs = {n: torch.zeros(s) for n, s in zip(cache_names(model.cfg), cache_shapes(model))}
     if logits:
         outs["logits"] = torch.zeros(1, t, model.cfg.vocab_size)
     return outs
@@ -236,7 +312,7 @@ def _executor_metadata(cfg, job):
         scope = "GLOBAL" if cfg.is_global(i) else "LOCAL"
         for kv, name in zip(("KEY", "VALUE"), names[2 * i:2 * i + 2]):
             buf = llm.state_buffers.add(prefill_input_name=name, prefill_output_name=name, decode_input_name=name,
-                                        decode_output_name=name, sequence_axis=2,
+                                        decode_output_name=name, sequence_axis=2 if kv == "KEY" else 3,
                                         maximum_sequence_length=cfg.cache_len(i, job.max_context))
             buf.type = getattr(em.StateBuffer, f"TYPE_{scope}_{kv}_CACHE")
     return meta

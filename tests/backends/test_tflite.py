@@ -48,3 +48,59 @@ def test_a_padded_prefill_chunk_keeps_only_its_valid_tokens(artifacts, tiny):
         session.prefill([2, 900, 1000], 0)  # 3 of 16 slots valid
         session.prefill([5, 6, 7, 8, 9], 3)  # then a chunk at position 3
     np.testing.assert_allclose(s.decode(11, 8), ref.decode(11, 8), atol=1e-3)
+
+
+def _ring_run(model, ids, chunk, steps, ring):
+    """Logits of teacher-forced prefill chunks (each padded to `chunk` with token 0) then decode
+    steps, through the TFLite graph's step function in eager PyTorch (ring) or the model's own."""
+    import torch
+
+    from gemma_export.backends.tflite import _Step, cache_shapes
+
+    step = _Step(model, logits=True)
+    shapes = cache_shapes(model) if ring else model.cache_shapes()
+    caches = {n: torch.zeros(s) for n, s in zip(step.names, shapes)}
+    out, pos = [], 0
+    prompt, rest = ids[:-steps], ids[-steps:]
+    while pos < len(prompt):
+        part = prompt[pos:pos + chunk]
+        tokens = torch.tensor([part + [0] * (chunk - len(part))], dtype=torch.int32)
+        input_pos = torch.zeros(chunk, dtype=torch.int32)
+        input_pos[:len(part)] = torch.arange(pos, pos + len(part))
+        if ring:
+            res = step(tokens, input_pos, **caches)
+        else:  # the model's sliding cache (the reference of every other format)
+            logits, new = model.step(tokens, input_pos[:1], torch.tensor([len(part)], dtype=torch.int32),
+                                     list(caches.values()))
+            res = {"logits": logits, **dict(zip(step.names, new))}
+        out.append(res["logits"][0, :len(part)])
+        caches = {n: res[n] for n in step.names}
+        pos += len(part)
+    for tok in rest:
+        tokens, input_pos = torch.tensor([[tok]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32)
+        if ring:
+            res = step(tokens, input_pos, **caches)
+        else:
+            logits, new = model.step(tokens, input_pos, torch.ones(1, dtype=torch.int32), list(caches.values()))
+            res = {"logits": logits, **dict(zip(step.names, new))}
+        out.append(res["logits"][0])
+        caches = {n: res[n] for n in step.names}
+        pos += 1
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 24])  # shorter than, equal to and longer than the window
+def test_ring_cache_attention_equals_the_sliding_cache_past_the_window(tiny, chunk):
+    """The TFLite graph's in-place ring cache (decode writes one slot, prefill rewrites it from
+    [cache, chunk]) gives the model's own logits, through padded chunks and decode steps that wrap
+    the window's ring many times."""
+    import torch
+
+    from helpers import random_ids
+
+    ids = random_ids(90, seed=3)
+    with torch.no_grad():
+        ring = _ring_run(tiny, ids, chunk, 40, ring=True)
+        ref = _ring_run(tiny, ids, chunk, 40, ring=False)
+    assert ring.shape == (90, tiny.cfg.vocab_size)
+    torch.testing.assert_close(ring, ref, atol=1e-4, rtol=1e-4)
