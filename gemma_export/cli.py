@@ -228,7 +228,8 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, rand
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
-              help="Include the per-layer hidden-state entry point that `verify --locate` uses.")
+              help="Include the entry points only verification uses: per-layer hidden states "
+                   "(`verify --locate`) and, in TFLite, prefill with logits (faster `verify`).")
 @model_options
 @runtime_options
 @threads_option

@@ -7,9 +7,12 @@ Signatures, as LiteRT-LM's CPU executor calls them:
                kv_cache_k_<i> / kv_cache_v_<i> in and out under the same names (LiteRT-LM binds
                one buffer to both); no logits (it decodes the prompt's last token instead)
   decode       the same at T = 1, plus logits [1, 1, V]
-  score_<T>    prefill with logits for every position (teacher-forced verification; LiteRT-LM
-               only runs signatures named prefill*/decode, so it never pays for these logits)
+  score_<T>    debug: prefill with logits for every position (fast teacher-forced verification;
+               LiteRT-LM only runs signatures named prefill*/decode)
   hidden_<T>   debug: the residual stream per layer (verify --locate)
+Without the debug signatures (--no-debug-outputs) the model holds LiteRT-LM's two signatures only
+(each extra signature repeats every weight's per-channel quantization parameters in the file), and
+our session scores a prefill chunk one decode step per token.
 The cache lives in the graph, driven by input_pos: the first position and the number of valid
 tokens (position 0 or positions after the first) give the step. Each cache is a ring (position p
 in slot p mod S; local layers keep the window, global ones the context, so a global slot is its
@@ -195,9 +198,9 @@ class TfliteBackend:
         # decode first: its subgraph holds every weight (prefill without logits drops the last
         # layer's MLP), and the codes are matched and written there
         sigs = {DECODE: (_Step(model, logits=True), _inputs(model, 1)),
-                prefill_name(t): (_Step(model, logits=False), _inputs(model, t)),
-                score_name(t): (_Step(model, logits=True), _inputs(model, t))}
+                prefill_name(t): (_Step(model, logits=False), _inputs(model, t))}
         if job.debug_outputs:
+            sigs[score_name(t)] = (_Step(model, logits=True), _inputs(model, t))
             sigs[hidden_name(t)] = (_Step(model, logits=False, hidden=True), _inputs(model, t))
         progress(f"litert-torch conversion (signatures {', '.join(sigs)}; lightweight)")
         tflite = workdir / TFLITE
@@ -220,8 +223,9 @@ class TfliteBackend:
         _write_bundle(workdir, tflite, model.cfg, job, vocab)
         tflite.unlink()
         entry = {prefill_name(t): describe_io(_inputs(model, t), _outputs(model, t, False)),
-                 DECODE: describe_io(_inputs(model, 1), _outputs(model, 1, True)),
-                 score_name(t): describe_io(_inputs(model, t), _outputs(model, t, True))}
+                 DECODE: describe_io(_inputs(model, 1), _outputs(model, 1, True))}
+        if job.debug_outputs:
+            entry[score_name(t)] = describe_io(_inputs(model, t), _outputs(model, t, True))
         return Exported(
             entry_points=entry,
             program={"file": FILE, "signatures": list(sigs), "kv_cache": "one buffer per cache, in and out",
@@ -340,7 +344,8 @@ BACKEND = TfliteBackend()
 class TfliteSession(BaseSession):
     """The bundle's TFLite model driven as LiteRT-LM drives it: the decode signature with one
     buffer per cache bound as input and output; prefill chunks padded with token 0 at position 0
-    (through score_<T>, which adds the logits verification needs)."""
+    (through score_<T>, which adds the logits verification needs; an artifact without it runs the
+    chunk's valid tokens through decode, the same numbers one step at a time)."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         compiled = require("ai_edge_litert.compiled_model", "tflite")
@@ -362,8 +367,9 @@ class TfliteSession(BaseSession):
         self._shapes = {e["name"]: e["shape"] for e in manifest.entry_points[DECODE]["inputs"]}
         cm = self._cm
         self._cache = {n: cm.create_input_buffer_by_name(DECODE, n) for n in self._names}
+        scored = [sig for sig in (self._score, DECODE) if sig in self._signatures]
         self._io = {sig: ({k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "input_pos")},
-                          cm.create_output_buffer_by_name(sig, "logits")) for sig in (self._score, DECODE)}
+                          cm.create_output_buffer_by_name(sig, "logits")) for sig in scored}
         self.reset()
 
     def reset(self) -> None:
@@ -371,6 +377,11 @@ class TfliteSession(BaseSession):
             self._cache[n].write(np.zeros(self._shapes[n], dtype=np.float32))
 
     def _run(self, tokens, pos, n, decode):
+        if not decode and self._score not in self._io:  # a release artifact: decode step by step
+            logits = np.zeros((tokens.shape[1], self.info.vocab_size), np.float32)
+            for i in range(n):
+                logits[i] = self._run(tokens[:, i:i + 1], pos + i, 1, True)[0]
+            return logits
         sig = DECODE if decode else self._score
         ins, logits = self._io[sig]
         _write_step(ins, tokens, pos, n)
