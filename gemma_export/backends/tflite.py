@@ -112,6 +112,7 @@ class RingAttention:
         kv, d = cfg.num_kv_heads, cfg.head_dim
         rep, size = cfg.num_heads // kv, k_cache.shape[2]
         window = None if is_global else cfg.sliding_window
+        slots = torch.arange(size, dtype=pos.dtype)
         if t == 1:  # no transposes: one position's heads are contiguous
             qg, k, v = q.reshape(1, kv, rep, d), k.reshape(1, kv, 1, d), v.reshape(1, kv, d, 1)
             slot = torch.remainder(pos, size).reshape([])
@@ -119,7 +120,7 @@ class RingAttention:
             keys = _dynamic_update_slice(k_cache, k, [zero, zero, slot, zero])
             values = _dynamic_update_slice(v_cache, v, [zero, zero, zero, slot])
             # slot s now holds position pos - ((pos - s) mod S); negative: never written
-            k_pos = pos - torch.remainder(pos - torch.arange(size, dtype=pos.dtype), size)
+            k_pos = pos - torch.remainder(pos - slots, size)
             mask = _allowed(pos, k_pos, window)
         else:
             qg = q.view(1, t, cfg.num_heads, d).transpose(1, 2).reshape(1, kv, rep * t, d)
@@ -128,14 +129,14 @@ class RingAttention:
             keys, values = torch.cat((k_cache, k), dim=2), torch.cat((v_cache, v), dim=3)
             q_pos = pos + torch.arange(t, dtype=pos.dtype)
             last = pos - 1  # the latest position in the cache before this chunk
-            old = last - torch.remainder(last - torch.arange(size, dtype=pos.dtype), size)
+            old = last - torch.remainder(last - slots, size)
             mask = _allowed(q_pos, torch.cat((old, q_pos)), window)
             # slot s takes chunk token j = (n - 1) - ((pos + n - 1 - s) mod S) when j >= 0
             n = self.length
-            j = (n - 1) - torch.remainder(pos + n - 1 - torch.arange(size, dtype=pos.dtype), size)
-            take = torch.where(j >= 0, size + j, torch.arange(size, dtype=pos.dtype))
-        scores = torch.matmul(qg * scale, keys.transpose(2, 3)) + torch.where(mask, 0.0, NEG_INF).to(q.dtype).repeat(
-            rep, 1)
+            j = (n - 1) - torch.remainder(pos + n - 1 - slots, size)
+            take = torch.where(j >= 0, size + j, slots)
+        bias = torch.where(mask, 0.0, NEG_INF).to(q.dtype).repeat(rep, 1)  # rows as qg's: [rep * t, keys]
+        scores = torch.matmul(qg * scale, keys.transpose(2, 3)) + bias
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         out = torch.matmul(probs, values.transpose(2, 3))  # [1, kv, rep*t, d]
         out = out.reshape(1, cfg.num_heads, t, d).transpose(1, 2).reshape(1, t, cfg.q_dim)
