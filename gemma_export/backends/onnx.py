@@ -449,14 +449,19 @@ def _matmul_users(graph, name: str) -> list:
     return users if ok else []
 
 
-def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme):
-    """The initializers of one weight in MatMulNBits layout, and a maker of MatMulNBits nodes on them."""
+def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme, gathered: bool = False):
+    """The initializers of one weight in MatMulNBits layout, and a maker of MatMulNBits nodes on them.
+    `gathered`: scales fp32 [N, K/block], read as they are by MatMulNBits and by a row gather (a
+    Cast or Reshape that onnxruntime folds at load would be one more copy in memory)."""
     from onnx import helper, numpy_helper
 
     n, k = q.shape
     packed, scales, block = _nbits_layout(q, s, scheme)
     b_name, s_name = f"{weight}.nbits", f"{weight}.nbits_scales"
-    scale_inits, _ = _scales(graph, s_name, scales)
+    if gathered:
+        scale_inits = [numpy_helper.from_array(scales.reshape(n, k // block).astype(np.float32), s_name)]
+    else:
+        scale_inits, _ = _scales(graph, s_name, scales)
 
     def matmul(m):  # MatMul(x, W^T) -> MatMulNBits(x, codes, scales), same outputs
         return helper.make_node("MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
@@ -511,15 +516,24 @@ def _lower_matmul_groups(graph, matmuls: list) -> list:
 
 
 def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
-    """The tied table once, as MatMulNBits weights: the head runs MatMulNBits on them and the
-    embedding gathers and decodes rows of the same bytes (no whole-table dequantize per step)."""
+    """The tied table as MatMulNBits weights: the head runs MatMulNBits on them and the embedding
+    gathers and decodes rows (no whole-table dequantize per step), with the head's scales.
+
+    onnxruntime keeps an initializer that a second node reads beside the copy MatMulNBits packs
+    at load. At 8 bits the gather therefore reads its own copy of the codes (a file larger by the
+    table, whose rows stay on disk until a token needs them); at 4 bits it reads the head's
+    bytes, the table stored once."""
     from onnx import TensorProto, helper, numpy_helper
 
     vocab, width = q.shape
-    inits, (b_name, s_name, block), matmul = _nbits_weights(graph, table, q, s, scheme)
+    inits, (b_name, s_name, block), matmul = _nbits_weights(graph, table, q, s, scheme, gathered=True)
     nblk, bits = width // block, scheme.bits
+    rows_name = b_name
+    if bits == 8:
+        rows_name = f"{b_name}.rows"
+        inits.append(numpy_helper.from_array(numpy_helper.to_array(inits[0]), rows_name))
     consts = {f"{table}.c_{k}": v for k, v in {
-        "flat": np.array([-1], np.int64), "rows": np.array([vocab, nblk], np.int64),
+        "flat": np.array([-1], np.int64),
         "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),
         "zero": np.array(2 ** (bits - 1), np.float32), "mask": np.array(15, np.uint8),
         "four": np.array(4, np.uint8), "last": np.array([-1], np.int64)}.items()}
@@ -533,7 +547,7 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
             ids, out = node.input[1], node.output[0]
             mk = lambda op, ins, outs, **kw: new_nodes.append(helper.make_node(op, ins, outs, **kw))  # noqa: E731
             mk("Reshape", [ids, c["flat"]], [f"{p}_ids"])
-            mk("Gather", [b_name, f"{p}_ids"], [f"{p}_bytes"], axis=0)  # [n, nblk, block*bits/8]
+            mk("Gather", [rows_name, f"{p}_ids"], [f"{p}_bytes"], axis=0)  # [n, nblk, block*bits/8]
             if bits == 4:
                 mk("BitwiseAnd", [f"{p}_bytes", c["mask"]], [f"{p}_lo"])
                 mk("BitShift", [f"{p}_bytes", c["four"]], [f"{p}_hi"], direction="RIGHT")
@@ -545,8 +559,7 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
                 mk("Identity", [f"{p}_bytes"], [f"{p}_codes"])
             mk("Cast", [f"{p}_codes"], [f"{p}_f"], to=TensorProto.FLOAT)
             mk("Sub", [f"{p}_f", c["zero"]], [f"{p}_centered"])
-            mk("Reshape", [s_name, c["rows"]], [f"{p}_scale_rows"])
-            mk("Gather", [f"{p}_scale_rows", f"{p}_ids"], [f"{p}_s"], axis=0)
+            mk("Gather", [s_name, f"{p}_ids"], [f"{p}_s"], axis=0)
             mk("Unsqueeze", [f"{p}_s", c["last"]], [f"{p}_s1"])
             mk("Mul", [f"{p}_centered", f"{p}_s1"], [f"{p}_rows"])  # [n, nblk, block]
             mk("Shape", [ids], [f"{p}_ids_shape"])

@@ -83,3 +83,29 @@ def test_matmuls_sharing_an_input_are_one_matmulnbits(artifacts, tiny):
     assert ops["MatMulNBits"] == 4 * layers + 1 and ops["Split"] == 2 * layers, ops  # qkv, o, gate-up, down; head
     widths = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"})
     assert cfg.q_dim + 2 * cfg.num_kv_heads * cfg.head_dim in widths and 2 * cfg.intermediate_size in widths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["int8", "int4-b32-rtn"])
+def test_the_tied_table_is_read_without_copies_onnxruntime_would_keep(artifacts, recipe):
+    """onnxruntime keeps an initializer a second node reads beside the copy MatMulNBits packs at
+    load. The head's fp32 scales are read as stored (no Cast or Reshape folded into another copy);
+    at 8 bits the embedding gathers from its own copy of the codes (equal to the head's), so the
+    head's may be released; at 4 bits the table is stored once and shared."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.load(str(artifacts.get("onnx", recipe) / "model.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.lm_head"))
+    codes, scales = head.input[1], head.input[2]
+    readers = lambda name: [n.op_type for n in graph.node if name in n.input]  # noqa: E731
+    assert inits[scales].data_type == TensorProto.FLOAT and len(inits[scales].dims) == 2
+    assert sorted(readers(scales)) == ["Gather", "MatMulNBits"]
+    if recipe == "int8":
+        assert readers(codes) == ["MatMulNBits"]
+        rows = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0].startswith(codes))
+        assert np.array_equal(numpy_helper.to_array(inits[rows]), numpy_helper.to_array(inits[codes]))
+    else:
+        assert sorted(readers(codes)) == ["Gather", "MatMulNBits"]
