@@ -33,7 +33,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# optimum-executorch (the ExecuTorch peer's exporter) without its pins: it asks for transformers
+# 5.0.0rc1 and the base optimum package, whose two imports benchmarks/peers.py provides
 bench: install
+	$(PY) -m pip install -q --no-deps -c constraints.txt optimum-executorch
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stock
 	$(PY) -m benchmarks.runtimes
