@@ -531,7 +531,8 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
     rows_name = b_name
     if bits == 8:
         rows_name = f"{b_name}.rows"
-        inits.append(numpy_helper.from_array(numpy_helper.to_array(inits[0]), rows_name))
+        codes = next(i for i in inits if i.name == b_name)
+        inits.append(numpy_helper.from_array(numpy_helper.to_array(codes), rows_name))
     consts = {f"{table}.c_{k}": v for k, v in {
         "flat": np.array([-1], np.int64),
         "blk": np.array([-1, nblk, block], np.int64), "width": np.array([width], np.int64),

@@ -60,12 +60,11 @@ def _ring_run(model, ids, chunk, steps, ring):
     step = _Step(model, logits=True)
     shapes = cache_shapes(model) if ring else model.cache_shapes()
     caches = {n: torch.zeros(s) for n, s in zip(step.names, shapes)}
-    out, pos = [], 0
-    prompt, rest = ids[:-steps], ids[-steps:]
-    while pos < len(prompt):
-        part = prompt[pos:pos + chunk]
-        tokens = torch.tensor([part + [0] * (chunk - len(part))], dtype=torch.int32)
-        input_pos = torch.zeros(chunk, dtype=torch.int32)
+
+    def run(part, pos, width):  # one step of `part` at `pos`, padded to `width`; its valid logits
+        nonlocal caches
+        tokens = torch.tensor([part + [0] * (width - len(part))], dtype=torch.int32)
+        input_pos = torch.zeros(width, dtype=torch.int32)
         input_pos[:len(part)] = torch.arange(pos, pos + len(part))
         if ring:
             res = step(tokens, input_pos, **caches)
@@ -73,19 +72,12 @@ def _ring_run(model, ids, chunk, steps, ring):
             logits, new = model.step(tokens, input_pos[:1], torch.tensor([len(part)], dtype=torch.int32),
                                      list(caches.values()))
             res = {"logits": logits, **dict(zip(step.names, new))}
-        out.append(res["logits"][0, :len(part)])
         caches = {n: res[n] for n in step.names}
-        pos += len(part)
-    for tok in rest:
-        tokens, input_pos = torch.tensor([[tok]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32)
-        if ring:
-            res = step(tokens, input_pos, **caches)
-        else:
-            logits, new = model.step(tokens, input_pos, torch.ones(1, dtype=torch.int32), list(caches.values()))
-            res = {"logits": logits, **dict(zip(step.names, new))}
-        out.append(res["logits"][0])
-        caches = {n: res[n] for n in step.names}
-        pos += 1
+        return res["logits"][0, :len(part)]
+
+    prompt, rest = ids[:-steps], ids[-steps:]
+    out = [run(prompt[p:p + chunk], p, chunk) for p in range(0, len(prompt), chunk)]
+    out += [run([tok], len(prompt) + i, 1) for i, tok in enumerate(rest)]
     return torch.cat(out)
 
 
