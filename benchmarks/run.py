@@ -74,14 +74,16 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
             continue
         for fmt in todo:
             out = artifact_dir(model, fmt, recipe)
-            cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe]
+            record = OUT / f"export-{model}-{fmt}-{recipe}.build.json"
+            cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe,
+                   "--build-record", str(record)]
             if model != "270m":
                 cmd.append("--no-debug-outputs")  # release-style artifact; the debug entry is tested on 270M
             print(f"export {model} {fmt} {recipe} ...", flush=True)
             row = {"model": model, "format": fmt, "recipe": recipe,
                    **run_measured(cmd, OUT / f"export-{model}-{fmt}-{recipe}.log")}
             if row["exit_code"] == 0:
-                row.update(sizes(out))
+                row.update(sizes(out), export_seconds=build_seconds(record, fmt))
             print(f"  {row}", flush=True)
             rows.append(row)
     return rows
@@ -92,23 +94,29 @@ def sizes(out: Path) -> dict:
     # model_file_mib: the model itself (graph/program and external weights), without the tokenizer
     return {"artifact_mib": round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1),
             "model_file_mib": round(sum(f["bytes"] for name, f in m["files"].items()
-                                        if name.startswith("model.")) / 2**20, 1),
-            "export_seconds": m["export_seconds"]}
+                                        if name.startswith("model.")) / 2**20, 1)}
+
+
+def build_seconds(record: Path, fmt: str) -> float:
+    """The shared load-and-quantize time plus this format's conversion, from the build record."""
+    seconds = json.loads(record.read_text())["seconds"]
+    return round(seconds["load_and_quantize"] + seconds[fmt], 1)
 
 
 def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
     """One `export --format a,b,c` process (one calibration): wall time and peak RSS are the whole
     run's, repeated on each format's row; export_seconds is the shared part plus that conversion."""
     build = OUT / f"{model}-{recipe}-together"
+    record = OUT / f"export-{model}-together-{recipe}.build.json"
     cmd = [*GE, "export", *MODELS[model], "--format", ",".join(formats), "--out", str(build), "--force",
-           "--recipe", recipe, "--no-debug-outputs"]
+           "--recipe", recipe, "--no-debug-outputs", "--build-record", str(record)]
     print(f"export {model} {','.join(formats)} {recipe} (quantized once) ...", flush=True)
     run = run_measured(cmd, OUT / f"export-{model}-together-{recipe}.log")
     rows = []
     for fmt in formats:
         row = {"model": model, "format": fmt, "recipe": recipe, "together": formats, **run}
         if run["exit_code"] == 0:
-            row.update(sizes(build / fmt))
+            row.update(sizes(build / fmt), export_seconds=build_seconds(record, fmt))
         print(f"  {row}", flush=True)
         rows.append(row)
     return rows

@@ -11,7 +11,7 @@ The Python API (`gemma_export.api`, imported on first use so that `import gemma_
 """
 
 API = ("load", "quantize", "export", "open", "verify", "evaluate", "bundle", "run_bundle", "check_outputs",
-       "inspect", "read_config")
+       "inspect", "read_config", "lint")
 
 
 def __getattr__(name: str):

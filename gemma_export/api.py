@@ -20,6 +20,8 @@ from . import pipeline
 from .artifact import Manifest, is_artifact, read_manifest
 from .errors import ConfigError
 from .gemma3.config import PRESETS, Gemma3Config
+from .lint import LintReport
+from .lint import lint as lint_artifact
 from .sizes import report
 from .loading import LoadedModel, ModelSpec, Tokenizer, read_config as read_model_config
 from .loading import load as load_model
@@ -56,14 +58,20 @@ def quantize(loaded: LoadedModel, recipe, progress=lambda m: None) -> QuantInfo:
 
 
 def export(model: str | ModelSpec | pipeline.ExportJob, formats=None, out=None, progress=lambda m: None,
-           **settings) -> list[Manifest]:
+           record=None, **settings) -> list[Manifest]:
     """Export a model to one or more formats (`formats`: a name or a list; several go to OUT/FORMAT),
     loaded and quantized once. `settings` are ExportJob fields (recipe, prefill_len, max_context,
-    debug_outputs, force); or pass a whole ExportJob."""
+    debug_outputs, force); or pass a whole ExportJob. `record`: a JSON file for the build record
+    (timings, peak memory), which the artifact itself does not hold."""
     if isinstance(model, pipeline.ExportJob):
-        return pipeline.export(model, progress)
+        return pipeline.export(model, progress, record)
     formats = [formats] if isinstance(formats, str) else list(formats or ())
-    return pipeline.export(pipeline.ExportJob.each(_spec(model), formats, out, **settings), progress)
+    return pipeline.export(pipeline.ExportJob.each(_spec(model), formats, out, **settings), progress, record)
+
+
+def lint(artifact: str | Path) -> LintReport:
+    """Is an artifact folder complete and labelled truthfully? (a report with one line per problem)"""
+    return lint_artifact(artifact)
 
 
 def open(ref: str, recipe="fp32", prefill_len: int = 128, threads: int = 2, spec: ModelSpec | None = None,  # noqa: A001

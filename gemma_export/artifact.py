@@ -1,21 +1,26 @@
 """Artifact folders: model files + tokenizer + manifest.json, written atomically and checked.
 
 The manifest is read and written only through `Manifest` (a frozen dataclass with a schema
-version). An export writes into a staging folder beside the destination and renames it into place
-only when every file and the manifest are complete; on any failure the staging folder is removed,
-so a failed export leaves nothing at the destination. This module imports nothing of gemma-export
-but its errors.
+version, validated against the JSON Schema shipped in gemma_export/schemas/). It holds no
+timestamps or timings, so the same export gives the same bytes. An export claims its destination
+(a lock beside it: a second export to the same place is refused), writes into a staging folder and
+renames it into place only when every file and the manifest are complete; on any failure or
+interrupt the staging folder is removed, so a failed export leaves nothing at the destination.
+This module imports nothing of gemma-export but its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import platform
 import shutil
+import signal
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -24,7 +29,8 @@ from pathlib import Path
 from .errors import ArtifactError, ConfigError
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+SCHEMA = Path(__file__).parent / "schemas" / f"manifest-{MANIFEST_VERSION}.json"
 TOKENIZER = "tokenizer.json"
 
 
@@ -51,6 +57,7 @@ class TokenizerInfo:
     eos: int
     stop: tuple[str, ...]
     chat_template: str
+    sha256: str  # of the tokenizer the model was loaded with: the shipped file must be that one
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,7 @@ class Manifest:
     entry_points: dict
     program: dict  # at least "file"; "external_data" when weights live beside it
     versions: dict
-    export_seconds: float
     files: dict[str, FileEntry] = field(default_factory=dict)
-    created: str = ""
     manifest_version: int = MANIFEST_VERSION
 
     @property
@@ -106,6 +111,8 @@ class Manifest:
         if version != MANIFEST_VERSION:
             raise ArtifactError(f"{where}: manifest version {version!r}, this gemma-export reads version "
                                 f"{MANIFEST_VERSION}; re-export the artifact")
+        if problems := schema_problems(d):
+            raise ArtifactError(f"{where}: manifest does not match its schema ({problems[0]})")
         try:
             return cls(**{**d, "model": ModelInfo(**d["model"]),
                           "tokenizer": TokenizerInfo(**{**d["tokenizer"], "stop": tuple(d["tokenizer"]["stop"])}),
@@ -113,6 +120,15 @@ class Manifest:
                           "files": {k: FileEntry(**v) for k, v in d["files"].items()}})
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{where}: manifest does not match its schema ({type(e).__name__}: {e})") from None
+
+
+def schema_problems(d) -> list[str]:
+    """Where a manifest document breaks the versioned JSON Schema, one line each (none: valid)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    return [f"{'/'.join(map(str, e.absolute_path)) or 'top level'}: {e.message}"
+            for e in sorted(validator.iter_errors(d), key=lambda e: list(map(str, e.absolute_path)))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +150,8 @@ def read_json(path: Path, missing: str, what: str) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ArtifactError(missing) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: corrupt {what} ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path}: corrupt {what} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def is_artifact(folder: str | Path) -> bool:
@@ -209,30 +225,175 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def check_destination(out: Path, force: bool) -> None:
-    """An artifact may be written to `out`: it is new, or (with force) an artifact folder or empty."""
+    """An artifact may be written to `out`: it is new, or (with force) an artifact folder or empty;
+    its parent exists or can be made, and is a writable folder."""
     out = Path(out)
     if out.exists():
         if not force:
             raise ConfigError(f"{out} already exists; choose another --out or pass --force")
         if not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir())):
             raise ConfigError(f"{out} exists and is not an artifact folder; refusing to replace it")
+    parent = _existing_ancestor(out.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
+        raise ConfigError(f"{out}: cannot write in {parent} (permission denied or read-only file system)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _read_only_fs(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def check_free_space(outs: list[Path], needed: int) -> None:
+    """Refuse before any work when the file system under the destinations has less free space than
+    the artifacts are estimated to need."""
+    parent = _existing_ancestor(Path(outs[0]).parent)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConfigError(f"{outs[0]}: {free / 2**20:,.0f} MiB free on {parent}'s file system, the export needs "
+                          f"about {needed / 2**20:,.0f} MiB; free space or choose another --out")
+
+
+@contextmanager
+def claim(out: Path):
+    """Hold `out` for one export: parents made (and removed again on failure if we made them), a
+    lock file beside it that a second export finds taken. The lock is an flock, so it dies with
+    its process; the file is removed when the claim ends."""
+    out = Path(out)
+    made = _make_parents(out.parent)
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError as e:
+        _remove_made(made)
+        raise ConfigError(f"{out}: cannot write in {out.parent} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{out}: another export is writing there right now ({lock_path} is held); "
+                          "wait for it or choose another --out") from None
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        with _signals_held():
+            try:
+                os.unlink(lock_path)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            if not ok:
+                _remove_made(made)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it made (deepest last)."""
+    made, missing = [], []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            _remove_made(made)
+            raise ConfigError(f"cannot create {path} ({e.strerror})") from None
+        made.append(path)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    for path in reversed(made):
+        try:
+            path.rmdir()
+        except OSError:
+            break  # someone else put something there: leave it
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave half a cleanup."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (ValueError, OSError):  # not the main thread's business on some platforms
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager
 def staging(out: Path, force: bool = False):
-    """Yield a temporary folder that becomes `out` only if the block completes."""
+    """Yield a temporary folder that becomes `out` only if the block completes. The folder and its
+    files get the permissions the user's umask gives any new file (not the temporary folder's 700)."""
     out = Path(out)
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        with _signals_held():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and (full := disk_full(e)):
+            raise ArtifactError(f"{out}: {full} while writing; nothing was left at {out}") from None
         raise
+
+
+def disk_full(e: BaseException) -> str | None:
+    """'no space left on the device' / 'file size limit reached' when an exception (or one it was
+    raised from: exporters wrap OSErrors) comes from a full disk or quota, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on the device"
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return "file size limit reached"
+        text = str(e)
+        if "No space left on device" in text:
+            return "no space left on the device"
+        if "File too large" in text:
+            return "file size limit reached"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Folders and files as `mkdir` and `open` would make them under the current umask (files
+    that are executable stay executable)."""
+    mask = umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
@@ -242,7 +403,6 @@ def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     for name in _files(folder):
         path = folder / name
         files[name] = FileEntry(path.stat().st_size, sha256_file(path))
-    manifest = dataclasses.replace(manifest, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   manifest_version=MANIFEST_VERSION)
-    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+    manifest = dataclasses.replace(manifest, files=files, manifest_version=MANIFEST_VERSION)
+    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return manifest

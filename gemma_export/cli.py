@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import click
 
 import calibration
 
-from . import backends
+from . import backends, quiet
 from .errors import ExportError
 from .gemma3.config import PRESETS as MODELS
 from .sizes import format_report
@@ -44,9 +45,11 @@ def error_boundary(fn):
         except ExportError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"Error: interrupted by {signal.Signals(signum).name}; nothing was left half-written",
+                       err=True)
+            sys.exit(128 + signum)
         except click.exceptions.ClickException:
             raise
         except Exception as e:  # an internal bug: still one line, traceback on request
@@ -230,30 +233,34 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, rand
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
               help="Include the entry points only verification uses: per-layer hidden states "
                    "(`verify --locate`) and, in TFLite, prefill with logits (faster `verify`).")
+@click.option("--build-record", type=click.Path(dir_okay=False), default=None,
+              help="Write when the export ran, its stage timings and peak memory to this JSON file "
+                   "(kept out of the artifact, whose bytes depend only on the inputs).")
 @model_options
 @runtime_options
 @threads_option
 @json_option
 @error_boundary
-def export(model, fmt, out, recipe, force, debug_outputs, random_weights, weights_seed, max_context, prefill_len,
-           threads, as_json):
+def export(model, fmt, out, recipe, force, debug_outputs, build_record, random_weights, weights_seed, max_context,
+           prefill_len, threads, as_json):
     """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
     import torch
 
     from . import api
 
     torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     manifests = api.export(_spec(model, random_weights, weights_seed), fmt, out, _progress(memory=True),
                            recipe=recipe, prefill_len=prefill_len, max_context=max_context,
-                           debug_outputs=debug_outputs, force=force)
+                           debug_outputs=debug_outputs, force=force, record=build_record)
     if as_json:  # one format: its manifest; several: a list of them, in --format order
         dicts = [m.to_dict() for m in manifests]
         return _echo_json(dicts[0] if len(fmt) == 1 else dicts)
     outs = [Path(out)] if len(fmt) == 1 else [Path(out) / f for f in fmt]
     for path, m in zip(outs, manifests):
         size = sum(f.bytes for f in m.files.values())
-        click.echo(f"{path}: {m.format} artifact, {size / 2**20:,.1f} MiB, {len(m.files)} files, "
-                   f"exported in {m.export_seconds} s")
+        click.echo(f"{path}: {m.format} artifact, {size / 2**20:,.1f} MiB, {len(m.files)} files")
+    click.echo(f"exported in {time.perf_counter() - t0:.1f} s")
     if len(fmt) > 1:
         click.echo(f"check them all: gemma-export verify --all {out}")
 
@@ -320,6 +327,27 @@ def _show(as_json: bool, data: dict, lines: list[str]) -> None:
         _echo_json(data)
     else:
         click.echo("\n".join(lines))
+
+
+@cli.command(name="lint")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@json_option
+@error_boundary
+def lint_command(artifact, as_json):
+    """Check an artifact folder before it ships: manifest schema, files and hashes, tokenizer,
+    recipe, and entry points read from the model file (exit 0 clean, 1 with one line per problem)."""
+    from . import api
+
+    report = api.lint(artifact)
+    if as_json:
+        _echo_json(report.to_dict())
+    elif report.passed:
+        click.echo(f"{artifact}: {report.format} artifact, no problems")
+    else:
+        for p in report.problems:
+            click.echo(f"{artifact}: {p.line()}", err=True)
+    if not report.passed:
+        sys.exit(1)
 
 
 @cli.command()
@@ -407,5 +435,22 @@ def bundle_run(bundle_dir, artifact, out, stock_runtime, threads):
                f"gemma-export verify --outputs {out}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a CI cancel sends) unwinds like Ctrl-C, so every cleanup on the way runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main():
+    quiet.silence()
+    signal.signal(signal.SIGTERM, _terminate)
+    # past a file size limit, a write fails with EFBIG (reported as one line) instead of the
+    # default SIGXFSZ killing the process with its staging folder behind it
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli()

@@ -1,29 +1,38 @@
 """The export pipeline, stage by stage:
 
-    check   every target's backend lowers the recipe, every destination may be written
+    check   every target's backend lowers the recipe, every destination may be written (and is
+            claimed: a second export to it is refused), the disk has room for the artifacts
     load    the model (ModelSpec -> Gemma3 with window-sized caches)
     quantize once, in PyTorch (calibrated when the recipe says so), shared by every target
     convert per target: the backend writes its model files into a staging folder
-    package the tokenizer and manifest.json beside them; the folder is renamed into place
+    package the tokenizer and manifest.json beside them, linted; the folder is renamed into place
 
-A failed target leaves nothing at its destination; targets already written stay (each is
-complete and verifiable).
+A failed or interrupted target leaves nothing at its destination; targets already written stay
+(each is complete and verifiable). Manifests hold no timings: those go to the build record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import backends
 from .backends.base import Vocab
-from .artifact import TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, staging, write_manifest
+from .artifact import (TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, check_free_space, claim,
+                       sha256_file, staging, write_manifest)
 from .errors import ConfigError
+from .sizes import artifact_bytes
 from .gemma3 import family
+from .lint import lint
 from .loading import LoadedModel, ModelSpec, Tokenizer, load, read_config
 from .quant.quantize import QuantInfo, quantize_model
 from .quant.recipes import QuantRecipe, resolve
@@ -86,12 +95,30 @@ class Prepared:
     seconds: float  # loading and quantizing
 
 
-def export(job: ExportJob, progress: Progress = lambda msg: None) -> list[Manifest]:
-    """Run the job; returns one manifest per target, in order."""
+def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path | None = None) -> list[Manifest]:
+    """Run the job; returns one manifest per target, in order. `record`: a JSON file to write the
+    build record to (when it ran, stage timings, peak memory, the manifests' sha256)."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     job, targets, recipe = check(job)
-    prepared = prepare(job, recipe, len(targets), progress)
-    return [convert(job, target, backend, prepared, i == len(targets) - 1, progress)
-            for i, (target, backend) in enumerate(targets)]
+    with ExitStack() as held:
+        for target, _ in targets:
+            held.enter_context(claim(target.out))
+            check_destination(target.out, job.force)  # again: another export may have finished meanwhile
+        check_free_space([t.out for t, _ in targets],
+                         sum(artifact_bytes(read_config(job.model.source), recipe, t.format) for t, _ in targets))
+        prepared = prepare(job, recipe, len(targets), progress)
+        seconds, manifests = {"load_and_quantize": round(prepared.seconds, 1)}, []
+        for i, (target, backend) in enumerate(targets):
+            t0 = time.perf_counter()
+            manifests.append(convert(job, target, backend, prepared, i == len(targets) - 1, progress))
+            seconds[target.format] = round(time.perf_counter() - t0, 1)
+    if record:
+        Path(record).write_text(json.dumps({
+            "started": started, "seconds": seconds,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "artifacts": [{"format": t.format, "out": str(t.out), "manifest_sha256": sha256_file(t.out / "manifest.json")}
+                          for t, _ in targets]}, indent=2) + "\n")
+    return manifests
 
 
 def check(job: ExportJob):
@@ -134,15 +161,19 @@ def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: b
     model = prepared.loaded.take_model() if last else copy.deepcopy(prepared.loaded.model)
     with staging(target.out, job.force) as tmp:
         progress(f"converting to {target.format} (prefill {job.prefill_len}, context {job.max_context})")
-        exported = backend.export(model, job, tmp, progress, Vocab.of(Tokenizer(prepared.loaded.tokenizer_path)))
+        # stdout is the command's result (`--json`): whatever an exporter prints goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            exported = backend.export(model, job, tmp, progress, Vocab.of(Tokenizer(prepared.loaded.tokenizer_path)))
         del model
         progress("writing manifest (sha256 of every file)")
-        manifest = package(tmp, job, target, prepared, exported, round(prepared.seconds + time.perf_counter() - t0, 1))
-    progress(f"wrote {target.out}")
+        manifest = package(tmp, job, target, prepared, exported)
+        progress("linting the artifact (files, tokenizer, recipe, entry points read back from the model file)")
+        lint(tmp).raise_if_failed()
+    progress(f"wrote {target.out} in {time.perf_counter() - t0:.1f} s")
     return manifest
 
 
-def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, exported, seconds: float) -> Manifest:
+def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, exported) -> Manifest:
     """The tokenizer and manifest.json beside the backend's files."""
     loaded, quant = prepared.loaded, prepared.quant
     cfg = loaded.config
@@ -154,9 +185,8 @@ def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, ex
         prefill_len=job.prefill_len, max_context=job.max_context, window=cfg.sliding_window,
         cache_lengths=exported.cache_lengths or tuple(cfg.cache_len(i, job.max_context) for i in range(cfg.num_layers)),
         tokenizer=TokenizerInfo(TOKENIZER, cfg.bos_token_id, cfg.eos_token_id, family.STOP_TOKENS,
-                                family.CHAT_TEMPLATE),
+                                family.CHAT_TEMPLATE, sha256_file(loaded.tokenizer_path)),
         recipe=(quant.recipe if quant else resolve(job.recipe)).to_dict(),
         quantization=quant.to_dict() if quant else {},
         entry_points=exported.entry_points, program=exported.program, versions=exported.versions,
-        export_seconds=seconds,
     ))

@@ -16,6 +16,16 @@ def kv_cache_bytes(cfg: Gemma3Config, context: int, window_sized: bool, dtype: s
     return int(total)
 
 
+def artifact_bytes(cfg: Gemma3Config, recipe, fmt: str) -> int:
+    """A generous estimate of the disk an export to `fmt` needs, staging copies included (checked
+    against free space before any work): the weights at the recipe's widest scheme, the TFLite
+    model written once more into its LiteRT-LM bundle, and the tokenizer."""
+    bits = max((r.scheme.bits for r in recipe.rules if r.scheme is not None), default=32)
+    weights = cfg.param_counts()["total"] * (bits / 8 + (0.07 if bits < 8 else 0.0))
+    copies = 2.0 if fmt == "tflite" else 1.2
+    return int(weights * copies) + 40 * 2**20
+
+
 def report(cfg: Gemma3Config, context: int, kv_dtype: str = "float32") -> dict:
     params = cfg.param_counts()
     window = kv_cache_bytes(cfg, context, True, kv_dtype)

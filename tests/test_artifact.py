@@ -109,7 +109,7 @@ def test_tokenizer_of_another_vocabulary(copy):
 def test_manifest_of_another_version_or_shape(copy):
     m = manifest(copy)
     write_raw_manifest(copy, {**m, "manifest_version": 1})
-    assert verify_error(copy).endswith("manifest version 1, this gemma-export reads version 2; re-export the artifact")
+    assert verify_error(copy).endswith("manifest version 1, this gemma-export reads version 3; re-export the artifact")
     del m["window"]
     write_raw_manifest(copy, m)
     assert "manifest does not match its schema" in verify_error(copy)

@@ -1,7 +1,10 @@
 """The export pipeline: refusals before any work, atomic targets, one quantization for many formats."""
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from gemma_export import pipeline
 from gemma_export.artifact import read_manifest
@@ -131,3 +134,44 @@ def test_one_calibration_feeds_every_format(tmp_path, quantized_tiny):
     assert not (tmp_path / "taken" / "onnx").exists()
     r = cli(*args, "--format", "onnx,onnx")
     assert r.exit_code == 2 and "named twice" in r.output
+
+
+def test_the_same_export_gives_the_same_bytes_in_every_format(artifacts, tmp_path):
+    """All formats exported once more (quantized once) equal the suite's shared exports byte for
+    byte: no timestamps or timings in them; files readable under the umask like any new file.
+    (The calibrated recipe is covered on the real 270M in the slow suite, and by
+    test_calibration_is_deterministic.)"""
+    import hashlib
+    import os
+
+    def tree(root):
+        return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+                                           p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))}
+
+    mask = os.umask(0)
+    os.umask(mask)
+    record = tmp_path / "build.json"
+    pipeline.export(ExportJob.each(TINY, FORMATS, tmp_path / "b", prefill_len=T), record=record)
+    for fmt in FORMATS:
+        a, b = tree(artifacts.get(fmt)), tree(tmp_path / "b" / fmt)
+        assert a == b and len(a) >= 3, fmt
+        assert {mode for _, mode in a.values()} <= {0o777 & ~mask, 0o666 & ~mask}
+        assert (tmp_path / "b" / fmt).stat().st_mode & 0o777 == 0o777 & ~mask
+    rec = json.loads(record.read_text())
+    assert set(rec["seconds"]) == {"load_and_quantize", *FORMATS} and len(rec["artifacts"]) == 3
+
+
+def test_calibration_is_deterministic(tiny):
+    import copy
+
+    from gemma_export.loading import Tokenizer, load
+    from gemma_export.quant.quantize import quantize_model
+
+    states = []
+    for _ in range(2):
+        model = copy.deepcopy(tiny)
+        info = quantize_model(model, "int4-b32", Tokenizer(load(TINY).tokenizer_path))
+        states.append((info.calibration_sha256, quantized_state(model)))
+    (sha_a, a), (sha_b, b) = states
+    assert sha_a == sha_b and a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)

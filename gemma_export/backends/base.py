@@ -7,6 +7,9 @@ A backend is one module exposing `BACKEND`, an object with:
   export(model, job, workdir, progress, vocab) -> Exported   write the model files into workdir
   open(folder, manifest, threads) -> Session            run the artifact in the format's runtime
   read_codes(folder, manifest) -> [codes]               the integer weight codes the files hold
+  declared_io(folder, manifest) -> {entry: {"inputs": [...], "outputs": [...]}}
+                the entry points, tensor names, shapes and dtypes as the model file itself declares
+                them (what `lint` holds the manifest to)
   stock_generate(folder, manifest, text, max_new_tokens) -> Stock
                 greedy generation by the runtime's own LLM API on the artifact as shipped (the
                 prompt text has no <bos>: each runtime adds it its own way)
@@ -126,6 +129,11 @@ class Backend(Protocol):
         ...
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> "Stock": ...
+
+    def declared_io(self, folder: Path, manifest: Manifest) -> dict[str, dict]:
+        """Each entry point's inputs and outputs read from the model file: [{"name", "shape",
+        "dtype"}], a dynamic dimension as a string, a name None where the format has none."""
+        ...
 
 
 def require(module: str, backend: str):

@@ -97,6 +97,36 @@ class PteBackend:
         return out
 
 
+    def declared_io(self, folder: Path, manifest: Manifest) -> dict[str, dict]:
+        """The tensor inputs and outputs of each method the manifest describes, as the program
+        declares them (a program has no tensor names: None); the weights are not loaded. The
+        runner's scalar metadata methods are left out (asking for their tensor info logs errors)."""
+        runtime = require("executorch.runtime", self.name)
+        try:
+            program = runtime.Runtime.get().load_program(folder / manifest.program["file"])
+        except Exception as e:  # the runtime raises RuntimeError/ValueError on a damaged program
+            raise ArtifactError(f"{folder / manifest.program['file']}: ExecuTorch cannot read the program ({e})") from None
+        dtypes = {3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool", 15: "bfloat16"}
+        out = {}
+        wanted = {*manifest.entry_points, manifest.program.get("debug_entry_point"), manifest.program.get("reset_method")}
+        for name in sorted(set(program.method_names) & wanted):
+            meta = program.metadata(name)
+
+            def describe(n, get):
+                rows = []
+                for i in range(n):
+                    try:
+                        t = get(i)
+                    except IndexError:  # a scalar (the runner's metadata methods return ints)
+                        return None
+                    rows.append({"name": None, "shape": list(t.sizes()), "dtype": dtypes.get(int(t.dtype()), str(t.dtype()))})
+                return rows
+
+            ins, outs = describe(meta.num_inputs(), meta.input_tensor_meta), describe(meta.num_outputs(), meta.output_tensor_meta)
+            if ins is not None and outs is not None:
+                out[name] = {"inputs": ins, "outputs": outs}
+        return out
+
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main)."""
         folder = Path(folder)

@@ -204,6 +204,28 @@ class OnnxBackend:
                     out[f"{node.input[1]}:{i}"] = part
         return list(out.values())
 
+    def declared_io(self, folder: Path, manifest: Manifest) -> dict[str, dict]:
+        """The graph's inputs and outputs (the weights are not read)."""
+        onnx = require("onnx", self.name)
+        from onnx import helper
+
+        try:
+            graph = onnx.load(str(folder / manifest.program["file"]), load_external_data=False).graph
+        except Exception as e:  # onnx raises DecodeError and others on a damaged file
+            raise ArtifactError(f"{folder / manifest.program['file']}: not a readable ONNX model ({e})") from None
+
+        def describe(values):
+            out = []
+            for v in values:
+                t = v.type.tensor_type
+                shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+                out.append({"name": v.name, "shape": shape,
+                            "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type))})
+            return out
+
+        (entry,) = manifest.entry_points or {"decoder": None}
+        return {entry: {"inputs": describe(graph.input), "outputs": describe(graph.output)}}
+
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from onnxruntime-genai on the folder as shipped (its tokenizer adds no <bos>)."""
         folder = Path(folder)

@@ -28,16 +28,20 @@ output, as LiteRT-LM does.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import io
+import os
 import tempfile
+import uuid
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..artifact import Manifest, versions
+from ..artifact import Manifest, sha256_file, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
 from ..gemma3.config import Gemma3Config
@@ -205,7 +209,8 @@ class TfliteBackend:
             sigs[hidden_name(t)] = (_Step(model, logits=False, hidden=True), _inputs(model, t))
         progress(f"litert-torch conversion (signatures {', '.join(sigs)}; lightweight)")
         tflite = workdir / TFLITE
-        with torch.no_grad():
+        # litert-torch prints its own task tree on stdout (our progress lines say the same on stderr)
+        with torch.no_grad(), mock.patch.dict(os.environ, {"LITERT_TORCH_SHOW_PROGRESS": "n"}):
             conv = None
             for name, (module, inputs) in sigs.items():
                 conv = (conv or litert_torch).signature(name, module.eval(), sample_kwargs=inputs)
@@ -240,6 +245,12 @@ class TfliteBackend:
         """The codes int8 [out, in] of every integer weight in the bundle's TFLite model."""
         return list(tflite_codes.read_codes(folder / manifest.program["file"], tflite_section(
             folder / manifest.program["file"])).values())
+
+    def declared_io(self, folder: Path, manifest: Manifest) -> dict[str, dict]:
+        """The signatures of the bundle's TFLite model, read from its flatbuffer (not loaded)."""
+        path = folder / manifest.program["file"]
+        with tflite_codes.TfliteFile(path, section=tflite_section(path)) as f:
+            return tflite_codes.signatures(f)
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from LiteRT-LM's own engine on the bundle (it adds the start token itself)."""
@@ -294,10 +305,25 @@ def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab) -> None:
                .add_executor_metadata(str(exec_path))
                .add_tflite_model(str(tflite), lb.TfLiteModelType.PREFILL_DECODE)
                .add_hf_tokenizer(str(vocab.path)))
-    with (workdir / FILE).open("wb") as f:
+    with (workdir / FILE).open("wb") as f, mock.patch.object(lb, "populate_system_metadata",
+                                                             _reproducible_system_metadata(lb, tflite)):
         builder.build(f, validate_metadata=True)
     meta_path.unlink()
     exec_path.unlink()
+
+
+def _reproducible_system_metadata(lb, tflite: Path):
+    """The builder stamps every bundle with a random uuid and the current time, so no two builds
+    had the same bytes. Ours: a uuid derived from the model's bytes (same model, same uuid) and the
+    time from SOURCE_DATE_EPOCH (the reproducible-builds convention; the epoch when unset)."""
+    ident = str(uuid.uuid5(uuid.NAMESPACE_URL, "gemma-export:" + sha256_file(tflite)))
+    stamp = datetime.datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), datetime.timezone.utc)
+
+    def populate(system_metadata):
+        kept = [m for m in system_metadata if m.key not in ("uuid", "creation_timestamp")]
+        return [*kept, lb.Metadata(key="uuid", value=ident, dtype=lb.DType.STRING),
+                lb.Metadata(key="creation_timestamp", value=stamp.isoformat(), dtype=lb.DType.STRING)]
+    return populate
 
 
 def _executor_metadata(cfg, job):

@@ -15,8 +15,8 @@ to a FLOAT16 scales tensor [out, in/block]. Buffers may live after the flatbuffe
 from __future__ import annotations
 
 import contextlib
+import io
 import mmap
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,8 +153,10 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
     for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
         qt.add_dynamic_config(regex=".*", operation_name=op, num_bits=bits, granularity=gran)
     staged = path.with_suffix(".quant.tflite")
-    with contextlib.redirect_stdout(sys.stderr):  # its report is progress, not our output
-        qt.quantize(serialize_to_path=str(staged))
+    # its report and progress bars say nothing our own progress line does not (and one bar ignores
+    # enable_progress_bar in this version); errors still raise
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        qt.quantize(serialize_to_path=str(staged), enable_progress_bar=False, enable_progress_report=False)
     del qt
     progress(f"writing our integer codes into {len(names)} weights")
     with TfliteFile(staged, write=True) as f:
@@ -187,4 +189,27 @@ def read_codes(path: Path, section: tuple[int, int] | None = None) -> dict:
             got = f.codes(sg, t)
             if got is not None:
                 out[t.Name().decode()] = got[0]
+    return out
+
+
+def signatures(f: TfliteFile) -> dict[str, dict]:
+    """{signature: {"inputs": [...], "outputs": [...]}} with each tensor's name, shape and dtype."""
+    fb = f.fb
+    dtypes = {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
+    out = {}
+    for i in range(f.model.SignatureDefsLength()):
+        sig = f.model.SignatureDefs(i)
+        sg = f.model.Subgraphs(sig.SubgraphIndex())
+
+        def describe(n, get, sg=sg):
+            rows = []
+            for j in range(n):
+                item = get(j)
+                t = sg.Tensors(item.TensorIndex())
+                rows.append({"name": item.Name().decode(), "shape": [int(d) for d in t.ShapeAsNumpy()]
+                             if t.ShapeLength() else [], "dtype": dtypes.get(t.Type(), str(t.Type()))})
+            return rows
+
+        out[sig.SignatureKey().decode()] = {"inputs": describe(sig.InputsLength(), sig.Inputs),
+                                             "outputs": describe(sig.OutputsLength(), sig.Outputs)}
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..artifact import find_artifacts, is_artifact, read_manifest
 from ..errors import ArtifactError
+from ..lint import lint
 from ..loading import ModelSpec
 from ..runtime import Opened, open_artifact, open_model, reference_for
 from ..session import TorchSession
@@ -81,6 +82,7 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     """Teacher-forced + greedy parity of one artifact against its PyTorch reference, judged."""
     manifest = read_manifest(folder)
     test = open_artifact(folder, plan.threads, hashes=True)
+    lint(folder).raise_if_failed()  # what opening does not check: tokenizer, recipe, entry points
     refs = refs or References(plan)
     ref = refs.session_for(manifest)
     rule = Rule.for_recipe(manifest.recipe, plan.overrides)

@@ -125,7 +125,7 @@ def test_bad_outputs_are_errors_with_exit_1(bundle, outputs, artifact, tmp_path)
     other = tmp_path / "other"  # same files, a different manifest
     shutil.copytree(artifact, other)
     m = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**m, "export_seconds": -1}))
+    (other / "manifest.json").write_text(json.dumps({**m, "job": {**m["job"], "note": "rebuilt"}}))
     res = run("verify", other, "--outputs", outputs)
     assert res.exit_code == 1 and "not the artifact this bundle was made from" in res.output
     res = run("bundle-run", bundle, "--artifact", other, "--out", tmp_path / "x")
