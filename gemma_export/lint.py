@@ -22,6 +22,7 @@ from . import backends
 from .artifact import MANIFEST, MANIFEST_VERSION, Manifest, _files, schema_problems, sha256_file
 from .errors import ArtifactError, ExportError
 from .gemma3 import family
+from .loading import Tokenizer
 from .quant.recipes import QuantRecipe
 
 
@@ -116,8 +117,6 @@ def _files_check(folder: Path, m: Manifest) -> list[Problem]:
 
 
 def _tokenizer_check(folder: Path, m: Manifest) -> list[Problem]:
-    from .loading import Tokenizer
-
     t, out = m.tokenizer, []
     path = folder / t.file
     if not path.is_file():

@@ -39,11 +39,14 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             if n > size - 8:
                 raise CheckpointError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes)")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
+        _check_entry(path, name, info)
         end = info["data_offsets"][1]
         if data_start + end > size:
             raise CheckpointError(
@@ -53,6 +56,31 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+def _check_entry(path: Path, name: str, info) -> None:
+    """One header entry is {"dtype": known, "shape": [n, ...], "data_offsets": [start, end]} and its
+    byte range holds exactly shape x itemsize."""
+    def bad(why):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
+
+    if not isinstance(info, dict):
+        bad("is not described by an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        bad("has no dtype")
+    if dtype not in _ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        bad(f"has invalid data offsets {offsets!r}")
+    itemsize = np.dtype(_ST_DTYPES[dtype][0]).itemsize
+    if offsets[1] - offsets[0] != int(np.prod(shape, dtype=np.float64)) * itemsize:
+        bad(f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} needs {int(np.prod(shape)) * itemsize}")
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Yield (name, tensor) with tensors backed by a copy-on-write mmap of the file."""
     import torch
@@ -60,8 +88,6 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
     header, data_start = _read_safetensors_header(path)
     mm = np.memmap(path, dtype=np.uint8, mode="c")
     for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         np_dtype, torch_view = _ST_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         arr = mm[data_start + start : data_start + end].view(np_dtype).reshape(info["shape"])
@@ -86,18 +112,29 @@ def read_hf_folder(folder: Path) -> tuple[Gemma3Config, Iterator]:
         raise CheckpointError(f"{folder}: no *.safetensors files")
     try:
         raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {str(e)[:80]})") from None
+        if not all(isinstance(w, str) and "/" not in w for w in wanted):
+            raise CheckpointError(f"{index}: the weight map names something that is not a shard file")
         missing = [w for w in wanted if not (folder / w).is_file()]
         if missing:
             raise CheckpointError(f"{folder / missing[0]}: shard listed in the index is missing")
         shards = [folder / w for w in wanted]
     for shard in shards:  # check every header before loading anything
         _read_safetensors_header(shard)
-    cfg = family.config_from_hf(raw, folder.name)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    try:
+        cfg = family.config_from_hf(raw, folder.name)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{cfg_path}: a config value has the wrong type or range ({type(e).__name__}: "
+                              f"{str(e)[:120]})") from None
 
     def tensors():
         for shard in shards:
@@ -116,14 +153,27 @@ def read_hf_folder(folder: Path) -> tuple[Gemma3Config, Iterator]:
 def _open_gguf(path: Path):
     import gguf
 
+    size = path.stat().st_size
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+        head = f.read(20)
+    if len(head) < 20:
+        raise CheckpointError(f"{path}: truncated GGUF ({size} bytes, no complete header)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head)
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version}; versions 2 and 3 are read")
+    # a tensor's description takes at least 24 bytes, a metadata entry at least 12
+    if n_tensors * 24 + n_kv * 12 > size:
+        raise CheckpointError(f"{path}: corrupt GGUF header: {n_tensors:,} tensors and {n_kv:,} metadata entries "
+                              f"cannot fit in {size:,} bytes")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/IndexError/... on truncation
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
-    size = path.stat().st_size
+    if len(reader.tensors) != n_tensors:
+        raise CheckpointError(f"{path}: corrupt GGUF: the header counts {n_tensors} tensors, {len(reader.tensors)} "
+                              "are described")
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise CheckpointError(f"{path}: truncated GGUF: tensor {t.name!r} runs past the end of the file")
