@@ -81,11 +81,13 @@ def open(ref: str, recipe="fp32", prefill_len: int = 128, threads: int = 2, spec
     return open_ref(ref, spec, recipe, prefill_len, threads, progress)
 
 
-def verify(artifact: str | Path, build: bool = False, plan: check.VerifyPlan | None = None):
+def verify(artifact: str | Path, build: bool = False, plan: check.VerifyPlan | None = None, progress=lambda m: None):
     """Parity of an artifact (or, with `build`, of every artifact in a build folder) against the
     PyTorch model it came from; the result carries the judge's verdict."""
     plan = plan or check.VerifyPlan(DEFAULT_TEXT)
-    return check.verify_build(artifact, plan) if build else check.verify_artifact(artifact, plan)
+    if build:
+        return check.verify_build(artifact, plan, progress)
+    return check.verify_artifact(artifact, plan, progress=progress)
 
 
 def check_outputs(outputs: str | Path, bundle: str | Path | None = None, artifact: str | Path | None = None,

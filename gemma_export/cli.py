@@ -106,16 +106,47 @@ def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _progress(memory: bool = False):
-    start = time.perf_counter()
+class _Progress:
+    """Stage lines on stderr, stamped with the elapsed time (and memory, for exports). On a
+    terminal, loops over positions also show a live count with the running figures; a CI log (no
+    terminal) gets the stage lines only."""
 
-    def progress(msg):
-        stamp = f"{time.perf_counter() - start:7.1f}s"
-        if memory:
+    FIGURES = {"top1": ("top-1", "{:.2%}"), "mean_kl": ("mean KL", "{:.3g}"), "perplexity": ("ppl", "{:.4g}")}
+
+    def __init__(self, memory: bool = False):
+        self.start, self.memory = time.perf_counter(), memory
+        self.live = sys.stderr.isatty()
+        self._shown, self._open = 0.0, False
+
+    def _stamp(self) -> str:
+        stamp = f"{time.perf_counter() - self.start:7.1f}s"
+        if self.memory:
             rss, peak = memory_gib()
             stamp += f" rss {rss:5.1f} GiB peak {peak:5.1f} GiB"
-        click.echo(f"[{stamp}] {msg}", err=True)
-    return progress
+        return stamp
+
+    def __call__(self, msg: str) -> None:
+        self._clear()
+        click.echo(f"[{self._stamp()}] {msg}", err=True)
+
+    def step(self, done: int, total: int, figures) -> None:
+        now = time.perf_counter()
+        if not self.live or (now - self._shown < 0.25 and done < total):
+            return
+        self._shown = now
+        shown = "".join(f"  {self.FIGURES[k][0]} {self.FIGURES[k][1].format(v)}"
+                        for k, v in figures().items() if k in self.FIGURES)
+        click.echo(f"\r\033[K[{self._stamp()}] {done:,}/{total:,} positions{shown}", err=True, nl=False)
+        self._open = True
+
+    def _clear(self) -> None:
+        if self._open:
+            click.echo("\r\033[K", err=True, nl=False)
+            self._open = False
+
+
+def _progress(memory: bool = False) -> _Progress:
+    return _Progress(memory)
 
 
 def memory_gib() -> tuple[float, float]:
@@ -303,7 +334,7 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
     elif all_:
         plan = VerifyPlan(_text(text), positions, new_tokens, prompt, reference, overrides, threads, locate,
                           locate_threshold)
-        result = api.verify(artifact, True, plan)
+        result = api.verify(artifact, True, plan, _progress())
         if report_dir:
             render.write_build_report(report_dir, result)
         _show(as_json, result.to_dict(), [render.build_table(result)])
@@ -312,7 +343,7 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
     else:
         plan = VerifyPlan(_text(text), positions, new_tokens, prompt, reference, overrides, threads, locate,
                           locate_threshold)
-        result = api.verify(artifact, False, plan)
+        result = api.verify(artifact, False, plan, _progress())
         if report_dir:
             render.write_report(report_dir, result)
         _show(as_json, result.report, render.summary_lines(result.report))

@@ -369,6 +369,7 @@ def _lower_and_write(programs: dict, metadata: dict, workdir: Path, progress) ->
     ))
     del edge
     gc.collect()
+    progress(f"writing {FILE} and {DATA_TAG}.ptd")
     with (workdir / FILE).open("wb") as f:
         program.write_to_file(f)
     program.write_tensor_data_to_file(str(workdir))

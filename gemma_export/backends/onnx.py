@@ -386,8 +386,11 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
         else:
             keep += _dequantize_linear(graph, init.name, layout, q, s, scheme)
     keep += _lower_matmul_groups(graph, matmuls)
+    # constants only the replaced nodes read (reshape shapes, ...): onnxruntime would drop them at
+    # load with a warning per constant
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     del graph.initializer[:]
-    graph.initializer.extend(keep)
+    graph.initializer.extend(i for i in keep if i.name in read)
     if any(n.domain == "com.microsoft" for n in graph.node):
         _toposort(graph)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):

@@ -15,6 +15,7 @@ from ..artifact import find_artifacts, is_artifact, read_manifest
 from ..errors import ArtifactError
 from ..lint import lint
 from ..loading import ModelSpec
+from ..progress import Progress, quiet
 from ..runtime import Opened, open_artifact, open_model, reference_for
 from ..session import TorchSession
 from .judge import Rule, Verdict, judge, judge_build
@@ -78,19 +79,23 @@ class References:
         return ref
 
 
-def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | None = None) -> Verified:
+def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | None = None,
+                    progress: Progress = quiet) -> Verified:
     """Teacher-forced + greedy parity of one artifact against its PyTorch reference, judged."""
     manifest = read_manifest(folder)
+    progress(f"opening {folder} ({manifest.format}, {manifest.recipe_name}) and checking every file's sha256")
     test = open_artifact(folder, plan.threads, hashes=True)
     lint(folder).raise_if_failed()  # what opening does not check: tokenizer, recipe, entry points
     refs = refs or References(plan)
+    progress("loading the PyTorch reference" + (f" ({manifest.recipe_name} applied in PyTorch)"
+                                                if manifest.recipe_name != "fp32" else ""))
     ref = refs.session_for(manifest)
     rule = Rule.for_recipe(manifest.recipe, plan.overrides)
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
     # where the runtime rounds activations its own way, artifact and recipe are judged against fp32
     fp32 = refs.session_for(manifest, quantized=False).session if rule.relative else None
     res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
-                 test.tokenizer.stop_ids, fp32=fp32)
+                 test.tokenizer.stop_ids, fp32=fp32, progress=progress)
     against = None
     if rule.relative:
         against = {who: {k: v for k, v in res.against_fp32[side].summary().items() if k in _FP32_KEYS}
@@ -106,6 +111,7 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     if against is not None:
         report["against_fp32"] = against
     if plan.locate:
+        progress("locating the first diverging layer")
         report["locate"] = locate(ref.session, test.session, ids, plan.locate_threshold or LOCATE_THRESHOLD)
     return Verified(report, res, test, ids, manifest.window, verdict)
 
@@ -130,20 +136,22 @@ class Build:
         judge_build(self.rows)
 
 
-def verify_build(build_dir: str | Path, plan: VerifyPlan) -> Build:
+def verify_build(build_dir: str | Path, plan: VerifyPlan, progress: Progress = quiet) -> Build:
     """Verify every artifact under build_dir against its reference, then every pair of artifacts of
     the same model against each other. An artifact that cannot be opened is a row with an error."""
     refs = References(plan)
     rows, done = [], []
-    for folder in find_artifacts(build_dir):
+    folders = find_artifacts(build_dir)
+    for i, folder in enumerate(folders, 1):
+        progress(f"artifact {i}/{len(folders)}: {folder}")
         try:
-            v = verify_artifact(folder, plan, refs)
+            v = verify_artifact(folder, plan, refs, progress)
         except ArtifactError as e:
             rows.append({"artifact": str(folder), "pass": False, "error": str(e)})
             continue
         rows.append(v.report)
         done.append(v)
-    return Build(str(build_dir), rows, pairwise(done), done)
+    return Build(str(build_dir), rows, pairwise(done, progress), done)
 
 
 def _model_key(v: Verified) -> str:
@@ -152,15 +160,17 @@ def _model_key(v: Verified) -> str:
     return json.dumps([m.model.spec, m.model.config, tok.sha256 if tok else None], sort_keys=True)
 
 
-def pairwise(verified: list[Verified]) -> list[dict]:
+def pairwise(verified: list[Verified], progress: Progress = quiet) -> list[dict]:
     """Teacher-forced comparison of each pair of artifacts of the same model (the first as reference)."""
     out = []
     for a, b in itertools.combinations(verified, 2):
         if _model_key(a) != _model_key(b):
             continue
+        progress(f"comparing {a.report['artifact']} with {b.report['artifact']}")
         ia, ib = a.opened.session.info, b.opened.session.info
         ids = a.ids[:min(ia.max_context, ib.max_context)]
-        c = teacher_forced(a.opened.session, b.opened.session, ids, schedule_for(min(ia.prefill_len, ib.prefill_len)))
+        c = teacher_forced(a.opened.session, b.opened.session, ids, schedule_for(min(ia.prefill_len, ib.prefill_len)),
+                           progress)
         s = c.summary()
         ra, rb = a.report, b.report
         out.append({"a": ra["artifact"], "b": rb["artifact"],
@@ -193,13 +203,15 @@ def evaluate(spec: ModelSpec, recipe: str, prefill_len: int, plan: EvalPlan, pro
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
     result = {"model": test.description, "text": str(plan.text), "positions": len(ids)}
     if not plan.with_reference:
-        return {**result, "perplexity": perplexity_of(test.session, ids)}
+        progress(f"scoring {len(ids):,} positions")
+        return {**result, "perplexity": perplexity_of(test.session, ids, progress)}
     if test.manifest is not None:  # quality is judged against the fp32 model the artifact came from
         ref = reference_for(test.manifest, quantized=False, override=plan.reference, threads=plan.threads)
     else:
         ref_spec = replace(spec, source=plan.reference or spec.source, max_context=test.session.info.max_context)
         ref = open_model(ref_spec, "fp32", prefill_len, plan.threads)
-    s = teacher_forced(ref.session, test.session, ids).summary()
+    progress(f"teacher-forcing {len(ids):,} positions through {test.description} and the fp32 reference")
+    s = teacher_forced(ref.session, test.session, ids, progress=progress).summary()
     return {**result, "reference": ref.description, "perplexity": s["perplexity_test"],
             "perplexity_reference": s["perplexity_reference"],
             "perplexity_change": s["perplexity_test"] / s["perplexity_reference"] - 1,

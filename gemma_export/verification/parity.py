@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ArtifactError
+from ..progress import Progress, steps
 from ..session import Session, feed, generate
 from .metrics import Comparison, perplexity
 
@@ -48,14 +49,25 @@ class ParityResult:
         }
 
 
-def teacher_forced(reference: Session, test: Session, ids: Sequence[int], schedule=None) -> Comparison:
+def teacher_forced(reference: Session, test: Session, ids: Sequence[int], schedule=None,
+                   progress: Progress | None = None) -> Comparison:
     """Feed the same ids through both sessions with the same chunking; compare every position."""
     return teacher_forced_many({"reference": reference, "test": test}, [("reference", "test")], ids,
-                               schedule or schedule_for(test.info.prefill_len))[("reference", "test")]
+                               schedule or schedule_for(test.info.prefill_len), progress)[("reference", "test")]
+
+
+def running(c: Comparison) -> dict:
+    """The figures shown while a comparison runs."""
+    if not c.n:
+        return {}
+    out = {"top1": float(np.mean(c.top1)), "mean_kl": float(np.mean(c.kl))}
+    if c.nll_test:
+        out["perplexity"] = float(np.exp(np.mean(c.nll_test)))
+    return out
 
 
 def teacher_forced_many(sessions: dict[str, Session], pairs: Sequence[tuple[str, str]], ids: Sequence[int],
-                        schedule: Sequence[int]) -> dict[tuple[str, str], Comparison]:
+                        schedule: Sequence[int], progress: Progress | None = None) -> dict[tuple[str, str], Comparison]:
     """One pass of the same ids through several sessions, comparing each (reference, test) pair
     at every position: each session runs once however many pairs it is in."""
     for s in sessions.values():
@@ -71,32 +83,42 @@ def teacher_forced_many(sessions: dict[str, Session], pairs: Sequence[tuple[str,
                 c.add(logits[r][:k], logits[t][:k], ids[p + 1:p + 1 + k])
             if k < len(logits[r]):
                 c.add(logits[r][k:], logits[t][k:])
+        steps(progress, min(p + len(logits[names[0]]), len(ids)), len(ids), lambda: running(out[pairs[0]]))
     return out
 
 
-def perplexity_of(session: Session, ids: Sequence[int]) -> float:
+def perplexity_of(session: Session, ids: Sequence[int], progress: Progress | None = None) -> float:
     session.reset()
-    nll = []
+    nll, scored = [], 0
     for p, logits in feed(session, ids):
         k = min(len(logits), len(ids) - 1 - p)
         if k > 0:
             nll.append(np.log(perplexity(logits[:k], ids[p + 1:p + 1 + k])) * k)
+            scored += k
+        steps(progress, min(p + len(logits), len(ids)), len(ids),
+              lambda: {"perplexity": float(np.exp(sum(nll) / max(1, scored)))})
     return float(np.exp(sum(nll) / (len(ids) - 1)))
 
 
 def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequence[int], new_tokens: int,
-           stop_ids: Sequence[int] = (), fp32: Session | None = None) -> ParityResult:
+           stop_ids: Sequence[int] = (), fp32: Session | None = None, progress: Progress | None = None) -> ParityResult:
     """Teacher-forced comparison over `ids` and greedy generation from `prompt`. With `fp32`, the
     same pass also compares the fp32 model with the reference and with the test (`against_fp32`)."""
+    say = progress or (lambda m: None)
     t0 = time.perf_counter()
+    say(f"teacher-forcing {len(ids):,} positions through the reference and the artifact"
+        + (" (and fp32)" if fp32 is not None else ""))
     if fp32 is None:
-        tf, against = teacher_forced(reference, test, ids), {}
+        tf, against = teacher_forced(reference, test, ids, progress=progress), {}
     else:
         sessions = {"reference": reference, "test": test, "fp32": fp32}
         pairs = [("reference", "test"), ("fp32", "test"), ("fp32", "reference")]
-        comps = teacher_forced_many(sessions, pairs, ids, schedule_for(test.info.prefill_len))
+        comps = teacher_forced_many(sessions, pairs, ids, schedule_for(test.info.prefill_len), progress)
         tf, against = comps[pairs[0]], {"test": comps[pairs[1]], "reference": comps[pairs[2]]}
     t1 = time.perf_counter()
+    fig = running(tf)
+    say(f"teacher-forced {tf.n:,} positions in {t1 - t0:.1f} s: top-1 {fig['top1']:.2%}, mean KL {fig['mean_kl']:.3g}")
+    say(f"greedy {new_tokens} tokens from the prompt on both")
     ref_gen = list(generate(reference, prompt, new_tokens, stop_ids))
     test_gen = list(generate(test, prompt, new_tokens, stop_ids))
     t2 = time.perf_counter()

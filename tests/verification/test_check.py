@@ -123,3 +123,34 @@ def test_eval_of_an_artifact_is_against_fp32(artifacts):
     assert r["perplexity"] == pytest.approx(r["perplexity_reference"], rel=1e-5)
     only = evaluate(art, "fp32", 16, EvalPlan(DEFAULT_TEXT, 40, with_reference=False))
     assert only["perplexity"] == pytest.approx(r["perplexity"], rel=1e-4) and "mean_kl" not in only
+
+
+class Recorder:
+    """A progress callback that keeps the stage lines and the position counts it is given."""
+
+    def __init__(self):
+        self.lines, self.counts = [], []
+
+    def __call__(self, msg):
+        self.lines.append(msg)
+
+    def step(self, done, total, figures):
+        self.counts.append((done, total, figures()))
+
+
+def test_verify_and_eval_report_progress_as_they_go(artifacts):
+    rec = Recorder()
+    verify_artifact(artifacts.get("onnx"), VerifyPlan(DEFAULT_TEXT, positions=40, new_tokens=4), progress=rec)
+    assert any(line.startswith("teacher-forced 40 positions in ") and "top-1" in line for line in rec.lines), rec.lines
+    done = [d for d, _, _ in rec.counts]
+    assert done == sorted(done) and done[-1] == 40 and all(t == 40 for _, t, _ in rec.counts)
+    assert {"top1", "mean_kl", "perplexity"} <= set(rec.counts[-1][2])
+    rec = Recorder()
+    evaluate(ModelSpec(str(artifacts.get("onnx"))), "fp32", 16, EvalPlan(DEFAULT_TEXT, positions=30), rec)
+    assert rec.counts[-1][:2] == (30, 30) and any("teacher-forcing 30 positions" in line for line in rec.lines)
+
+
+def test_a_log_without_a_terminal_gets_stage_lines_only(artifacts):
+    res = cli("verify", artifacts.get("onnx"), *FAST)
+    assert res.exit_code == 0, res.output
+    assert "teacher-forced 40 positions in " in res.stderr and "\r" not in res.stderr
