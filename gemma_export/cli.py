@@ -361,24 +361,43 @@ def _show(as_json: bool, data: dict, lines: list[str]) -> None:
 
 
 @cli.command(name="lint")
-@click.argument("artifact", type=click.Path(file_okay=False))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(file_okay=False))
 @json_option
 @error_boundary
-def lint_command(artifact, as_json):
-    """Check an artifact folder before it ships: manifest schema, files and hashes, tokenizer,
+def lint_command(artifacts, as_json):
+    """Check artifact folders before they ship: manifest schema, files and hashes, tokenizer,
     recipe, and entry points read from the model file (exit 0 clean, 1 with one line per problem)."""
     from . import api
 
-    report = api.lint(artifact)
+    reports = [api.lint(a) for a in artifacts]
     if as_json:
-        _echo_json(report.to_dict())
-    elif report.passed:
-        click.echo(f"{artifact}: {report.format} artifact, no problems")
-    else:
+        _echo_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
+    for artifact, report in zip(artifacts, reports):
+        if as_json:
+            continue
+        if report.passed:
+            click.echo(f"{artifact}: {report.format} artifact, no problems")
         for p in report.problems:
             click.echo(f"{artifact}: {p.line()}", err=True)
-    if not report.passed:
+    if not all(r.passed for r in reports):
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("build_file", type=click.Path(dir_okay=False))
+@click.option("--format", "style", type=click.Choice(["json", "github"]), default="json", show_default=True,
+              help="json: the job list; github: the strategy.matrix object (one include entry per job).")
+@error_boundary
+def matrix(build_file, style):
+    """Print the jobs of a release description (BUILD.toml) for a CI matrix: one job per model x
+    recipe x format, formats of a calibrated recipe sharing one job (one calibration)."""
+    from . import matrix as release
+
+    jobs = release.plan(release.read_release(build_file))
+    if style == "github":
+        click.echo(json.dumps(release.github_matrix(jobs), separators=(",", ":")))
+    else:
+        _echo_json({"jobs": [j.to_dict() for j in jobs]})
 
 
 @cli.command()
