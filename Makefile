@@ -40,6 +40,7 @@ bench: install
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stock
 	$(PY) -m benchmarks.runtimes
+	$(PY) -m benchmarks.reproducible
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -251,6 +251,18 @@ def _read_only_fs(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
+def check_writable_file(path: Path) -> None:
+    """A file may be written at `path` later (its folder exists or can be made, and is writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name")
+    parent = _existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
+        raise ConfigError(f"{path}: cannot write in {parent} (permission denied or read-only file system)")
+
+
 def check_free_space(outs: list[Path], needed: int) -> None:
     """Refuse before any work when the file system under the destinations has less free space than
     the artifacts are estimated to need."""

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from . import backends
 from .backends.base import Vocab
-from .artifact import (TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, check_free_space, claim,
-                       sha256_file, staging, write_manifest)
+from .artifact import (TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, check_free_space,
+                       check_writable_file, claim, sha256_file, staging, write_manifest)
 from .errors import ConfigError
 from .sizes import artifact_bytes
 from .gemma3 import family
@@ -100,6 +100,8 @@ def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path |
     build record to (when it ran, stage timings, peak memory, the manifests' sha256)."""
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     job, targets, recipe = check(job)
+    if record:
+        check_writable_file(record)
     with ExitStack() as held:
         for target, _ in targets:
             held.enter_context(claim(target.out))
@@ -113,6 +115,7 @@ def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path |
             manifests.append(convert(job, target, backend, prepared, i == len(targets) - 1, progress))
             seconds[target.format] = round(time.perf_counter() - t0, 1)
     if record:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
         Path(record).write_text(json.dumps({
             "started": started, "seconds": seconds,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
