@@ -7,6 +7,7 @@ Every command reports an error as one line on stderr with an exit code: 1 error,
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import click
 import calibration
 
 from . import backends, quiet
+from . import matrix as release
 from .errors import ExportError
 from .gemma3.config import PRESETS as MODELS
 from .sizes import format_report
@@ -391,8 +393,6 @@ def lint_command(artifacts, as_json):
 def matrix(build_file, style):
     """Print the jobs of a release description (BUILD.toml) for a CI matrix: one job per model x
     recipe x format, formats of a calibrated recipe sharing one job (one calibration)."""
-    from . import matrix as release
-
     jobs = release.plan(release.read_release(build_file))
     if style == "github":
         click.echo(json.dumps(release.github_matrix(jobs), separators=(",", ":")))
@@ -499,6 +499,7 @@ def _terminate(signum, frame):
 
 def main():
     quiet.silence()
+    atexit.register(quiet.at_exit)
     signal.signal(signal.SIGTERM, _terminate)
     # past a file size limit, a write fails with EFBIG (reported as one line) instead of the
     # default SIGXFSZ killing the process with its staging folder behind it

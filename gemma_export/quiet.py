@@ -14,8 +14,11 @@ those packages load (the CLI calls `silence()` first; library users keep their o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 
 
@@ -28,3 +31,34 @@ def silence() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"# ONNX model has different number of inputs than the flatten")
     warnings.filterwarnings("ignore", message=r"Mutation on a buffer in the model is detected")
+
+
+@contextlib.contextmanager
+def native_info_lines(keep=("ERROR", "FATAL", "E0", "F0")):
+    """Hold back what native code prints to the stderr file descriptor inside the block (LiteRT's
+    INFO lines about accelerators it registers, ExecuTorch's cpuinfo probing), passing on the lines
+    that report an error. Neither runtime has a switch for its log level in its Python API."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                if line.lstrip().startswith(keep):
+                    print(line, file=sys.stderr)
+
+
+
+def at_exit() -> None:
+    """The command has said everything it will: what runtimes print while the interpreter tears
+    them down (LiteRT lists each accelerator it destroys) goes nowhere."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quiet
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
@@ -103,7 +104,8 @@ class PteBackend:
         runner's scalar metadata methods are left out (asking for their tensor info logs errors)."""
         runtime = require("executorch.runtime", self.name)
         try:
-            program = runtime.Runtime.get().load_program(folder / manifest.program["file"])
+            with quiet.native_info_lines():
+                program = runtime.Runtime.get().load_program(folder / manifest.program["file"])
         except Exception as e:  # the runtime raises RuntimeError/ValueError on a damaged program
             raise ArtifactError(f"{folder / manifest.program['file']}: ExecuTorch cannot read the program ({e})") from None
         dtypes = {3: "int32", 4: "int64", 5: "float16", 6: "float32", 11: "bool", 15: "bfloat16"}
@@ -470,9 +472,10 @@ class PteSession(BaseSession):
         path = folder / manifest.program["file"]
         data = manifest.program.get("external_data")
         try:
-            self._program = runtime.Runtime.get().load_program(str(path),
-                                                               data_path=str(folder / data) if data else None)
-            self._methods = {m: self._program.load_method(m) for m in (FORWARD, RESET)}
+            with quiet.native_info_lines():
+                self._program = runtime.Runtime.get().load_program(str(path),
+                                                                   data_path=str(folder / data) if data else None)
+                self._methods = {m: self._program.load_method(m) for m in (FORWARD, RESET)}
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
         self.info = session_info(manifest)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import quiet
 from ..artifact import Manifest, sha256_file, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
@@ -375,12 +376,23 @@ class TfliteSession(BaseSession):
     chunk's valid tokens through decode, the same numbers one step at a time)."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
-        compiled = require("ai_edge_litert.compiled_model", "tflite")
         path = folder / manifest.program["file"]
         offset, size = tflite_section(path)
         with path.open("rb") as f:
             f.seek(offset)
             data = f.read(size)
+        with quiet.native_info_lines():  # LiteRT's environment announces its accelerators on first use
+            self._open(path, data, manifest)
+
+    def __del__(self):
+        try:
+            with quiet.native_info_lines():  # and lists each accelerator it destroys
+                self.__dict__.clear()
+        except Exception:  # at interpreter shutdown the modules it needs may be gone already
+            pass
+
+    def _open(self, path: Path, data: bytes, manifest: Manifest) -> None:
+        compiled = require("ai_edge_litert.compiled_model", "tflite")
         try:
             self._cm = compiled.CompiledModel.from_buffer(data)
         except Exception as e:

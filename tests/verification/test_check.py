@@ -49,7 +49,7 @@ def test_every_artifact_verified_with_one_reference_table_json_and_report(build,
     res = cli("verify", build, "--all", "--report", rep, *FAST)
     assert res.exit_code == 0, res.output
     assert len(calls) == 1  # both artifacts come from the same model
-    lines = res.output.splitlines()
+    lines = res.stdout.splitlines()
     assert lines[0].split()[:3] == ["artifact", "format", "recipe"]
     assert lines[1].startswith("onnx/fp32") and lines[1].endswith("PASS")
     assert lines[2].startswith("onnx-release/fp32") and lines[2].endswith("PASS")
