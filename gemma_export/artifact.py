@@ -233,11 +233,16 @@ def check_destination(out: Path, force: bool) -> None:
             raise ConfigError(f"{out} already exists; choose another --out or pass --force")
         if not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir())):
             raise ConfigError(f"{out} exists and is not an artifact folder; refusing to replace it")
-    parent = _existing_ancestor(out.parent)
+    _check_parent(out)
+
+
+def _check_parent(path: Path) -> None:
+    """`path`'s folder exists or can be made (its nearest existing ancestor is a writable folder)."""
+    parent = _existing_ancestor(path.parent)
     if not parent.is_dir():
-        raise ConfigError(f"{out}: {parent} is a file, not a folder")
+        raise ConfigError(f"{path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
-        raise ConfigError(f"{out}: cannot write in {parent} (permission denied or read-only file system)")
+        raise ConfigError(f"{path}: cannot write in {parent} (permission denied or read-only file system)")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -256,11 +261,7 @@ def check_writable_file(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give a file name")
-    parent = _existing_ancestor(path.parent)
-    if not parent.is_dir():
-        raise ConfigError(f"{path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or _read_only_fs(parent):
-        raise ConfigError(f"{path}: cannot write in {parent} (permission denied or read-only file system)")
+    _check_parent(path)
 
 
 def check_free_space(outs: list[Path], needed: int) -> None:

@@ -180,6 +180,8 @@ def test_verify_judges_runtime_quantized_activations_against_fp32(artifacts, pai
     wrong = artifacts.copy(fmt, tmp_path / "claims-int8", recipe, debug=fmt == "pte")
     m = json.loads((wrong / "manifest.json").read_text())
     m["recipe"], m["job"]["recipe"] = resolve("int8").to_dict(), "int8"
+    # a calibration record too, so the label passes lint and only parity can tell
+    m["quantization"]["calibration_sha256"] = "0" * 64
     (wrong / "manifest.json").write_text(json.dumps(m))
     r = verify_artifact(wrong, plan).report
     assert not r["pass"] and any("mean KL to fp32" in f for f in r["failures"]), r["against_fp32"]
