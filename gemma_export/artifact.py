@@ -280,7 +280,7 @@ def claim(out: Path):
     lock file beside it that a second export finds taken. The lock is an flock, so it dies with
     its process; the file is removed when the claim ends."""
     out = Path(out)
-    made = _make_parents(out.parent)
+    made = _make_parents(out.parent, out)
     lock_path = out.parent / f".{out.name}.lock"
     try:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
@@ -308,8 +308,8 @@ def claim(out: Path):
                 _remove_made(made)
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it made (deepest last)."""
+def _make_parents(folder: Path, out: Path) -> list[Path]:
+    """mkdir -p for `out`'s folder, returning the folders it made (deepest last)."""
     made, missing = [], []
     folder = Path(os.path.abspath(folder))
     while not folder.exists():
@@ -322,7 +322,7 @@ def _make_parents(folder: Path) -> list[Path]:
             continue
         except OSError as e:
             _remove_made(made)
-            raise ConfigError(f"cannot create {path} ({e.strerror})") from None
+            raise ConfigError(f"{out}: cannot create {path} ({e.strerror})") from None
         made.append(path)
     return made
 
