@@ -21,7 +21,7 @@ def lines(folder):
     return [p.line() for p in lint(folder).problems]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f == "pte" else f for f in FORMATS])
 def test_a_fresh_artifact_of_every_format_is_clean(artifacts, fmt):
     report = lint(artifacts.get(fmt))
     assert report.passed and report.format == fmt, report.problems
@@ -52,6 +52,7 @@ def test_a_replaced_tokenizer_is_caught_even_when_resigned(artifacts, tmp_path):
     assert lines(art) == ["tokenizer: tokenizer.json is not the tokenizer the model was exported with (sha256 differs)"]
 
 
+@pytest.mark.slow  # lowers ExecuTorch
 def test_a_program_declaring_other_dtypes_than_its_manifest(artifacts, tmp_path):
     art = artifacts.copy("pte", tmp_path / "p")
     edit(art, lambda m: m["entry_points"]["forward"]["inputs"][0].__setitem__("dtype", "int32"))

@@ -136,6 +136,7 @@ def test_one_calibration_feeds_every_format(tmp_path, quantized_tiny):
     assert r.exit_code == 2 and "named twice" in r.output
 
 
+@pytest.mark.slow  # lowers ExecuTorch
 def test_the_same_export_gives_the_same_bytes_in_every_format(artifacts, tmp_path):
     """All formats exported once more (quantized once) equal the suite's shared exports byte for
     byte: no timestamps or timings in them; files readable under the umask like any new file.
