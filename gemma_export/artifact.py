@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -122,13 +123,17 @@ class Manifest:
             raise ArtifactError(f"{where}: manifest does not match its schema ({type(e).__name__}: {e})") from None
 
 
-def schema_problems(d) -> list[str]:
-    """Where a manifest document breaks the versioned JSON Schema, one line each (none: valid)."""
+@functools.cache
+def _validator():
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+
+
+def schema_problems(d) -> list[str]:
+    """Where a manifest document breaks the versioned JSON Schema, one line each (none: valid)."""
     return [f"{'/'.join(map(str, e.absolute_path)) or 'top level'}: {e.message}"
-            for e in sorted(validator.iter_errors(d), key=lambda e: list(map(str, e.absolute_path)))]
+            for e in sorted(_validator().iter_errors(d), key=lambda e: list(map(str, e.absolute_path)))]
 
 
 # ----------------------------------------------------------------------------------------------

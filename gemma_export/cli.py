@@ -374,13 +374,12 @@ def lint_command(artifacts, as_json):
     reports = [api.lint(a) for a in artifacts]
     if as_json:
         _echo_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
-    for artifact, report in zip(artifacts, reports):
-        if as_json:
-            continue
-        if report.passed:
-            click.echo(f"{artifact}: {report.format} artifact, no problems")
-        for p in report.problems:
-            click.echo(f"{artifact}: {p.line()}", err=True)
+    else:
+        for artifact, report in zip(artifacts, reports):
+            if report.passed:
+                click.echo(f"{artifact}: {report.format} artifact, no problems")
+            for p in report.problems:
+                click.echo(f"{artifact}: {p.line()}", err=True)
     if not all(r.passed for r in reports):
         sys.exit(1)
 

@@ -14,12 +14,11 @@ Runs at the end of every export and before `verify`. Library code: returns a rep
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .artifact import MANIFEST, MANIFEST_VERSION, Manifest, _files, schema_problems, sha256_file
+from .artifact import MANIFEST, MANIFEST_VERSION, Manifest, _files, read_json, schema_problems, sha256_file
 from .errors import ArtifactError, ExportError
 from .gemma3 import family
 from .loading import Tokenizer
@@ -76,12 +75,9 @@ def _manifest(folder: Path, problems: list) -> Manifest | None:
         problems.append(Problem("schema", f"{folder} is not a folder"))
         return None
     try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        problems.append(Problem("schema", f"no {MANIFEST}"))
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        problems.append(Problem("schema", f"{MANIFEST} is not JSON ({str(e)[:100]})"))
+        d = read_json(path, f"no {MANIFEST}", "manifest")
+    except ArtifactError as e:
+        problems.append(Problem("schema", str(e)))
         return None
     if not isinstance(d, dict):
         problems.append(Problem("schema", f"{MANIFEST} is not a JSON object"))

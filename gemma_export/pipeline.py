@@ -21,7 +21,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path |
     job, targets, recipe = check(job)
     if record:
         check_writable_file(record)
-    with ExitStack() as held:
+    with contextlib.ExitStack() as held:
         for target, _ in targets:
             held.enter_context(claim(target.out))
             check_destination(target.out, job.force)  # again: another export may have finished meanwhile

@@ -69,5 +69,5 @@ def test_schema_faults_are_named_with_their_place(artifacts, tmp_path):
     assert "schema: files/model.onnx/sha256: 'xyz' does not match '^[0-9a-f]{64}$'" in found
     assert "schema: prefill_len: '16' is not of type 'integer'" in found
     (art / "manifest.json").write_text("[1, 2")
-    assert lines(art)[0].startswith("schema: manifest.json is not JSON")
+    assert lines(art)[0].startswith(f"schema: {art / 'manifest.json'}: corrupt manifest (JSONDecodeError")
     assert lines(tmp_path / "nowhere") == [f"schema: {tmp_path / 'nowhere'} is not a folder"]
