@@ -21,9 +21,17 @@ TINY_ARGS = ["tiny", "--random-weights", "--prefill-len", str(T), "--max-context
 
 def spawn(tmp_path, *args, preexec=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def setup():
+        # a job started in the background (CI under nohup or `&`) inherits SIGINT ignored, and
+        # Python then leaves it ignored: the export runs as a terminal would start it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec:
+            preexec()
+
     return subprocess.Popen([sys.executable, "-m", "gemma_export", "export", *TINY_ARGS, *args],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=preexec)
+                            preexec_fn=setup)
 
 
 def left_behind(folder):
