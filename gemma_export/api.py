@@ -54,7 +54,7 @@ def load(model: str | ModelSpec, **spec) -> LoadedModel:
 def quantize(loaded: LoadedModel, recipe, progress=lambda m: None) -> QuantInfo:
     """Quantize a loaded model in place with a recipe (preset name, recipe file or QuantRecipe),
     calibrating on the bundled corpus when the recipe asks for it."""
-    return quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress)
+    return quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress, loaded.checkpoint)
 
 
 def export(model: str | ModelSpec | pipeline.ExportJob, formats=None, out=None, progress=lambda m: None,

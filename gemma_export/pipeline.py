@@ -33,6 +33,7 @@ from .sizes import artifact_bytes
 from .gemma3 import family
 from .lint import lint
 from .loading import LoadedModel, ModelSpec, Tokenizer, load, read_config
+from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
 from .quant.recipes import QuantRecipe, resolve
 
@@ -127,7 +128,12 @@ def check(job: ExportJob):
     """Everything that can refuse the job, before any work: returns the job with its context
     resolved, the (target, backend) pairs and the recipe."""
     recipe = resolve(job.recipe)
-    context = read_config(job.model.source).runtime_context(job.max_context or job.model.max_context)
+    cfg = read_config(job.model.source)
+    if recipe.uses_source:  # one rule per tensor with its type's scheme, so each format can refuse now
+        if job.model.random_weights:
+            raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes; random weights have none")
+        recipe = source.resolve_for(recipe, job.model.source, cfg)
+    context = cfg.runtime_context(job.max_context or job.model.max_context)
     job = replace(job, max_context=context)
     if job.prefill_len > job.max_context:
         raise ConfigError(f"prefill length {job.prefill_len} exceeds max context {job.max_context}")
@@ -151,7 +157,7 @@ def prepare(job: ExportJob, recipe: QuantRecipe, targets: int, progress: Progres
     quant = None
     if not recipe.is_float:
         progress(f"quantizing in PyTorch (recipe {recipe.name})" + (f", once for {targets} formats" if targets > 1 else ""))
-        quant = quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress)
+        quant = quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress, loaded.checkpoint)
     return Prepared(loaded, quant, time.perf_counter() - t0)
 
 

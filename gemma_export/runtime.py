@@ -95,7 +95,7 @@ def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: 
     description = loaded.source
     recipe = resolve(recipe)
     if not recipe.is_float:
-        quantize_model(loaded.model, recipe, tok, progress)
+        quantize_model(loaded.model, recipe, tok, progress, loaded.checkpoint)
         description += f" quantized in PyTorch (recipe {recipe.name})"
     return Opened(TorchSession(loaded.model, prefill_len=prefill_len), tok, description)
 

@@ -103,7 +103,7 @@ class _FloatLinear(nn.Linear):
 def float_twin(model, activation_ops=True) -> dict:
     """Swap quantized modules back to float modules holding exactly the dequantized weights.
 
-    Returns {parameter name: (codes int8, scales fp32, scheme)} for the backends that trace the
+    Returns {parameter name: (codes int8, scales fp32, scheme, zero points or None)} for the backends that trace the
     float graph and then replace each weight by its codes. With `activation_ops=False` the
     activation quantization is left to the runtime's kernels; a callable decides per scheme.
     """
@@ -116,7 +116,7 @@ def float_twin(model, activation_ops=True) -> dict:
             lin.weight = nn.Parameter(mod.weight_float(), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
-            codes[f"{name}.weight"] = (mod.qweight, mod.scale, mod.scheme)
+            codes[f"{name}.weight"] = (mod.qweight, mod.scale, mod.scheme, mod.zero)
     emb = getattr(model, family.TABLE)
     if isinstance(emb, QEmbedding):
         table = nn.Embedding(emb.qweight.shape[0], emb.embedding_dim)
@@ -126,5 +126,5 @@ def float_twin(model, activation_ops=True) -> dict:
                             emb.scheme.activations if keep(emb.scheme) else "float", emb.act_scale)
         head.weight = table.weight
         setattr(model, family.HEAD, head)
-        codes[f"{family.TABLE}.weight"] = (emb.qweight, emb.scale, emb.scheme)
+        codes[f"{family.TABLE}.weight"] = (emb.qweight, emb.scale, emb.scheme, emb.zero)
     return codes

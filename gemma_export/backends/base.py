@@ -43,6 +43,8 @@ class Lowering:
     weights: frozenset
     activations: frozenset
     uniform: bool = False
+    blocks: frozenset = frozenset({32, 64, 128})  # input columns per block scale
+    asymmetric: frozenset = frozenset()  # code widths stored with float zero points (source codes)
 
     def refusal(self, recipe) -> str | None:
         """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
@@ -63,6 +65,10 @@ class Lowering:
                 return f"{kind} int{sc.bits} weights (rule {rule.pattern!r})"
             if sc.activations not in self.activations:
                 return f"{sc.activations} activations (rule {rule.pattern!r})"
+            if sc.granularity == "block" and sc.block_size not in self.blocks:
+                return f"int{sc.bits} blocks of {sc.block_size} (rule {rule.pattern!r})"
+            if not sc.symmetric and (sc.bits not in self.asymmetric or rule.pattern == family.TABLE):
+                return f"int{sc.bits} codes with zero points (rule {rule.pattern!r})"
         return None
 
 
@@ -157,15 +163,15 @@ def match_weights(codes: dict, stored: Iterable[tuple[str, np.ndarray]], transpo
     """Find each quantized weight among a converted file's float tensors by its exact values
     (codes x scales), whatever the converter renamed it to.
 
-    `codes` maps weight names to (codes, scales, scheme); `stored` yields (tensor name, fp32 array).
+    `codes` maps weight names to (codes, scales, scheme, zero points); `stored` yields (tensor name, fp32 array).
     Returns {tensor name: (weight name, layout)} with layout "oi" (as [out, in]) or, with
     `transposed`, also "io" ([in, out]). Raises if a weight is not found.
     """
     from ..quant.algorithms import dequantize
 
     wanted = {}
-    for name, (q, s, _) in codes.items():
-        w = dequantize(q, s).numpy()
+    for name, (q, s, _, z) in codes.items():
+        w = dequantize(q, s, z).numpy()
         wanted[_digest(w)] = (name, "oi")
         if transposed:
             wanted[_digest(w.T)] = (name, "io")

@@ -140,8 +140,10 @@ class OnnxBackend:
     name = "onnx"
     # DequantizeLinear / MatMulNBits of the codes (per channel or blocked, INT8/INT4); activation
     # quantization as float ops that compute exactly the PyTorch reference
+    # zero points: MatMulNBits takes float ones at 4 bits (onnxruntime's CPU kernel refuses them at 8)
     lowering = Lowering(frozenset({(8, "channel"), (8, "block"), (4, "channel"), (4, "block")}),
-                        frozenset({"float", "int8-dynamic", "int8-static", "int16-static"}))
+                        frozenset({"float", "int8-dynamic", "int8-static", "int16-static"}),
+                        blocks=frozenset({16, 32, 64, 128}), asymmetric=frozenset({4}))
     runner = Runner("GEMMA_ONNX_RUNNER",
                     "onnxruntime-genai's model-generate example (model_generate / model-qa, built\n"
                     "from onnxruntime-genai/examples/c), run on the artifact folder as\n"
@@ -376,13 +378,16 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
             keep.append(init)
             continue
         name, layout = hits[init.name]
-        q, s, scheme = codes[name]
+        q, s, scheme, z = codes[name]
         q, s = q.numpy(), s.numpy().astype(np.float32)
+        z = None if z is None else z.numpy().astype(np.float32)
         users = _matmul_users(graph, init.name) if layout == "io" else []
+        if z is not None and not (users and name != TABLE):  # the backend's lowering table refuses these
+            raise ExportError(f"onnx: {name} has zero points and is not read by a MatMul alone")
         if name == TABLE and layout == "oi":  # gathered and used as the tied head
             keep += _lower_table(graph, init.name, q, s, scheme)
         elif users:  # x @ W^T: run it as MatMulNBits
-            matmuls.append((init.name, users, q, s, scheme))
+            matmuls.append((init.name, users, q, s, scheme, z))
         else:
             keep += _dequantize_linear(graph, init.name, layout, q, s, scheme)
     keep += _lower_matmul_groups(graph, matmuls)
@@ -474,10 +479,12 @@ def _matmul_users(graph, name: str) -> list:
     return users if ok else []
 
 
-def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme, gathered: bool = False):
+def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme, gathered: bool = False,
+                   zero: np.ndarray | None = None):
     """The initializers of one weight in MatMulNBits layout, and a maker of MatMulNBits nodes on them.
     `gathered`: scales fp32 [N, K/block], read as they are by MatMulNBits and by a row gather (a
-    Cast or Reshape that onnxruntime folds at load would be one more copy in memory)."""
+    Cast or Reshape that onnxruntime folds at load would be one more copy in memory). `zero`: our
+    float zero points per block (codes - zero), given to MatMulNBits for its unsigned codes."""
     from onnx import helper, numpy_helper
 
     n, k = q.shape
@@ -487,20 +494,26 @@ def _nbits_weights(graph, weight: str, q: np.ndarray, s: np.ndarray, scheme, gat
         scale_inits = [numpy_helper.from_array(scales.reshape(n, k // block).astype(np.float32), s_name)]
     else:
         scale_inits, _ = _scales(graph, s_name, scales)
+    inputs = [b_name, s_name]
+    if zero is not None:  # unsigned codes are ours + 2^(bits-1): so is their zero point
+        z_name = f"{weight}.nbits_zeros"
+        scale_inits.append(numpy_helper.from_array((zero.reshape(-1) + 2 ** (scheme.bits - 1)).astype(np.float32),
+                                                   z_name))
+        inputs.append(z_name)
 
-    def matmul(m):  # MatMul(x, W^T) -> MatMulNBits(x, codes, scales), same outputs
-        return helper.make_node("MatMulNBits", [m.input[0], b_name, s_name], list(m.output), name=f"{m.name}_nbits",
+    def matmul(m):  # MatMul(x, W^T) -> MatMulNBits(x, codes, scales[, zero points]), same outputs
+        return helper.make_node("MatMulNBits", [m.input[0], *inputs], list(m.output), name=f"{m.name}_nbits",
                                 domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block,
                                 accuracy_level=_accuracy_level(scheme))
 
     return [numpy_helper.from_array(packed, b_name), *scale_inits], (b_name, s_name, block), matmul
 
 
-def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray, scheme) -> list:
+def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray, scheme, zero=None) -> list:
     """MatMul(x, W^T) -> MatMulNBits(x, codes, scales): onnxruntime only fuses blocked INT4
     DequantizeLinear + MatMul itself; a per-channel INT8 DequantizeLinear would dequantize the
     whole weight every step, MatMulNBits reads the codes."""
-    inits, _, matmul = _nbits_weights(graph, weight, q, s, scheme)
+    inits, _, matmul = _nbits_weights(graph, weight, q, s, scheme, zero=zero)
     for m in users:
         graph.node.remove(m)
         graph.node.append(matmul(m))  # topological order restored by the caller
@@ -508,26 +521,27 @@ def _lower_matmuls(graph, users: list, weight: str, q: np.ndarray, s: np.ndarray
 
 
 def _lower_matmul_groups(graph, matmuls: list) -> list:
-    """Lower each (weight, users, codes, scales, scheme) to MatMulNBits, fusing the weights that one
+    """Lower each (weight, users, codes, scales, scheme, zero points) to MatMulNBits, fusing the weights that one
     input feeds (q/k/v, gate/up) into one MatMulNBits and a Split: the kernel quantizes its input
     per call at accuracy level 4, and one wide call streams the input once."""
     from onnx import helper, numpy_helper
 
     groups: dict = {}
     for item in matmuls:
-        weight, users, q, _, scheme = item
+        weight, users, q, _, scheme, _ = item
         key = (users[0].input[0], q.shape[1], scheme) if len(users) == 1 else (weight,)
         groups.setdefault(key, []).append(item)
     inits = []
     for items in groups.values():
         if len(items) == 1:
-            weight, users, q, s, scheme = items[0]
-            inits += _lower_matmuls(graph, users, weight, q, s, scheme)
+            weight, users, q, s, scheme, z = items[0]
+            inits += _lower_matmuls(graph, users, weight, q, s, scheme, z)
             continue
         fused = f"{items[0][0]}.fused{len(items)}"
         q = np.concatenate([it[2] for it in items])
         s = np.concatenate([it[3] for it in items])
-        w_inits, _, matmul = _nbits_weights(graph, fused, q, s, items[0][4])
+        z = None if items[0][5] is None else np.concatenate([it[5] for it in items])
+        w_inits, _, matmul = _nbits_weights(graph, fused, q, s, items[0][4], zero=z)
         mms = [it[1][0] for it in items]
         for m in mms:
             graph.node.remove(m)

@@ -145,7 +145,7 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
     from ai_edge_quantizer import qtyping, quantizer
 
     names = match_float_weights(path, codes)
-    (bits, granularity, block), = {(sc.bits, sc.granularity, sc.block_size) for _, _, sc in codes.values()}
+    (bits, granularity, block), = {(sc.bits, sc.granularity, sc.block_size) for _, _, sc, _ in codes.values()}
     gran = (qtyping.QuantGranularity.CHANNELWISE if granularity == "channel"
             else getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"))
     progress(f"ai-edge-quantizer: int{bits} {granularity} layout for {len(names)} weights")
@@ -164,7 +164,7 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
         for tname, wname in names.items():
             if tname not in by_name:
                 raise ExportError(f"tflite: quantized file lost tensor {tname}")
-            q, s, _ = codes[wname]
+            q, s, _, _ = codes[wname]
             f.write_codes(*by_name[tname], q.numpy(), s.numpy().astype(np.float32))
     with TfliteFile(staged) as f:  # read everything back: the file must hold exactly our codes
         by_name = {t.Name().decode(): (sg, t) for sg, t in f.tensors(0)}
@@ -173,7 +173,7 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
             raise ExportError(f"tflite: weight {extra[0]} was quantized but the recipe keeps it float")
         for tname, wname in names.items():
             got = f.codes(*by_name[tname])
-            q, s, _ = codes[wname]
+            q, s, _, _ = codes[wname]
             if got is None or not np.array_equal(got[0], q.numpy()) or not np.array_equal(
                     got[1].reshape(-1), s.numpy().astype(np.float32).reshape(-1)):
                 raise ExportError(f"tflite: codes of {wname} did not survive the write")

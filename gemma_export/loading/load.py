@@ -46,6 +46,7 @@ class LoadedModel:
     config: Gemma3Config
     tokenizer_path: Path
     source: str  # human-readable origin ("bundled GGUF ...", "random weights (seed 0)", a path)
+    checkpoint: Path | None = None  # the GGUF file the weights were read from (its codes: quant.source)
 
     def take_model(self):
         """Hand over the model and drop this holder's reference (lets callers free weights early)."""
@@ -246,7 +247,7 @@ def load(spec: ModelSpec) -> LoadedModel:
         if cached.is_file():
             cfg, tensors = _read_dequantized(cached, path)
             model = load_weights(cfg.replace(name=name or cfg.name), tensors, spec.max_context, spec.dtype)
-            return LoadedModel(model, model.cfg, tokenizer_for(kind, path), str(path))
+            return LoadedModel(model, model.cfg, tokenizer_for(kind, path), str(path), path)
     cfg, tensors = read_gguf(path) if kind == "gguf" else read_hf_folder(path)
     cfg = cfg.replace(name=name or cfg.name)
     if spec.random_weights:
@@ -255,7 +256,7 @@ def load(spec: ModelSpec) -> LoadedModel:
     model = load_weights(cfg, tensors, spec.max_context, spec.dtype)
     if kind == "gguf" and spec.dtype == "float32":
         _write_dequantized(_dequantized_cache(path), model)
-    return LoadedModel(model, cfg, tokenizer_for(kind, path), str(path))
+    return LoadedModel(model, cfg, tokenizer_for(kind, path), str(path), path if kind == "gguf" else None)
 
 
 # Dequantizing a GGUF is slow next to reading a file: its fp32 result is kept in the cache as

@@ -74,8 +74,11 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return torch.clamp(torch.round(w.float() / s), lo, hi).to(torch.int8)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes - zero) x scales; `zero` (float, per block) only for asymmetric source codes."""
+    block = q.shape[1] // scale.shape[1]
+    c = q.float() if zero is None else q.float() - zero.repeat_interleave(block, dim=1)
+    return c * scale.repeat_interleave(block, dim=1)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: float = 0.01,

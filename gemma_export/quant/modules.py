@@ -44,50 +44,70 @@ def quantize_activations(x: torch.Tensor, activations: str, act_scale: torch.Ten
     return x
 
 
-def quantized_linear(x, q, scale, scheme: Scheme, act_scale=None):
-    """x @ (codes x scales)^T with the scheme's activation quantization."""
-    return F.linear(quantize_activations(x, scheme.activations, act_scale), dequantize(q, scale).to(x.dtype))
+def quantized_linear(x, q, scale, scheme: Scheme, act_scale=None, zero=None):
+    """x @ ((codes - zero) x scales)^T with the scheme's activation quantization."""
+    return F.linear(quantize_activations(x, scheme.activations, act_scale), dequantize(q, scale, zero).to(x.dtype))
+
+
+def _zero_point(scale: torch.Tensor, scheme: Scheme, zero: torch.Tensor | None) -> torch.Tensor:
+    """Symmetric schemes: int8 zeros (torchao's affine form); source codes with minimums: fp32."""
+    if scheme.symmetric:
+        return torch.zeros_like(scale, dtype=torch.int8)
+    if zero is None or zero.shape != scale.shape:
+        raise ValueError("an asymmetric scheme needs one zero point per scale")
+    return zero.to(torch.float32)
 
 
 class QLinear(nn.Module):
     """A linear layer holding integer codes and scales (no bias; Gemma has none)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, act_scale: float = 0.0):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, act_scale: float = 0.0,
+                 zero: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))  # symmetric
+        self.register_buffer("zero_point", _zero_point(scale, scheme, zero))
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))  # static activations only
         self.scheme = scheme
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
 
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return None if self.scheme.symmetric else self.zero_point
+
     def weight_float(self) -> torch.Tensor:
-        return dequantize(self.qweight, self.scale)
+        return dequantize(self.qweight, self.scale, self.zero)
 
     def forward(self, x):
-        return quantized_linear(x, self.qweight, self.scale, self.scheme, self.act_scale)
+        return quantized_linear(x, self.qweight, self.scale, self.scheme, self.act_scale, self.zero)
 
 
 class QEmbedding(nn.Module):
     """The token table as integer codes with per-row (or per-block) scales; tied to the head."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, zero: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", torch.zeros_like(scale, dtype=torch.int8))
+        self.register_buffer("zero_point", _zero_point(scale, scheme, zero))
         self.register_buffer("act_scale", torch.tensor(0.0))  # the head's input, static schemes only
         self.scheme = scheme
         self.embedding_dim = qweight.shape[1]
 
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return None if self.scheme.symmetric else self.zero_point
+
     def forward(self, ids):
         rows = F.embedding(ids, self.qweight).to(torch.float32)  # gather the codes, then scale
-        s = F.embedding(ids, self.scale).to(torch.float32)
-        return rows * s.repeat_interleave(self.embedding_dim // self.scale.shape[1], dim=-1)
+        block = self.embedding_dim // self.scale.shape[1]
+        if self.zero is not None:
+            rows = rows - F.embedding(ids, self.zero).repeat_interleave(block, dim=-1)
+        return rows * F.embedding(ids, self.scale).to(torch.float32).repeat_interleave(block, dim=-1)
 
     @property
     def weight(self):  # the dequantized table
-        return dequantize(self.qweight, self.scale)
+        return dequantize(self.qweight, self.scale, self.zero)
 
 
 class TiedQHead(nn.Module):
@@ -99,4 +119,4 @@ class TiedQHead(nn.Module):
 
     def forward(self, x):
         e = self.embedding[0]
-        return quantized_linear(x, e.qweight, e.scale, e.scheme, e.act_scale)
+        return quantized_linear(x, e.qweight, e.scale, e.scheme, e.act_scale, e.zero)

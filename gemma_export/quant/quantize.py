@@ -17,6 +17,7 @@ from ..gemma3 import family
 from .algorithms import qrange, quantize_weight
 from .calibrate import LayerInputs, calibration_set, collect_absmax, smooth_
 from .modules import QEmbedding, QLinear, TiedQHead
+from . import source
 from .recipes import QuantRecipe, Scheme, resolve
 
 
@@ -33,13 +34,23 @@ class QuantInfo:
                 "thresholds": self.recipe.thresholds.to_dict()}
 
 
-def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None) -> QuantInfo:
-    """Quantize in place with a recipe (preset, file or QuantRecipe), calibrating on the bundled corpus."""
+def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkpoint=None) -> QuantInfo:
+    """Quantize in place with a recipe (preset, file or QuantRecipe), calibrating on the bundled corpus.
+    `checkpoint`: the GGUF file the weights came from, whose own codes a `source` recipe keeps."""
     recipe = resolve(recipe_ref)
-    data, digest = None, None
+    data, digest, codes = None, None, None
+    if recipe.uses_source:
+        types = source.tensor_types(checkpoint)
+        if not any(t in source.KINDS for t in types.values()):
+            raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes, and these weights hold none "
+                              "(random weights, or not a GGUF of block types)")
+        recipe = source.concrete(recipe, types, source.modules(model.cfg))
+        keep = [r.pattern for r in recipe.rules if r.scheme is not None and r.scheme.algorithm == "source"]
+        progress(f"reading the codes of {len(keep)} tensors from {checkpoint.name}")
+        codes = source.read_codes(checkpoint, keep)
     if recipe.needs_calibration:
         data, digest = calibration_set(recipe, tokenizer, model.max_context)
-    return QuantInfo(recipe, digest, len(quantize_(model, recipe, data, progress)))
+    return QuantInfo(recipe, digest, len(quantize_(model, recipe, data, progress, codes)))
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,14 @@ def _plan(model, recipe: QuantRecipe) -> _Plan:
     table = recipe.scheme_for(family.TABLE)
     schemes = {**linears, **({family.HEAD: table} if table is not None else {})}
     # the tied table is calibrated as the head: by its input's Hessian and range
-    return _Plan(linears, table, frozenset(n for n, s in schemes.items() if s.algorithm != "rtn"),
+    return _Plan(linears, table, frozenset(n for n, s in schemes.items() if s.algorithm not in ("rtn", "source")),
                  frozenset(n for n, s in schemes.items() if s.activations.endswith("static")))
 
 
-def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = None, progress=lambda m: None):
-    """Quantize `model` in place following `recipe`; returns {module name: scheme label}."""
+def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = None, progress=lambda m: None,
+              codes: dict | None = None):
+    """Quantize `model` in place following `recipe`; returns {module name: scheme label}.
+    `codes`: {module name: source.SourceCodes} for the modules whose scheme keeps a source's codes."""
     if recipe.is_float:
         return {}
     plan = _plan(model, recipe)
@@ -82,7 +95,12 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
         progress(f"calibrating: {len(calibration)} samples through the decoder layer by layer "
                  f"({len(plan.hessians)} layers need Hessians)")
         walk = LayerInputs(model, calibration)
-    done = _quantize_linears(model, plan, walk, ranges, progress)
+    codes = codes or {}
+    missing = [n for n, sc in {**plan.linears, family.TABLE: plan.table}.items()
+               if sc is not None and sc.algorithm == "source" and n not in codes]
+    if missing:
+        raise ConfigError(f"recipe {recipe.name}: no source codes for {missing[0]}")
+    done = _quantize_linears(model, plan, walk, ranges, progress, codes)
     if plan.table is not None:
         head_hessian = None
         if walk is not None and family.HEAD in plan.hessians:
@@ -90,11 +108,12 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
                 walk.advance()
             head_hessian = walk.head_hessian()
         del walk
-        done[family.TABLE] = _quantize_table(model, plan.table, head_hessian, ranges.get(family.HEAD), progress)
+        done[family.TABLE] = _quantize_table(model, plan.table, head_hessian, ranges.get(family.HEAD), progress,
+                                             codes.get(family.TABLE))
     return done
 
 
-def _quantize_linears(model, plan: _Plan, walk: LayerInputs | None, ranges: dict, progress) -> dict:
+def _quantize_linears(model, plan: _Plan, walk: LayerInputs | None, ranges: dict, progress, codes: dict) -> dict:
     """Replace each planned linear by a QLinear, decoder layer by decoder layer (calibrated layers
     see inputs that went through the already-quantized layers before them)."""
     done, by_layer = {}, {}
@@ -110,25 +129,41 @@ def _quantize_linears(model, plan: _Plan, walk: LayerInputs | None, ranges: dict
         hessians = walk.hessians(needed) if needed else {}
         for name in by_layer[i]:
             scheme = plan.linears[name]
-            q, s = quantize_weight(model.get_submodule(name).weight.detach(), scheme, hessians.pop(name, None))
+            w = model.get_submodule(name).weight.detach()
+            if scheme.algorithm == "source":
+                q, s, z = _source(codes[name], w, name)
+            else:
+                (q, s), z = quantize_weight(w, scheme, hessians.pop(name, None)), None
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name))))
+            setattr(model.get_submodule(parent), child, QLinear(q, s, scheme, _act_scale(scheme, ranges.get(name)), z))
             done[name] = scheme.label
         if i is not None:  # a line per layer: calibrated layers take a while each on the larger models
             progress(f"quantized the linears of decoder layer {i + 1}/{len(model.layers)}")
     return done
 
 
-def _quantize_table(model, scheme: Scheme, hessian, amax: float | None, progress) -> str:
+def _quantize_table(model, scheme: Scheme, hessian, amax: float | None, progress, codes=None) -> str:
     """The tied token table as one QEmbedding, read by the lookup and (through TiedQHead) the head."""
-    if scheme.algorithm != "rtn":
-        progress(f"calibrating the tied token table as the output head ({scheme.algorithm})")
-    q, s = quantize_weight(model.embed_tokens.weight.detach(), scheme, hessian)
-    emb = QEmbedding(q, s, scheme)
+    w = model.embed_tokens.weight.detach()
+    if scheme.algorithm == "source":
+        q, s, z = _source(codes, w, family.TABLE)
+    else:
+        if scheme.algorithm != "rtn":
+            progress(f"calibrating the tied token table as the output head ({scheme.algorithm})")
+        (q, s), z = quantize_weight(w, scheme, hessian), None
+    emb = QEmbedding(q, s, scheme, z)
     emb.act_scale.fill_(_act_scale(scheme, amax))
     model.embed_tokens = emb
     model.lm_head = TiedQHead(emb)
     return scheme.label
+
+
+def _source(codes, w: torch.Tensor, name: str):
+    """A source tensor's (codes, scales, zero points) as tensors, checked against the loaded weight."""
+    if tuple(codes.codes.shape) != tuple(w.shape):
+        raise ConfigError(f"{name}: the checkpoint's codes are {tuple(codes.codes.shape)}, the weight {tuple(w.shape)}")
+    zero = None if codes.zero is None else torch.from_numpy(codes.zero)
+    return torch.from_numpy(codes.codes), torch.from_numpy(codes.scale), zero
 
 
 def _act_scale(scheme: Scheme, amax: float | None) -> float:

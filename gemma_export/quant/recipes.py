@@ -22,8 +22,9 @@ ACTIVATIONS = ("float", "int8-dynamic", "int8-static", "int16-static")
 # rtn: max-abs scales, round to nearest. search: per-block scales chosen to minimise the rounding
 # error weighted by each input column's calibrated mean square, then round to nearest.
 # gptq: search's scales, then GPTQ's error-compensating rounding; gptq-act: the same, rounding the
-# columns with the largest inputs first (activation order).
-ALGORITHMS = ("rtn", "search", "gptq", "gptq-act")
+# columns with the largest inputs first (activation order). source: the checkpoint's own codes,
+# unchanged (quant.source); a tensor that holds none is rounded to nearest with the rule's scheme.
+ALGORITHMS = ("rtn", "search", "gptq", "gptq-act", "source")
 GRANULARITIES = ("channel", "block")
 
 
@@ -51,20 +52,23 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one weight matrix is quantized (symmetric, signed integer codes)."""
+    """How one weight matrix is quantized: signed integer codes, weight = (code - zero) x scale with
+    zero = 0 (symmetric) unless the codes come from a source that stores a minimum per block."""
 
     bits: int = 8
     granularity: str = "channel"  # per output channel (per row for the embedding), or per block
-    block_size: int = 0  # 32 / 64 / 128 when granularity == "block"
+    block_size: int = 0  # 32 / 64 / 128 when granularity == "block" (16: source codes only)
     activations: str = "float"
     algorithm: str = "rtn"
+    symmetric: bool = True  # False: float zero points per block (source codes only)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ConfigError(f"weight bits must be 4 or 8, got {self.bits}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.granularity == "block" and self.block_size not in (32, 64, 128):
+        if self.granularity == "block" and self.block_size not in (32, 64, 128) and not (
+                self.block_size == 16 and self.algorithm == "source"):
             raise ConfigError(f"block size must be 32, 64 or 128, got {self.block_size}")
         if self.granularity == "channel" and self.block_size:
             raise ConfigError("per-channel schemes take no block size")
@@ -72,11 +76,13 @@ class Scheme:
             raise ConfigError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if not self.symmetric and self.algorithm != "source":
+            raise ConfigError("zero points (symmetric = false) come only from a source's codes (algorithm source)")
 
     @property
     def label(self) -> str:
         g = "pc" if self.granularity == "channel" else f"b{self.block_size}"
-        return f"w{self.bits}{g}-{self.activations}-{self.algorithm}"
+        return f"w{self.bits}{g}{'' if self.symmetric else '-asym'}-{self.activations}-{self.algorithm}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,13 @@ class QuantRecipe:
     @property
     def needs_calibration(self) -> bool:
         return self.smoothing > 0 or any(
-            r.scheme and (r.scheme.algorithm != "rtn" or r.scheme.activations.endswith("static")) for r in self.rules)
+            r.scheme and (r.scheme.algorithm not in ("rtn", "source") or r.scheme.activations.endswith("static"))
+            for r in self.rules)
+
+    @property
+    def uses_source(self) -> bool:
+        """Whether the recipe keeps a checkpoint's own codes (resolved per tensor by quant.source)."""
+        return any(r.scheme is not None and r.scheme.algorithm == "source" for r in self.rules)
 
     # --- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -187,6 +199,11 @@ def _int4(block: int, algorithm: str, description: str, thresholds: Thresholds) 
     return QuantRecipe(name, (Rule(EMBED, emb), Rule(LINEARS, w4)), thresholds=thresholds, description=description)
 
 
+def _source(name: str, activations: str, thresholds: Thresholds, description: str) -> QuantRecipe:
+    keep = Scheme(bits=8, activations=activations, algorithm="source")
+    return QuantRecipe(name, (Rule(EMBED, keep), Rule(LINEARS, keep)), thresholds=thresholds, description=description)
+
+
 # A quantized artifact is verified against the same recipe applied in PyTorch (same codes), so
 # these thresholds measure the lowering, not the quantization; `eval` measures the quantization.
 # They judge recipes with float activations (int8-weights). Where the runtime quantizes
@@ -212,6 +229,15 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     _int4(128, "gptq-act", "calibrated int4 block-128 weights (GPTQ, act-order; table: scale search), "
           "int8 dynamic activations", _LOOSE4),
     _int4(32, "rtn", "round-to-nearest int4 block-32 (baseline)", _LOOSE4),
+    # a GGUF's own codes (quant.source): exact where the format stores the type, so the limits are
+    # those of an unquantized export; float tensors fall back to int8 per channel
+    _source("source", "float", Thresholds(min_top1=0.999, max_mean_kl=1e-6),
+            "the checkpoint's own codes unchanged (GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K), float "
+            "activations; float tensors: int8 per channel"),
+    # XNNPACK's integer kernels take only their own dynamic int8 activations (pte, tflite)
+    _source("source-dynamic", "int8-dynamic", Thresholds(min_top1=0.995, max_mean_kl=1e-3),
+            "the checkpoint's own codes unchanged, int8 dynamic activations (the integer kernels of "
+            "XNNPACK); float tensors: int8 per channel"),
     _int4(128, "rtn", "round-to-nearest int4 block-128 (baseline)", _LOOSE4),
 )}
 

@@ -1,0 +1,238 @@
+"""A checkpoint's own quantization codes, carried into an artifact unchanged.
+
+A GGUF of llama.cpp's block types already holds integer codes and block scales; rounding those
+weights again onto another grid throws quality away. `read_codes` decodes each quantized tensor
+into codes, scales and (for the types that store a block minimum) float zero points, with
+weight = (code - zero) x scale, and checks the result against the gguf package's own dequantizer.
+`concrete` turns a recipe whose rules say `algorithm = "source"` into one rule per tensor with the
+scheme that tensor's type needs; tensors that hold no codes (float tensors, safetensors folders)
+are rounded to nearest with the rule's own scheme.
+
+The codes are read through gguf's dequantizer itself: the same blocks with their scale fields set
+to one (and minimums to zero) dequantize to the raw codes, so no bit layout is restated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..gemma3 import family
+from .recipes import QuantRecipe, Rule, Scheme
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a GGUF block type is held exactly: code width, input columns per scale, zero points."""
+
+    bits: int
+    block: int
+    symmetric: bool
+    levels: int  # distinct codes the type stores (16, 32, 64, 256)
+
+    def scheme(self, activations: str) -> Scheme:
+        return Scheme(bits=self.bits, granularity="block", block_size=self.block, activations=activations,
+                      algorithm="source", symmetric=self.symmetric)
+
+
+# 5- and 6-bit codes are held as int8 codes (the same values); K-quants' 6-bit sub-block scales and
+# minimums fold into fp32 block scales and zero points
+KINDS = {
+    "Q4_0": Kind(4, 32, True, 16), "Q4_1": Kind(4, 32, False, 16),
+    "Q5_0": Kind(8, 32, True, 32), "Q5_1": Kind(8, 32, False, 32),
+    "Q8_0": Kind(8, 32, True, 256),
+    "Q4_K": Kind(4, 32, False, 16), "Q5_K": Kind(8, 32, False, 32), "Q6_K": Kind(8, 16, True, 64),
+}
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class SourceCodes:
+    """One tensor's codes as the checkpoint stores them."""
+
+    kind: str  # GGUF type name
+    codes: np.ndarray  # int8 [out, in]
+    scale: np.ndarray  # fp32 [out, in / block]
+    zero: np.ndarray | None  # fp32 [out, in / block] (asymmetric types), else None
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+def _unit(blocks: np.ndarray, kind: str) -> np.ndarray:
+    """The blocks with every scale set to one and every minimum to zero (a copy)."""
+    b = blocks.copy()
+    one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    if kind in ("Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"):
+        b[:, 0:2] = one
+        if kind in ("Q4_1", "Q5_1"):
+            b[:, 2:4] = 0
+    elif kind in ("Q4_K", "Q5_K"):
+        b[:, 0:2] = one
+        b[:, 2:4] = 0
+        # the twelve packed 6-bit sub-block scales / minimums: scales 1, minimums 0
+        b[:, 4:16] = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], np.uint8)
+    elif kind == "Q6_K":
+        b[:, 192:208] = 1  # sixteen int8 sub-block scales
+        b[:, 208:210] = one
+    return b
+
+
+def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32).reshape(-1)
+
+
+def _scales(blocks: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per block of KINDS[kind].block inputs: the scale and the minimum (weight = code x scale - minimum
+    in gguf's own terms, codes as the unit-scale dequantization gives them)."""
+    from gguf.quants import Q4_K
+
+    d = _halves(blocks, 208 if kind == "Q6_K" else 0)
+    if kind in ("Q4_0", "Q5_0", "Q8_0"):
+        return d, None
+    if kind in ("Q4_1", "Q5_1"):
+        return d, -_halves(blocks, 2)
+    if kind in ("Q4_K", "Q5_K"):
+        sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        dmin = _halves(blocks, 2)
+        return ((d[:, None] * sc.astype(np.float32)).reshape(-1),
+                (dmin[:, None] * m.astype(np.float32)).reshape(-1))
+    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # Q6_K
+    return (d[:, None] * sc).reshape(-1), None
+
+
+def decode(data: np.ndarray, kind: str, out: int, inp: int) -> SourceCodes:
+    """One GGUF tensor's raw blocks -> codes, scales and zero points, checked against gguf's dequantizer."""
+    import gguf
+    from gguf.quants import dequantize
+
+    spec = KINDS[kind]
+    qtype = gguf.GGMLQuantizationType[kind]
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
+    raw = dequantize(_unit(blocks, kind), qtype).reshape(out, inp)
+    scale, minimum = _scales(blocks, kind)
+    scale, nb = scale.reshape(out, inp // spec.block), inp // spec.block
+    half = spec.levels // 2  # unsigned codes centred on zero
+    if spec.symmetric:
+        codes, zero = raw, None
+    else:  # unsigned codes 0..levels-1 -> signed; weight = s q - m = s (c - z) with z = m / s - half
+        codes = raw - half
+        minimum = minimum.reshape(out, nb)
+        flat = scale == 0  # a constant block (-m): code 0 with scale 1 and zero m
+        zero = np.where(flat, minimum, minimum / np.where(flat, 1, scale)) - np.where(flat, 0, half)
+        scale = np.where(flat, np.float32(1), scale).astype(np.float32)
+        codes = np.where(np.repeat(flat, spec.block, axis=1), 0, codes)
+        zero = zero.astype(np.float32)
+    codes = codes.astype(np.int8)
+    if not np.array_equal(codes.astype(np.float32), np.round(codes.astype(np.float32))):
+        raise CheckpointError(f"{kind} codes did not decode to integers")
+    got = dequantize_codes(codes, scale, zero)
+    want = dequantize(blocks, qtype).reshape(out, inp)
+    # asymmetric: (c - z) s rounds differently from gguf's s q - m, by an ulp or so of the largest weight
+    exact = (np.array_equal(got, want) if spec.symmetric
+             else np.abs(got - want).max(initial=0) <= 1e-6 * max(float(np.abs(want).max(initial=0)), 1e-30))
+    if not exact:
+        raise CheckpointError(f"{kind} codes do not reproduce the tensor (max |diff| {np.abs(got - want).max():.3g})")
+    return SourceCodes(kind, codes, scale.astype(np.float32), zero)
+
+
+def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    block = codes.shape[1] // scale.shape[1]
+    c = codes.astype(np.float32)
+    if zero is not None:
+        c = c - np.repeat(zero, block, axis=1)
+    return c * np.repeat(scale, block, axis=1)
+
+
+# --- a checkpoint's tensors --------------------------------------------------------------------
+
+def checkpoint_of(source: str) -> Path | None:
+    """The GGUF file a model reference reads its weights from (the bundled preset's too), else None."""
+    from ..loading.load import BUNDLED_PRESET, bundled_gguf, describe
+
+    if source == BUNDLED_PRESET:
+        return bundled_gguf()
+    kind, path = describe(source)
+    return path if kind == "gguf" else None
+
+
+def tensor_types(path: Path | None) -> dict[str, str]:
+    """{module name: GGUF type name} of the checkpoint's 2-D weights (empty for non-GGUF sources)."""
+    if path is None:
+        return {}
+    from ..loading.checkpoints import _open_gguf
+
+    out = {}
+    for t in _open_gguf(path).tensors:
+        name = family.gguf_param_name(t.name)
+        if name is not None and name.endswith(".weight") and len(t.shape) == 2:
+            out[name[: -len(".weight")]] = t.tensor_type.name
+    return out
+
+
+def read_codes(path: Path, names) -> dict[str, SourceCodes]:
+    """{module name: SourceCodes} for the named modules whose tensors hold codes of a kept type."""
+    from ..loading.checkpoints import _open_gguf
+
+    wanted, out = set(names), {}
+    for t in _open_gguf(path).tensors:
+        name = family.gguf_param_name(t.name)
+        module = name[: -len(".weight")] if name and name.endswith(".weight") else None
+        if module in wanted and t.tensor_type.name in KINDS:
+            inp, rows = (int(d) for d in t.shape)
+            try:
+                out[module] = decode(t.data, t.tensor_type.name, rows, inp)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: tensor {t.name}: {e}") from None
+    return out
+
+
+def modules(cfg) -> list[str]:
+    """The modules a recipe can quantize: the tied table and every decoder layer's linears."""
+    return [family.TABLE] + [m for i in range(cfg.num_layers) for m in family.layer_linears(i)]
+
+
+def resolve_for(recipe: QuantRecipe, model_source: str, cfg) -> QuantRecipe:
+    """`concrete` for a model reference (preset, GGUF file or folder), before any weight is read."""
+    if not recipe.uses_source:
+        return recipe
+    types = tensor_types(checkpoint_of(model_source))
+    if not any(t in KINDS for t in types.values()):
+        raise ConfigError(f"recipe {recipe.name}: {model_source} holds no quantization codes to keep (a GGUF of "
+                          f"{', '.join(KINDS)} tensors is needed); use a rounding recipe such as int4-b32")
+    return concrete(recipe, types, modules(cfg))
+
+
+def concrete(recipe: QuantRecipe, types: dict[str, str], modules) -> QuantRecipe:
+    """The recipe with its `source` rules resolved per module (one exact-name rule each): a module
+    whose tensor holds codes of a kept type gets that type's scheme, any other the rule's scheme
+    rounded to nearest. Refuses types it cannot keep and cannot fall back from."""
+    if not recipe.uses_source:
+        return recipe
+    rules = []
+    for module in modules:
+        scheme = recipe.scheme_for(module)
+        if scheme is None or scheme.algorithm != "source":
+            rules.append(Rule(module, scheme))
+            continue
+        kind = types.get(module)
+        if kind in KINDS:
+            rules.append(Rule(module, KINDS[kind].scheme(scheme.activations)))
+        elif kind is None or kind in FLOAT_TYPES:
+            rules.append(Rule(module, replace(scheme, algorithm="rtn")))
+        else:
+            raise ConfigError(f"recipe {recipe.name}: {module} is stored as {kind}, which the source recipe cannot "
+                              f"keep (kept: {', '.join(KINDS)}; float tensors use the fallback scheme)")
+    return replace(recipe, rules=tuple(rules))
+
+
+def summary(recipe: QuantRecipe, types: dict[str, str]) -> dict[str, int]:
+    """{"Q5_0 -> w8b32-float-source": count, ...}: what a concrete recipe does with each source type."""
+    out: dict[str, int] = {}
+    for rule in recipe.rules:
+        key = f"{types.get(rule.pattern, 'float')} -> {rule.scheme.label if rule.scheme else 'float'}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
