@@ -25,7 +25,9 @@ from .lint import lint as lint_artifact
 from .sizes import report
 from .loading import LoadedModel, ModelSpec, Tokenizer, read_config as read_model_config
 from .loading import load as load_model
+from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
+from .quant.recipes import resolve
 from .runtime import Opened, open_ref
 from .verification import bundle as bundles
 from .verification import check
@@ -115,10 +117,14 @@ def evaluate(model: str, spec: ModelSpec | None = None, recipe="fp32", prefill_l
     return check.evaluate(spec or ModelSpec(model), recipe, prefill_len, plan or check.EvalPlan(DEFAULT_TEXT), progress)
 
 
-def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32") -> dict:
-    """Parameter counts, weight bytes per dtype and KV-cache bytes of a model (no weights loaded)."""
+def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32", recipe=None) -> dict:
+    """Parameter counts, weight bytes per dtype and KV-cache bytes of a model (no weights loaded);
+    with `recipe`, also each tensor's source quantization type and what the recipe does with it."""
     cfg = read_config(ref)
     ctx = context or cfg.max_position_embeddings
     if ctx < 1:
         raise ConfigError(f"--context must be positive, got {ctx}")
-    return report(cfg, ctx, kv_dtype)
+    r = report(cfg, ctx, kv_dtype)
+    if recipe is not None:
+        r["quantization"] = source.inspect_checkpoint(ref, resolve(recipe), cfg)
+    return r

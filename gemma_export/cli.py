@@ -215,13 +215,16 @@ def models(as_json):
 @click.option("--context", type=int, default=None, help="Context length for the KV cache figures (default: model max).")
 @click.option("--kv-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
               show_default=True)
+@click.option("--recipe", default=None,
+              help="Also list each weight's quantization type in the checkpoint and what this recipe (and "
+                   "each format) does with it, e.g. --recipe source.")
 @json_option
 @error_boundary
-def inspect(model, context, kv_dtype, as_json):
+def inspect(model, context, kv_dtype, recipe, as_json):
     """Print a model's config, parameter counts and memory figures (no weights are loaded)."""
     from . import api
 
-    r = api.inspect(model, context, kv_dtype)
+    r = api.inspect(model, context, kv_dtype, recipe)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 

@@ -74,4 +74,13 @@ def format_report(r: dict) -> str:
         f"  full-length    {_mb(kv['full_length_bytes']):>15}",
         f"  ratio          {kv['window_over_full']:>15.1%}",
     ]
+    q = r.get("quantization")
+    if q:
+        lines.append(f"recipe {q['recipe']}: tensor, type in the checkpoint, what the recipe does; per format")
+        for row in q["tensors"]:
+            formats = "; ".join(f"{f} {what}" for f, what in row["formats"].items())
+            lines.append(f"  {row['tensor']:<28} {row['source']:<5} -> {row['recipe']:<28} {formats}")
+        lines.append("summary")
+        lines += [f"  {n:>4} x {what}" for what, n in q["summary"].items()]
+        lines += [f"  {f:<7} {what}" for f, what in q["formats"].items()]
     return "\n".join(lines)

@@ -122,3 +122,22 @@ def load_error(path) -> str:
     msg = str(e.value)
     assert "\n" not in msg
     return msg
+
+
+def tiny_gguf(path: Path, kind_of) -> Path:
+    """The tiny random model written as a GGUF of block types (`kind_of(gguf name, array)`), with
+    the bundled GGUF's tokenizer: a source that holds codes, made by gguf's own quantizer."""
+    from gemma_export.gemma3.config import preset
+    from gemma_export.loading import bundled_gguf
+    from gemma_export.loading.load import random_model
+    from gemma_export.quant import source
+
+    cfg = preset("tiny")
+    model = random_model(cfg, seed=0, max_context=CTX)
+    p = "gemma3."
+    overrides = {p + "context_length": cfg.max_position_embeddings, p + "embedding_length": cfg.hidden_size,
+                 p + "block_count": cfg.num_layers, p + "feed_forward_length": cfg.intermediate_size,
+                 p + "attention.head_count": cfg.num_heads, p + "attention.head_count_kv": cfg.num_kv_heads,
+                 p + "attention.key_length": cfg.head_dim, p + "attention.value_length": cfg.head_dim,
+                 p + "attention.sliding_window": cfg.sliding_window}
+    return source.write_gguf(bundled_gguf(), path, source.model_tensors(model), kind_of, overrides)

@@ -120,7 +120,7 @@ def config_from_hf(raw: dict, name: str) -> Gemma3Config:
 
 # --- GGUF checkpoints (llama.cpp's names) -----------------------------------------------------
 
-_GGUF_NAMES = {
+GGUF_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
@@ -141,8 +141,8 @@ def gguf_param_name(name: str) -> str | None:
     if name == "output.weight":
         return None
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
-        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_NAMES:
+        return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
     return name
 
 

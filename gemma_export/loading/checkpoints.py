@@ -7,6 +7,7 @@ triples; the family module says how each format spells the config and the tensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -150,7 +151,24 @@ def read_hf_folder(folder: Path) -> tuple[Gemma3Config, Iterator]:
 # GGUF
 # ----------------------------------------------------------------------------------------------
 
+_READER: dict = {}  # the last GGUF parsed: gguf's reader takes seconds on a full vocabulary
+
+
 def _open_gguf(path: Path):
+    """gguf's reader of a checked file, reused while the file is unchanged (same size, times,
+    inode and first MiB): an export reads one checkpoint's header several times."""
+    st = path.stat()
+    with path.open("rb") as f:
+        head = hashlib.sha256(f.read(2**20)).hexdigest()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, head)
+    if key not in _READER:
+        reader = _parse_gguf(path)
+        _READER.clear()
+        _READER[key] = reader
+    return _READER[key]
+
+
+def _parse_gguf(path: Path):
     import gguf
 
     size = path.stat().st_size

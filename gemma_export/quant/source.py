@@ -173,6 +173,43 @@ def tensor_types(path: Path | None) -> dict[str, str]:
     return out
 
 
+def _exactness(backend, scheme: Scheme | None) -> str:
+    """What a format does with one tensor of a concrete source recipe."""
+    from ..backends.base import Lowering
+
+    if scheme is None:
+        return "float"
+    probe = QuantRecipe("probe", (Rule("*", scheme),))
+    lowering: Lowering = backend.lowering
+    why = replace(lowering, uniform=False).refusal(probe)
+    if why:
+        return f"refused: cannot lower {why.replace(' (rule ' + repr('*') + ')', '')}"
+    if scheme.algorithm != "source":
+        return f"rounded to nearest ({scheme.label})"
+    if backend.name in ("pte", "tflite") and scheme.bits == 4 and scheme.granularity == "block":
+        return "codes exact, block scales rounded to bf16 by XNNPACK"
+    return "exact"
+
+
+def inspect_checkpoint(model_source: str, recipe: QuantRecipe, cfg) -> dict:
+    """Each quantizable tensor's source type and what `recipe` (and each format) does with it."""
+    from .. import backends
+
+    types = tensor_types(checkpoint_of(model_source))
+    concrete_recipe = concrete(recipe, types, modules(cfg)) if types else recipe
+    rows, formats = [], {}
+    for module in modules(cfg):
+        scheme = concrete_recipe.scheme_for(module)
+        row = {"tensor": module, "source": types.get(module, "float"),
+               "recipe": scheme.label if scheme else "float",
+               "formats": {f: _exactness(backends.get(f), scheme) for f in ("onnx", "pte", "tflite")}}
+        rows.append(row)
+    for f in ("onnx", "pte", "tflite"):
+        why = backends.get(f).lowering.refusal(concrete_recipe)
+        formats[f] = f"refused: cannot lower {why}" if why else "lowers the recipe"
+    return {"recipe": recipe.name, "tensors": rows, "summary": summary(concrete_recipe, types), "formats": formats}
+
+
 def read_codes(path: Path, names) -> dict[str, SourceCodes]:
     """{module name: SourceCodes} for the named modules whose tensors hold codes of a kept type."""
     from ..loading.checkpoints import _open_gguf
@@ -236,3 +273,69 @@ def summary(recipe: QuantRecipe, types: dict[str, str]) -> dict[str, int]:
         key = f"{types.get(rule.pattern, 'float')} -> {rule.scheme.label if rule.scheme else 'float'}"
         out[key] = out.get(key, 0) + 1
     return dict(sorted(out.items()))
+
+
+# --- making sources ----------------------------------------------------------------------------
+
+def write_gguf(template: Path, dst: Path, tensors: dict, kind_of, overrides: dict | None = None) -> Path:
+    """Write a GGUF with gguf's own quantizer: `tensors` {GGUF tensor name: fp32 array} (2-D as
+    [out, in]), each stored as `kind_of(name, array)` ("Q4_0", ..., or "F32"); metadata (tokenizer,
+    architecture) copied from `template` with `overrides` {key: value} applied. A stand-in for a
+    QAT or llama.cpp file made from weights we have (tests, benchmarks)."""
+    import gguf
+    from gguf.quants import quantize
+
+    reader = _open_template(template)
+    writer = gguf.GGUFWriter(str(dst), "gemma3")
+    overrides = dict(overrides or {})
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        main = field.types[0]
+        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, overrides.pop(key, field.contents()), main, sub)
+    if overrides:
+        raise ConfigError(f"write_gguf: template {template.name} has no metadata {sorted(overrides)[0]!r}")
+    for name, arr in tensors.items():
+        kind = kind_of(name, arr) if arr.ndim == 2 else "F32"
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = np.ascontiguousarray(arr, np.float32)
+        writer.add_tensor(name, data if kind == "F32" else quantize(data, qtype), raw_dtype=None if kind == "F32" else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def _open_template(path: Path):
+    from ..loading.checkpoints import _open_gguf
+
+    return _open_gguf(path)
+
+
+def gguf_tensors(path: Path) -> dict:
+    """{GGUF tensor name: fp32 array} of a GGUF, dequantized by gguf (its stored values, norms as 1 + w)."""
+    from gguf.quants import dequantize
+
+    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float32) for t in _open_template(path).tensors}
+
+
+def model_tensors(model) -> dict:
+    """{GGUF tensor name: fp32 array} of one of our models (norm weights as GGUF stores them, 1 + w)."""
+    back = {v: k for k, v in family.GGUF_NAMES.items()}
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith(family.HEAD):
+            continue
+        arr = t.detach().float().numpy()
+        if family.is_norm(name):
+            arr = arr + family.GGUF_NORM_OFFSET
+        if name == f"{family.TABLE}.weight":
+            out["token_embd.weight"] = arr
+        elif name == "norm.weight":
+            out["output_norm.weight"] = arr
+        else:
+            _, layer, *mod, leaf = name.split(".")
+            out[f"blk.{layer}.{back['.'.join(mod)]}.{leaf}"] = arr
+    return out
