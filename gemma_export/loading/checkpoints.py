@@ -229,7 +229,11 @@ def read_gguf(path: Path) -> tuple[Gemma3Config, Iterator]:
             name = family.gguf_param_name(t.name)
             if name is None:
                 continue
-            arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            try:
+                arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            except NotImplementedError:
+                raise CheckpointError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf "
+                                      f"package {_gguf_version()} cannot dequantize") from None
             if not arr.flags.writeable:  # unquantized tensors come back as views of the file
                 arr = arr.copy()
             tensor = torch.from_numpy(arr)
@@ -238,3 +242,12 @@ def read_gguf(path: Path) -> tuple[Gemma3Config, Iterator]:
             yield name, tensor, path
 
     return cfg, tensors()
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"

@@ -131,7 +131,7 @@ def _quantize_linears(model, plan: _Plan, walk: LayerInputs | None, ranges: dict
             scheme = plan.linears[name]
             w = model.get_submodule(name).weight.detach()
             if scheme.algorithm == "source":
-                q, s, z = _source(codes[name], w, name)
+                q, s, z = _source(source.as_stored(codes[name], scheme), w, name)
             else:
                 (q, s), z = quantize_weight(w, scheme, hessians.pop(name, None)), None
             parent, _, child = name.rpartition(".")
@@ -146,7 +146,7 @@ def _quantize_table(model, scheme: Scheme, hessian, amax: float | None, progress
     """The tied token table as one QEmbedding, read by the lookup and (through TiedQHead) the head."""
     w = model.embed_tokens.weight.detach()
     if scheme.algorithm == "source":
-        q, s, z = _source(codes, w, family.TABLE)
+        q, s, z = _source(source.as_stored(codes, scheme), w, family.TABLE)
     else:
         if scheme.algorithm != "rtn":
             progress(f"calibrating the tied token table as the output head ({scheme.algorithm})")

@@ -236,8 +236,9 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
             "activations; float tensors: int8 per channel"),
     # XNNPACK's integer kernels take only their own dynamic int8 activations (pte, tflite)
     _source("source-dynamic", "int8-dynamic", Thresholds(min_top1=0.995, max_mean_kl=1e-3),
-            "the checkpoint's own codes unchanged, int8 dynamic activations (the integer kernels of "
-            "XNNPACK); float tensors: int8 per channel"),
+            "the checkpoint's own codes, int8 dynamic activations (the integer kernels of XNNPACK, which "
+            "take positive bf16 block scales: a 4-bit block with a negative scale keeps its values with "
+            "the sign in the codes, except a -8 code, which becomes 7); float tensors: int8 per channel"),
     _int4(128, "rtn", "round-to-nearest int4 block-128 (baseline)", _LOOSE4),
 )}
 

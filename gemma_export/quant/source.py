@@ -187,7 +187,7 @@ def _exactness(backend, scheme: Scheme | None) -> str:
     if scheme.algorithm != "source":
         return f"rounded to nearest ({scheme.label})"
     if backend.name in ("pte", "tflite") and scheme.bits == 4 and scheme.granularity == "block":
-        return "codes exact, block scales rounded to bf16 by XNNPACK"
+        return "codes kept with the sign of negative scales folded in (a -8 becomes 7), scales rounded to bf16"
     return "exact"
 
 
@@ -208,6 +208,29 @@ def inspect_checkpoint(model_source: str, recipe: QuantRecipe, cfg) -> dict:
         why = backends.get(f).lowering.refusal(concrete_recipe)
         formats[f] = f"refused: cannot lower {why}" if why else "lowers the recipe"
     return {"recipe": recipe.name, "tensors": rows, "summary": summary(concrete_recipe, types), "formats": formats}
+
+
+def as_stored(codes: SourceCodes, scheme: Scheme) -> SourceCodes:
+    """The codes as the scheme's kernels hold them. int8-dynamic 4-bit blocks are XNNPACK's qb4w
+    (pte, tflite), which takes only positive, bf16 scales: gguf's Q4_0 scale is negative whenever a
+    block's largest magnitude is positive (that value holds code -8), so such a block's sign moves
+    into its codes (-c: a -8 becomes 7, the one value not kept), a zero scale becomes the smallest
+    fp16-normal one (its codes are all zero), and scales are rounded to bf16. Every other scheme
+    keeps the codes as they are."""
+    if not (scheme.bits == 4 and scheme.symmetric and scheme.activations == "int8-dynamic"):
+        return codes
+    import torch
+
+    from .algorithms import MIN_SCALE
+
+    scale = codes.scale
+    negative = scale < 0
+    flip = np.repeat(negative, scheme.block_size, axis=1)
+    c = np.where(flip, np.minimum(-codes.codes.astype(np.int16), 7), codes.codes).astype(np.int8)
+    scale = np.abs(scale)
+    scale = np.where(scale == 0, np.float32(MIN_SCALE), scale)
+    scale = torch.from_numpy(np.ascontiguousarray(scale, np.float32)).to(torch.bfloat16).float().numpy()
+    return SourceCodes(codes.kind, c, scale, None)
 
 
 def read_codes(path: Path, names) -> dict[str, SourceCodes]:

@@ -177,8 +177,22 @@ def test_q4_0_codes_kept_in_xnnpack_formats(tmp_path, fmt, q4_0):
     out = tmp_path / fmt
     pipeline.export(pipeline.ExportJob.single(ModelSpec(str(q4_0), max_context=256), fmt, out,
                                               recipe="source-dynamic", prefill_len=T))
+    recipe = source.resolve_for(PRESETS["source-dynamic"], str(q4_0), source_cfg(q4_0))
     want = source.read_codes(q4_0, source.modules(source_cfg(q4_0)))
-    assert _as_set(c.codes for c in want.values()) <= _as_set(_codes_in(out, fmt))
+    held = {n: source.as_stored(c, recipe.scheme_for(n)) for n, c in want.items()}
+    # XNNPACK's positive scales: a negative-scale block's sign moves into its codes, its -8 becomes 7
+    for n, c in want.items():
+        h, neg = held[n], np.repeat(c.scale < 0, 32, axis=1)
+        assert np.all(h.scale > 0) and np.array_equal(h.scale, np.abs(h.scale))
+        assert np.array_equal(h.codes[~neg], c.codes[~neg])
+        assert np.array_equal(h.codes[neg], np.minimum(-c.codes[neg].astype(np.int16), 7))
+    assert _as_set(c.codes for c in held.values()) <= _as_set(_codes_in(out, fmt))
+    from gemma_export import api
+    from gemma_export.verification.check import VerifyPlan
+    from helpers import TEXT
+
+    v = api.verify(out, plan=VerifyPlan(TEXT, positions=64, new_tokens=8))  # loads and runs in its runtime
+    assert v.passed, v.report["failures"]
 
 
 def test_inspect_lists_types_and_what_each_format_does(mixed):
@@ -197,4 +211,23 @@ def test_inspect_lists_types_and_what_each_format_does(mixed):
                             "Q5_0 -> w8b32-float-source": 2, "Q8_0 -> w8b32-float-source": 2}
     assert q["formats"]["onnx"] == "lowers the recipe" and q["formats"]["pte"].startswith("refused")
     text = cli("inspect", mixed, "--recipe", "source-dynamic").output
-    assert "codes exact, block scales rounded to bf16" in text
+    assert "scales rounded to bf16" in text
+
+
+def test_a_type_gguf_cannot_dequantize_is_named(mixed, monkeypatch):
+    import gguf
+
+    from gemma_export.loading.checkpoints import read_gguf
+
+    real = gguf.quants.dequantize
+
+    def partial(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.Q5_0:
+            raise NotImplementedError("Dequantization for Q5_0 is not yet implemented")
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", partial)
+    _, tensors = read_gguf(mixed)
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_k\.weight is stored as Q5_0, which the gguf package"):
+        for _ in tensors:
+            pass
