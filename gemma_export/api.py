@@ -12,11 +12,12 @@ A model reference is a preset name, a Hugging Face folder, a .gguf file or an ar
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import calibration
 
-from . import pipeline
+from . import backends, pipeline
 from .artifact import Manifest, is_artifact, read_manifest
 from .errors import ConfigError
 from .gemma3.config import PRESETS, Gemma3Config
@@ -27,7 +28,7 @@ from .loading import LoadedModel, ModelSpec, Tokenizer, read_config as read_mode
 from .loading import load as load_model
 from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
-from .quant.recipes import resolve
+from .quant.recipes import QuantRecipe, Rule, Scheme, resolve
 from .runtime import Opened, open_ref
 from .verification import bundle as bundles
 from .verification import check
@@ -126,5 +127,38 @@ def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32", rec
         raise ConfigError(f"--context must be positive, got {ctx}")
     r = report(cfg, ctx, kv_dtype)
     if recipe is not None:
-        r["quantization"] = source.inspect_checkpoint(ref, resolve(recipe), cfg)
+        r["quantization"] = _inspect_checkpoint(ref, resolve(recipe), cfg)
     return r
+
+
+def _exactness(backend, scheme: Scheme | None) -> str:
+    """What a format does with one tensor of a concrete source recipe."""
+    if scheme is None:
+        return "float"
+    probe = QuantRecipe("probe", (Rule("*", scheme),))
+    lowering = backend.lowering
+    why = replace(lowering, uniform=False).refusal(probe)
+    if why:
+        return f"refused: cannot lower {why.replace(' (rule ' + repr('*') + ')', '')}"
+    if scheme.algorithm != "source":
+        return f"rounded to nearest ({scheme.label})"
+    if source.as_stored_changes(scheme):
+        return "codes kept with the sign of negative scales folded in (a -8 becomes 7), scales rounded to bf16"
+    return "exact"
+
+
+def _inspect_checkpoint(model_source: str, recipe: QuantRecipe, cfg) -> dict:
+    """Each quantizable tensor's source type and what `recipe` (and each format) does with it."""
+    types = source.tensor_types(source.checkpoint_of(model_source))
+    concrete_recipe = source.concrete(recipe, types, source.modules(cfg)) if types else recipe
+    rows, formats = [], {}
+    for module in source.modules(cfg):
+        scheme = concrete_recipe.scheme_for(module)
+        row = {"tensor": module, "source": types.get(module, "float"),
+               "recipe": scheme.label if scheme else "float",
+               "formats": {f: _exactness(backends.get(f), scheme) for f in ("onnx", "pte", "tflite")}}
+        rows.append(row)
+    for f in ("onnx", "pte", "tflite"):
+        why = backends.get(f).lowering.refusal(concrete_recipe)
+        formats[f] = f"refused: cannot lower {why}" if why else "lowers the recipe"
+    return {"recipe": recipe.name, "tensors": rows, "summary": source.summary(concrete_recipe, types), "formats": formats}

@@ -129,10 +129,6 @@ def check(job: ExportJob):
     resolved, the (target, backend) pairs and the recipe."""
     recipe = resolve(job.recipe)
     cfg = read_config(job.model.source)
-    if recipe.uses_source:  # one rule per tensor with its type's scheme, so each format can refuse now
-        if job.model.random_weights:
-            raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes; random weights have none")
-        recipe = source.resolve_for(recipe, job.model.source, cfg)
     context = cfg.runtime_context(job.max_context or job.model.max_context)
     job = replace(job, max_context=context)
     if job.prefill_len > job.max_context:
@@ -144,6 +140,12 @@ def check(job: ExportJob):
     targets = [(t, backends.get(t.format)) for t in job.targets]
     for target, _ in targets:
         backends.check_support(target.format, recipe)
+    if recipe.uses_source:  # one rule per tensor with its type's scheme, judged by each format again
+        if job.model.random_weights:
+            raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes; random weights have none")
+        recipe = source.resolve_for(recipe, job.model.source, cfg)
+        for target, _ in targets:
+            backends.check_support(target.format, recipe)
     for target, _ in targets:
         check_destination(target.out, job.force)
     return job, targets, recipe

@@ -21,6 +21,8 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..gemma3 import family
+from ..loading.checkpoints import _open_gguf
+from ..loading.load import BUNDLED_PRESET, bundled_gguf, describe
 from .recipes import QuantRecipe, Rule, Scheme
 
 
@@ -151,8 +153,6 @@ def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | No
 
 def checkpoint_of(source: str) -> Path | None:
     """The GGUF file a model reference reads its weights from (the bundled preset's too), else None."""
-    from ..loading.load import BUNDLED_PRESET, bundled_gguf, describe
-
     if source == BUNDLED_PRESET:
         return bundled_gguf()
     kind, path = describe(source)
@@ -163,8 +163,6 @@ def tensor_types(path: Path | None) -> dict[str, str]:
     """{module name: GGUF type name} of the checkpoint's 2-D weights (empty for non-GGUF sources)."""
     if path is None:
         return {}
-    from ..loading.checkpoints import _open_gguf
-
     out = {}
     for t in _open_gguf(path).tensors:
         name = family.gguf_param_name(t.name)
@@ -173,41 +171,10 @@ def tensor_types(path: Path | None) -> dict[str, str]:
     return out
 
 
-def _exactness(backend, scheme: Scheme | None) -> str:
-    """What a format does with one tensor of a concrete source recipe."""
-    from ..backends.base import Lowering
-
-    if scheme is None:
-        return "float"
-    probe = QuantRecipe("probe", (Rule("*", scheme),))
-    lowering: Lowering = backend.lowering
-    why = replace(lowering, uniform=False).refusal(probe)
-    if why:
-        return f"refused: cannot lower {why.replace(' (rule ' + repr('*') + ')', '')}"
-    if scheme.algorithm != "source":
-        return f"rounded to nearest ({scheme.label})"
-    if backend.name in ("pte", "tflite") and scheme.bits == 4 and scheme.granularity == "block":
-        return "codes kept with the sign of negative scales folded in (a -8 becomes 7), scales rounded to bf16"
-    return "exact"
-
-
-def inspect_checkpoint(model_source: str, recipe: QuantRecipe, cfg) -> dict:
-    """Each quantizable tensor's source type and what `recipe` (and each format) does with it."""
-    from .. import backends
-
-    types = tensor_types(checkpoint_of(model_source))
-    concrete_recipe = concrete(recipe, types, modules(cfg)) if types else recipe
-    rows, formats = [], {}
-    for module in modules(cfg):
-        scheme = concrete_recipe.scheme_for(module)
-        row = {"tensor": module, "source": types.get(module, "float"),
-               "recipe": scheme.label if scheme else "float",
-               "formats": {f: _exactness(backends.get(f), scheme) for f in ("onnx", "pte", "tflite")}}
-        rows.append(row)
-    for f in ("onnx", "pte", "tflite"):
-        why = backends.get(f).lowering.refusal(concrete_recipe)
-        formats[f] = f"refused: cannot lower {why}" if why else "lowers the recipe"
-    return {"recipe": recipe.name, "tensors": rows, "summary": summary(concrete_recipe, types), "formats": formats}
+def as_stored_changes(scheme: Scheme) -> bool:
+    """Whether `as_stored` changes a source's codes for this scheme (XNNPACK's 4-bit blocks)."""
+    return (scheme.algorithm == "source" and scheme.bits == 4 and scheme.symmetric
+            and scheme.activations == "int8-dynamic")
 
 
 def as_stored(codes: SourceCodes, scheme: Scheme) -> SourceCodes:
@@ -217,7 +184,7 @@ def as_stored(codes: SourceCodes, scheme: Scheme) -> SourceCodes:
     into its codes (-c: a -8 becomes 7, the one value not kept), a zero scale becomes the smallest
     fp16-normal one (its codes are all zero), and scales are rounded to bf16. Every other scheme
     keeps the codes as they are."""
-    if not (scheme.bits == 4 and scheme.symmetric and scheme.activations == "int8-dynamic"):
+    if not as_stored_changes(scheme):
         return codes
     import torch
 
@@ -235,8 +202,6 @@ def as_stored(codes: SourceCodes, scheme: Scheme) -> SourceCodes:
 
 def read_codes(path: Path, names) -> dict[str, SourceCodes]:
     """{module name: SourceCodes} for the named modules whose tensors hold codes of a kept type."""
-    from ..loading.checkpoints import _open_gguf
-
     wanted, out = set(names), {}
     for t in _open_gguf(path).tensors:
         name = family.gguf_param_name(t.name)
@@ -332,8 +297,6 @@ def write_gguf(template: Path, dst: Path, tensors: dict, kind_of, overrides: dic
 
 
 def _open_template(path: Path):
-    from ..loading.checkpoints import _open_gguf
-
     return _open_gguf(path)
 
 

@@ -47,7 +47,7 @@ def test_weights_are_found_by_value_in_either_layout():
     s = rtn_scales(w, 8, 64)
     q = quantize_with(w, s, 8)
     exact = (q.float() * s).numpy()
-    codes = {"layer.weight": (q, s, Scheme(8))}
+    codes = {"layer.weight": (q, s, Scheme(8), None)}
     stored = [("other", np.zeros((8, 64), np.float32)), ("t", np.ascontiguousarray(exact.T))]
     assert match_weights(codes, iter(stored), transposed=True) == {"t": ("layer.weight", "io")}
     with pytest.raises(ExportError, match="could not find the converted weight of layer.weight"):
