@@ -65,16 +65,23 @@ def model_bytes(folder: Path) -> int:
 
 
 def codes_kept(folder: Path, fmt: str, model: Path) -> dict:
-    """How many source tensors' codes the artifact's model file holds bit for bit."""
+    """How many source tensors' codes the artifact's model file holds bit for bit: as the source
+    stores them, and as the recipe holds them (XNNPACK's 4-bit blocks: signs folded, source.as_stored)."""
     from gemma_export import backends
     from gemma_export.artifact import read_manifest
-    from gemma_export.loading import read_config
     from gemma_export.quant import source
+    from gemma_export.quant.recipes import resolve
 
-    want = source.read_codes(model, source.modules(read_config(str(model))))
-    stored = {(a.shape, a.tobytes()) for a in backends.get(fmt).read_codes(folder, read_manifest(folder))}
-    kept = sum((c.codes.shape, c.codes.tobytes()) in stored for c in want.values())
-    return {"source_tensors": len(want), "codes_equal": kept}
+    m = read_manifest(folder)
+    recipe = resolve(m.recipe)
+    want = source.read_codes(model, [r.pattern for r in recipe.rules if r.scheme and r.scheme.algorithm == "source"])
+    stored = {(a.shape, a.tobytes()) for a in backends.get(fmt).read_codes(folder, m)}
+    held = {n: source.as_stored(c, recipe.scheme_for(n)) for n, c in want.items()}
+    lost = sum(source.values_not_kept(c, recipe.scheme_for(n)) for n, c in want.items())
+    return {"source_tensors": len(want),
+            "codes_equal_to_source": sum((c.codes.shape, c.codes.tobytes()) in stored for c in want.values()),
+            "codes_equal_to_recipe": sum((c.codes.shape, c.codes.tobytes()) in stored for c in held.values()),
+            "values_not_kept": lost, "values": sum(c.codes.size for c in want.values())}
 
 
 def quality(folder: Path, positions: int) -> dict:

@@ -28,10 +28,12 @@ class QuantInfo:
     recipe: QuantRecipe
     calibration_sha256: str | None
     quantized_modules: int
+    source: dict | None = None  # source recipes: the checkpoint, its types -> schemes, values not kept
 
     def to_dict(self) -> dict:
-        return {"calibration_sha256": self.calibration_sha256, "quantized_modules": self.quantized_modules,
-                "thresholds": self.recipe.thresholds.to_dict()}
+        d = {"calibration_sha256": self.calibration_sha256, "quantized_modules": self.quantized_modules,
+             "thresholds": self.recipe.thresholds.to_dict()}
+        return {**d, "source": self.source} if self.source else d
 
 
 def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkpoint=None) -> QuantInfo:
@@ -48,9 +50,12 @@ def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkp
         keep = [r.pattern for r in recipe.rules if r.scheme is not None and r.scheme.algorithm == "source"]
         progress(f"reading the codes of {len(keep)} tensors from {checkpoint.name}")
         codes = source.read_codes(checkpoint, keep)
+        kept = {"checkpoint": checkpoint.name, "types": source.summary(recipe, types),
+                "values_not_kept": sum(source.values_not_kept(c, recipe.scheme_for(n)) for n, c in codes.items())}
     if recipe.needs_calibration:
         data, digest = calibration_set(recipe, tokenizer, model.max_context)
-    return QuantInfo(recipe, digest, len(quantize_(model, recipe, data, progress, codes)))
+    return QuantInfo(recipe, digest, len(quantize_(model, recipe, data, progress, codes)),
+                     kept if recipe.uses_source else None)
 
 
 @dataclass(frozen=True)

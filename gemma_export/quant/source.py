@@ -200,6 +200,15 @@ def as_stored(codes: SourceCodes, scheme: Scheme) -> SourceCodes:
     return SourceCodes(codes.kind, c, scale, None)
 
 
+def values_not_kept(codes: SourceCodes, scheme: Scheme) -> int:
+    """How many of a tensor's values `as_stored` changes beyond its scale's bf16 rounding (the -8
+    codes of negative-scale blocks, where signs are folded)."""
+    if not as_stored_changes(scheme):
+        return 0
+    negative = np.repeat(codes.scale < 0, codes.codes.shape[1] // codes.scale.shape[1], axis=1)
+    return int(np.sum((codes.codes == -8) & negative))
+
+
 def read_codes(path: Path, names) -> dict[str, SourceCodes]:
     """{module name: SourceCodes} for the named modules whose tensors hold codes of a kept type."""
     wanted, out = set(names), {}

@@ -231,3 +231,18 @@ def test_a_type_gguf_cannot_dequantize_is_named(mixed, monkeypatch):
     with pytest.raises(CheckpointError, match=r"blk\.0\.attn_k\.weight is stored as Q5_0, which the gguf package"):
         for _ in tensors:
             pass
+
+
+def test_the_manifest_records_what_the_source_held(tmp_path, mixed):
+    from gemma_export.loading import Tokenizer, load
+    from gemma_export.quant.quantize import quantize_model
+
+    loaded = load(ModelSpec(str(mixed)))
+    info = quantize_model(loaded.model, "source-dynamic", Tokenizer(loaded.tokenizer_path),
+                          checkpoint=loaded.checkpoint).to_dict()["source"]
+    assert info["checkpoint"] == "mixed.gguf"
+    assert info["types"]["Q4_0 -> w4b32-int8-dynamic-source"] == 7
+    codes = source.read_codes(mixed, source.modules(loaded.config))
+    negative_eights = sum(int(np.sum((c.codes == -8) & np.repeat(c.scale < 0, 32, axis=1)))
+                          for c in codes.values() if c.kind == "Q4_0")
+    assert info["values_not_kept"] == negative_eights > 0
