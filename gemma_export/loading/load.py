@@ -256,7 +256,7 @@ def load(spec: ModelSpec) -> LoadedModel:
     model = load_weights(cfg, tensors, spec.max_context, spec.dtype)
     if kind == "gguf" and spec.dtype == "float32":
         _write_dequantized(_dequantized_cache(path), model)
-    return LoadedModel(model, cfg, tokenizer_for(kind, path), str(path), path if kind == "gguf" else None)
+    return LoadedModel(model, cfg, tokenizer_for(kind, path), str(path), path)
 
 
 # Dequantizing a GGUF is slow next to reading a file: its fp32 result is kept in the cache as

@@ -45,7 +45,7 @@ def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkp
         types = source.tensor_types(checkpoint)
         if not any(t in source.KINDS for t in types.values()):
             raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes, and these weights hold none "
-                              "(random weights, or not a GGUF of block types)")
+                              "(random weights, or neither a GGUF of block types nor weights on a Q4_0 grid)")
         recipe = source.concrete(recipe, types, source.modules(model.cfg))
         keep = [r.pattern for r in recipe.rules if r.scheme is not None and r.scheme.algorithm == "source"]
         progress(f"reading the codes of {len(keep)} tensors from {checkpoint.name}")

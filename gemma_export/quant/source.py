@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..gemma3 import family
-from ..loading.checkpoints import _open_gguf
+from ..loading.checkpoints import _open_gguf, read_hf_folder
 from ..loading.load import BUNDLED_PRESET, bundled_gguf, describe
 from .recipes import QuantRecipe, Rule, Scheme
 
@@ -48,6 +48,10 @@ KINDS = {
     "Q8_0": Kind(8, 32, True, 256),
     "Q4_K": Kind(4, 32, False, 16), "Q5_K": Kind(8, 32, False, 32), "Q6_K": Kind(8, 16, True, 64),
 }
+# a float tensor of a safetensors folder whose every block of 32 is exactly d x k, k in [-8, 7], with
+# d = (its largest-magnitude value) / -8 (how Q4_0 and QAT "q4_0 unquantized" checkpoints place it)
+GRID = "Q4_0-grid"
+KINDS[GRID] = Kind(4, 32, True, 16)
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -151,18 +155,44 @@ def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | No
 
 # --- a checkpoint's tensors --------------------------------------------------------------------
 
+def grid_codes(w: np.ndarray) -> SourceCodes | None:
+    """A float weight [out, in] as Q4_0 codes when every block of 32 sits exactly on its grid, else None."""
+    out, inp = w.shape
+    if inp % 32:
+        return None
+    b = np.asarray(w, np.float32).reshape(out, inp // 32, 32)
+    at = np.abs(b).argmax(-1)[..., None]
+    d = np.take_along_axis(b, at, -1)[..., 0] / np.float32(-8)  # exact: a power-of-two division
+    safe = np.where(d == 0, np.float32(1), d)
+    k = np.round(b / safe[..., None])
+    if not (np.array_equal(k * d[..., None], b) and k.min(initial=0) >= -8 and k.max(initial=0) <= 7):
+        return None
+    return SourceCodes(GRID, k.reshape(out, inp).astype(np.int8), d.astype(np.float32), None)
+
+
+def _folder_weights(path: Path):
+    """(module name, fp32 array) of a safetensors folder's 2-D weights, read from the mapped files."""
+    for name, t, _ in read_hf_folder(path)[1]:
+        if name.endswith(".weight") and t.ndim == 2:
+            yield name[: -len(".weight")], t.float().numpy()
+
+
 def checkpoint_of(source: str) -> Path | None:
-    """The GGUF file a model reference reads its weights from (the bundled preset's too), else None."""
+    """The GGUF file or safetensors folder a model reference reads its weights from (the bundled
+    preset's too), else None."""
     if source == BUNDLED_PRESET:
         return bundled_gguf()
     kind, path = describe(source)
-    return path if kind == "gguf" else None
+    return path if kind in ("gguf", "hf") else None
 
 
 def tensor_types(path: Path | None) -> dict[str, str]:
-    """{module name: GGUF type name} of the checkpoint's 2-D weights (empty for non-GGUF sources)."""
+    """{module name: type} of the checkpoint's 2-D weights: a GGUF's own types; in a safetensors
+    folder GRID for the weights found exactly on the Q4_0 grid, the dtype otherwise."""
     if path is None:
         return {}
+    if path.is_dir():
+        return {m: GRID if grid_codes(w) is not None else "F32" for m, w in _folder_weights(path)}
     out = {}
     for t in _open_gguf(path).tensors:
         name = family.gguf_param_name(t.name)
@@ -212,6 +242,11 @@ def values_not_kept(codes: SourceCodes, scheme: Scheme) -> int:
 def read_codes(path: Path, names) -> dict[str, SourceCodes]:
     """{module name: SourceCodes} for the named modules whose tensors hold codes of a kept type."""
     wanted, out = set(names), {}
+    if path.is_dir():
+        for module, w in _folder_weights(path):
+            if module in wanted and (codes := grid_codes(w)) is not None:
+                out[module] = codes
+        return out
     for t in _open_gguf(path).tensors:
         name = family.gguf_param_name(t.name)
         module = name[: -len(".weight")] if name and name.endswith(".weight") else None
@@ -236,7 +271,8 @@ def resolve_for(recipe: QuantRecipe, model_source: str, cfg) -> QuantRecipe:
     types = tensor_types(checkpoint_of(model_source))
     if not any(t in KINDS for t in types.values()):
         raise ConfigError(f"recipe {recipe.name}: {model_source} holds no quantization codes to keep (a GGUF of "
-                          f"{', '.join(KINDS)} tensors is needed); use a rounding recipe such as int4-b32")
+                          f"{', '.join(k for k in KINDS if k != GRID)} tensors, or safetensors weights exactly on "
+                          "a Q4_0 grid); use a rounding recipe such as int4-b32")
     return concrete(recipe, types, modules(cfg))
 
 

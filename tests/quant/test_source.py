@@ -246,3 +246,41 @@ def test_the_manifest_records_what_the_source_held(tmp_path, mixed):
     negative_eights = sum(int(np.sum((c.codes == -8) & np.repeat(c.scale < 0, 32, axis=1)))
                           for c in codes.values() if c.kind == "Q4_0")
     assert info["values_not_kept"] == negative_eights > 0
+
+
+def test_weights_on_the_q4_0_grid_are_kept_from_a_safetensors_folder(tmp_path, tiny):
+    """A QAT-style checkpoint: float weights exactly on a Q4_0 grid are found by checking and
+    kept without rounding; an off-grid weight (one value moved by an ulp) and the table fall back."""
+    import copy
+
+    import gguf
+    import torch
+    from gguf.quants import dequantize, quantize
+
+    from helpers import write_hf_folder
+
+    model = copy.deepcopy(tiny)
+    snapped = {}
+    with torch.no_grad():
+        for name in source.modules(model.cfg)[1:]:
+            w = model.get_submodule(name).weight
+            q = quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+            w.copy_(torch.from_numpy(dequantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)))
+            snapped[name] = source.decode(q, "Q4_0", *w.shape)
+        off = model.layers[1].mlp.down_proj.weight
+        off[0, 0] = float(np.nextafter(np.float32(off[0, 0].item()), np.float32(np.inf)))
+    folder = write_hf_folder(model, tmp_path / "qat")
+    types = source.tensor_types(folder)
+    assert types[family.TABLE] == "F32" and types["layers.1.mlp.down_proj"] == "F32"
+    assert sum(t == source.GRID for t in types.values()) == 13
+    codes = source.read_codes(folder, [n for n, t in types.items() if t == source.GRID])
+    for name, c in codes.items():
+        assert np.array_equal(c.codes, snapped[name].codes) and np.array_equal(c.scale, snapped[name].scale)
+    out = tmp_path / "onnx"
+    pipeline.export(pipeline.ExportJob.single(ModelSpec(str(folder), max_context=256), "onnx", out, recipe="source",
+                                              prefill_len=T))
+    assert _as_set(c.codes for c in codes.values()) <= _as_set(_codes_in(out, "onnx"))
+    from gemma_export.artifact import read_manifest
+
+    kept = read_manifest(out).quantization["source"]["types"]
+    assert kept == {"F32 -> w8pc-float-rtn": 2, "Q4_0-grid -> w4b32-float-source": 13}
