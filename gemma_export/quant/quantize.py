@@ -38,7 +38,7 @@ class QuantInfo:
 
 def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkpoint=None) -> QuantInfo:
     """Quantize in place with a recipe (preset, file or QuantRecipe), calibrating on the bundled corpus.
-    `checkpoint`: the GGUF file the weights came from, whose own codes a `source` recipe keeps."""
+    `checkpoint`: the GGUF file or safetensors folder the weights came from (its codes: `source` recipes)."""
     recipe = resolve(recipe_ref)
     data, digest, codes = None, None, None
     if recipe.uses_source:

@@ -5,8 +5,8 @@ weights again onto another grid throws quality away. `read_codes` decodes each q
 into codes, scales and (for the types that store a block minimum) float zero points, with
 weight = (code - zero) x scale, and checks the result against the gguf package's own dequantizer.
 `concrete` turns a recipe whose rules say `algorithm = "source"` into one rule per tensor with the
-scheme that tensor's type needs; tensors that hold no codes (float tensors, safetensors folders)
-are rounded to nearest with the rule's own scheme.
+scheme that tensor's type needs; tensors that hold no codes (float tensors; safetensors weights
+not exactly on a Q4_0 grid) are rounded to nearest with the rule's own scheme.
 
 The codes are read through gguf's dequantizer itself: the same blocks with their scale fields set
 to one (and minimums to zero) dequantize to the raw codes, so no bit layout is restated here.
@@ -132,9 +132,9 @@ def decode(data: np.ndarray, kind: str, out: int, inp: int) -> SourceCodes:
         scale = np.where(flat, np.float32(1), scale).astype(np.float32)
         codes = np.where(np.repeat(flat, spec.block, axis=1), 0, codes)
         zero = zero.astype(np.float32)
-    codes = codes.astype(np.int8)
-    if not np.array_equal(codes.astype(np.float32), np.round(codes.astype(np.float32))):
+    if not np.array_equal(codes, np.round(codes)):  # a layout this reading does not understand
         raise CheckpointError(f"{kind} codes did not decode to integers")
+    codes = codes.astype(np.int8)
     got = dequantize_codes(codes, scale, zero)
     want = dequantize(blocks, qtype).reshape(out, inp)
     # asymmetric: (c - z) s rounds differently from gguf's s q - m, by an ulp or so of the largest weight
