@@ -41,6 +41,7 @@ bench: install
 	$(PY) -m benchmarks.stock
 	$(PY) -m benchmarks.runtimes
 	$(PY) -m benchmarks.reproducible
+	$(PY) -m benchmarks.source --recipes source,int4-b32-rtn,int4-b32
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

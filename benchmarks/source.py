@@ -1,5 +1,5 @@
 """Quantized checkpoints in, the same codes out: real 270M sources exported with the `source` recipe
-against re-rounding them (int4-b32-rtn, and the calibrated int4-b32 with --gptq), per format.
+against re-rounding them (int4-b32-rtn and the calibrated int4-b32), per format.
 
 Sources: the bundled Q4_K_M GGUF, and a Q4_0 GGUF made from it with the gguf package's own
 quantizer (every 2-D weight Q4_0: the stand-in for a QAT file). For each artifact: whether the
@@ -7,8 +7,8 @@ codes read back from the model file include every source tensor's codes bit for 
 and perplexity against the source dequantized in fp32 (`gemma-export eval`, held-out text); 32
 greedy tokens against that fp32 model; model-file bytes against the GGUF's.
 
-Usage: python -m benchmarks.source [--sources q4_0,q4_k_m] [--gptq] [--positions 2048]
-Writes benchmarks/results/source-270m.json.
+Usage: python -m benchmarks.source [--sources q4_0,q4_k_m] [--recipes source,int4-b32-rtn,int4-b32]
+Writes (merges into) benchmarks/results/source-270m.json.
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="q4_0,q4_k_m")
     ap.add_argument("--formats", default="onnx,pte,tflite")
-    ap.add_argument("--gptq", action="store_true", help="also the calibrated int4-b32 (about 10 minutes a source)")
+    ap.add_argument("--recipes", default="source,int4-b32-rtn",
+                    help="add int4-b32 for the calibrated recipe (about 10 minutes of calibration a source)")
     ap.add_argument("--positions", type=int, default=2048)
+    ap.add_argument("--results", default="source-270m", help="results file name (rows merged by source, format, recipe)")
     args = ap.parse_args()
     from gemma_export import backends
     from gemma_export.errors import ExportError
@@ -117,38 +119,45 @@ def main() -> None:
     from gemma_export.quant.recipes import resolve
 
     sources = {"q4_0": q4_0_gguf, "q4_k_m": bundled_gguf}
-    recipes = ["source", "int4-b32-rtn"] + (["int4-b32"] if args.gptq else [])
     OUT.mkdir(parents=True, exist_ok=True)
     rows, reference = [], {}
     for name in args.sources.split(","):
         model = sources[name]()
         cfg = read_config(str(model))
-        for recipe in recipes:
+        for recipe in args.recipes.split(","):
+            groups: dict[str, list[str]] = {}  # recipe -> formats: one export (one calibration) each
             for fmt in args.formats.split(","):
                 # XNNPACK's integer kernels take only their own dynamic int8 activations
                 chosen = recipe if recipe != "source" or fmt == "onnx" else "source-dynamic"
-                row = {"source": name, "gguf_bytes": model.stat().st_size, "format": fmt, "recipe": chosen}
                 try:
-                    concrete = source.resolve_for(resolve(chosen), str(model), cfg)
-                    backends.check_support(fmt, concrete)
+                    backends.check_support(fmt, source.resolve_for(resolve(chosen), str(model), cfg))
                 except ExportError as e:
-                    rows.append({**row, "refused": str(e)})
+                    rows.append({"source": name, "format": fmt, "recipe": chosen, "refused": str(e)})
                     print(f"{name} {fmt} {chosen}: refused: {e}", flush=True)
                     continue
-                out = OUT / f"{name}-{fmt}-{chosen}"
-                row["export_seconds"] = export(model, fmt, chosen, out)
-                row["model_bytes"] = model_bytes(out)
-                row["model_over_gguf"] = round(row["model_bytes"] / row["gguf_bytes"], 4)
-                if recipe == "source":
-                    row.update(codes_kept(out, fmt, model))
-                row.update(quality(out, args.positions))
-                row.update(greedy(out, model, reference))
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                shutil.rmtree(out)
+                groups.setdefault(chosen, []).append(fmt)
+            for chosen, fmts in groups.items():
+                build = OUT / f"{name}-{chosen}"
+                seconds = export(model, ",".join(fmts), chosen, build)
+                for fmt in fmts:
+                    out = build / fmt if len(fmts) > 1 else build
+                    row = {"source": name, "gguf_bytes": model.stat().st_size, "format": fmt, "recipe": chosen,
+                           "export_seconds_all_formats": seconds, "model_bytes": model_bytes(out)}
+                    row["model_over_gguf"] = round(row["model_bytes"] / row["gguf_bytes"], 4)
+                    if recipe == "source":
+                        row.update(codes_kept(out, fmt, model))
+                    row.update(quality(out, args.positions))
+                    row.update(greedy(out, model, reference))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                shutil.rmtree(build)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "source-270m.json"
-    path.write_text(json.dumps({"benchmark": "source-270m", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    path = RESULTS / f"{args.results}.json"
+    keys = ("source", "format", "recipe")
+    fresh = {tuple(r[k] for k in keys) for r in rows}
+    old = json.loads(path.read_text())["results"] if path.is_file() else []
+    rows = [r for r in old if tuple(r.get(k) for k in keys) not in fresh] + rows
+    path.write_text(json.dumps({"benchmark": args.results, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "machine": {"platform": platform.platform()}, "positions": args.positions,
                                 "results": rows}, indent=2) + "\n")
     print(f"wrote {path}")
