@@ -146,11 +146,14 @@ def decode(data: np.ndarray, kind: str, out: int, inp: int) -> SourceCodes:
 
 
 def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    block = codes.shape[1] // scale.shape[1]
-    c = codes.astype(np.float32)
-    if zero is not None:
-        c = c - np.repeat(zero, block, axis=1)
-    return c * np.repeat(scale, block, axis=1)
+    """algorithms.dequantize on numpy arrays."""
+    import torch
+
+    from .algorithms import dequantize
+
+    z = None if zero is None else torch.from_numpy(np.ascontiguousarray(zero))
+    return dequantize(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(scale)),
+                      z).numpy()
 
 
 # --- a checkpoint's tensors --------------------------------------------------------------------
@@ -318,7 +321,7 @@ def write_gguf(template: Path, dst: Path, tensors: dict, kind_of, overrides: dic
     import gguf
     from gguf.quants import quantize
 
-    reader = _open_template(template)
+    reader = _open_gguf(template)
     writer = gguf.GGUFWriter(str(dst), "gemma3")
     overrides = dict(overrides or {})
     for key, field in reader.fields.items():
@@ -341,15 +344,11 @@ def write_gguf(template: Path, dst: Path, tensors: dict, kind_of, overrides: dic
     return dst
 
 
-def _open_template(path: Path):
-    return _open_gguf(path)
-
-
 def gguf_tensors(path: Path) -> dict:
     """{GGUF tensor name: fp32 array} of a GGUF, dequantized by gguf (its stored values, norms as 1 + w)."""
     from gguf.quants import dequantize
 
-    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float32) for t in _open_template(path).tensors}
+    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float32) for t in _open_gguf(path).tensors}
 
 
 def model_tensors(model) -> dict:
