@@ -30,6 +30,7 @@ from ..artifact import Manifest
 from ..errors import BackendMissingError, ExportError
 from ..gemma3 import family
 from ..session import BaseSession, SessionInfo
+from ..quant.recipes import Rule
 
 Progress = Callable[[str], None]
 
@@ -50,13 +51,18 @@ class Lowering:
         """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
         if recipe.is_float:
             return None
+        rules = recipe.rules
+        if recipe.mix is not None:  # a budgeted recipe may give any tensor its upgrade scheme
+            if self.uniform:
+                return "a size-budgeted mix of weight schemes (this format takes one scheme for all layers and the embedding)"
+            rules = (*rules, Rule("(budget upgrade)", recipe.mix.upgrade))
         if self.uniform:
             kinds = {(r.scheme.bits, r.scheme.granularity, r.scheme.block_size) if r.scheme else None
                      for r in recipe.rules}
             names = [family.TABLE, *family.layer_linears(0)]
             if len(kinds) > 1 or any(recipe.scheme_for(n) is None for n in names):
                 return "a mix of weight schemes (this format takes one scheme for all layers and the embedding)"
-        for rule in recipe.rules:
+        for rule in rules:
             sc = rule.scheme
             if sc is None:
                 continue

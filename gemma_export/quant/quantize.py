@@ -17,7 +17,7 @@ from ..gemma3 import family
 from .algorithms import qrange, quantize_weight
 from .calibrate import LayerInputs, calibration_set, collect_absmax, smooth_
 from .modules import QEmbedding, QLinear, TiedQHead
-from . import source
+from . import mixed, source
 from .recipes import QuantRecipe, Scheme, resolve
 
 
@@ -29,11 +29,16 @@ class QuantInfo:
     calibration_sha256: str | None
     quantized_modules: int
     source: dict | None = None  # source recipes: the checkpoint, its types -> schemes, values not kept
+    mixed: dict | None = None  # budgeted recipes: the budget, what was measured and what it bought
 
     def to_dict(self) -> dict:
         d = {"calibration_sha256": self.calibration_sha256, "quantized_modules": self.quantized_modules,
              "thresholds": self.recipe.thresholds.to_dict()}
-        return {**d, "source": self.source} if self.source else d
+        if self.source:
+            d["source"] = self.source
+        if self.mixed:
+            d["mixed"] = self.mixed
+        return d
 
 
 def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkpoint=None) -> QuantInfo:
@@ -54,8 +59,9 @@ def quantize_model(model, recipe_ref, tokenizer, progress=lambda m: None, checkp
                 "values_not_kept": sum(source.values_not_kept(c, recipe.scheme_for(n)) for n, c in codes.items())}
     if recipe.needs_calibration:
         data, digest = calibration_set(recipe, tokenizer, model.max_context)
+    recipe, spent = mixed.concrete(recipe, model, data, progress)
     return QuantInfo(recipe, digest, len(quantize_(model, recipe, data, progress, codes)),
-                     kept if recipe.uses_source else None)
+                     kept if recipe.uses_source else None, spent)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ def quantize_(model, recipe: QuantRecipe, calibration: list[list[int]] | None = 
     `codes`: {module name: source.SourceCodes} for the modules whose scheme keeps a source's codes."""
     if recipe.is_float:
         return {}
+    if recipe.mix is not None:
+        raise ConfigError(f"recipe {recipe.name} has a byte budget: quantize_model (or quant.mixed.concrete) "
+                          "spends it first")
     plan = _plan(model, recipe)
     if recipe.needs_calibration and not calibration:
         raise ConfigError(f"recipe {recipe.name} needs calibration data")

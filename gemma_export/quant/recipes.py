@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -99,6 +99,25 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Mix:
+    """A size budget spent per tensor (quant.mixed): every tensor starts at its rule's scheme, and
+    the tensors whose rounding costs the most loss per extra byte get `upgrade` until the model's
+    weights reach `budget` bytes per parameter (16-bit scales, embedding included)."""
+
+    budget: float  # bytes per parameter
+    upgrade: Scheme
+    samples: int = 16  # calibration samples whose gradients measure each tensor's sensitivity
+
+    def __post_init__(self):
+        if not 0.0 < self.budget <= 4.0:
+            raise ConfigError(f"mix budget must be in (0, 4] bytes per parameter, got {self.budget}")
+        if self.samples < 1:
+            raise ConfigError(f"mix samples must be positive, got {self.samples}")
+        if self.upgrade.algorithm == "source":
+            raise ConfigError("a mix upgrades by rounding; algorithm source keeps codes instead")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     name: str
     rules: tuple[Rule, ...] = ()
@@ -108,6 +127,8 @@ class QuantRecipe:
     # parity thresholds against the fp32 reference that `verify` applies to this recipe
     thresholds: Thresholds = field(default_factory=Thresholds)
     description: str = ""
+    # a byte budget spent per tensor before quantizing (quant.mixed turns it into one rule per tensor)
+    mix: Mix | None = None
 
     def scheme_for(self, module_name: str) -> Scheme | None:
         for rule in self.rules:
@@ -118,6 +139,8 @@ class QuantRecipe:
     def __post_init__(self):
         if not 0.0 <= self.smoothing < 1.0:
             raise ConfigError(f"recipe {self.name!r}: smoothing must be in [0, 1), got {self.smoothing}")
+        if self.mix is not None and (self.uses_source or self.is_float):
+            raise ConfigError(f"recipe {self.name!r}: a mix budget needs rounding rules to start from")
 
     @property
     def is_float(self) -> bool:
@@ -131,7 +154,7 @@ class QuantRecipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.smoothing > 0 or any(
+        return self.smoothing > 0 or self.mix is not None or any(
             r.scheme and (r.scheme.algorithm not in ("rtn", "source") or r.scheme.activations.endswith("static"))
             for r in self.rules)
 
@@ -144,6 +167,8 @@ class QuantRecipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rules"] = [{"pattern": r.pattern, "scheme": asdict(r.scheme) if r.scheme else "float"} for r in self.rules]
+        if self.mix is None:
+            del d["mix"]
         return d
 
     @classmethod
@@ -159,6 +184,8 @@ class QuantRecipe:
                 thresholds=Thresholds(**d.get("thresholds", {})),
                 description=d.get("description", ""),
                 smoothing=float(d.get("smoothing", 0.0)),
+                mix=None if d.get("mix") is None else Mix(
+                    **{**d["mix"], "upgrade": Scheme(**d["mix"]["upgrade"])}),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"invalid recipe: {e}") from None
@@ -173,6 +200,10 @@ class QuantRecipe:
         lines += [f"{k} = {v}" for k, v in asdict(self.calibration).items()]
         lines += ["", "[thresholds]"]
         lines += [f"{k} = {v}" for k, v in asdict(self.thresholds).items() if v is not None]
+        if self.mix is not None:
+            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in asdict(self.mix.upgrade).items())
+            lines += ["", "[mix]", f"budget = {self.mix.budget}", f"samples = {self.mix.samples}",
+                      f"upgrade = {{ {inner} }}"]
         for r in self.rules:
             lines += ["", "[[rules]]", f"pattern = {json.dumps(r.pattern)}"]
             if r.scheme is None:
@@ -197,6 +228,14 @@ def _int4(block: int, algorithm: str, description: str, thresholds: Thresholds) 
                  algorithm="rtn" if algorithm == "rtn" else "search")
     name = f"int4-b{block}" + ("-rtn" if algorithm == "rtn" else "")
     return QuantRecipe(name, (Rule(EMBED, emb), Rule(LINEARS, w4)), thresholds=thresholds, description=description)
+
+
+def _mixed(budget: float) -> QuantRecipe:
+    base = _int4(32, "gptq-act", "", _LOOSE4)
+    up = Scheme(bits=8, activations="int8-dynamic", algorithm="gptq-act")
+    return replace(base, name="int4-mixed", mix=Mix(budget, up), description=(
+        f"calibrated int4 block-32 (as int4-b32), with the tensors whose rounding costs the most loss per "
+        f"byte in int8 per channel (GPTQ) until {budget} bytes per parameter"))
 
 
 def _source(name: str, activations: str, thresholds: Thresholds, description: str) -> QuantRecipe:
@@ -240,6 +279,8 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
             "take positive bf16 block scales: a 4-bit block with a negative scale keeps its values with "
             "the sign in the codes, except a -8 code, which becomes 7); float tensors: int8 per channel"),
     _int4(128, "rtn", "round-to-nearest int4 block-128 (baseline)", _LOOSE4),
+    # the issue's budget for the 1B; the upgrade is the scheme every format lowers beside int4
+    _mixed(0.62),
 )}
 
 

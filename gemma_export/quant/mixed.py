@@ -1,0 +1,161 @@
+"""Size-budgeted mixed recipes: where a few extra bytes buy the most.
+
+A recipe with a `Mix` starts every tensor at its rule's scheme (int4 block 32 for `int4-mixed`)
+and spends a byte budget on the tensors whose rounding costs the model the most, as llama.cpp's
+`_M` types do by hand. The cost of rounding one tensor is measured on the calibration text with
+the diagonal Fisher information of the next-token loss: with F the mean squared gradient of each
+weight over the samples, rounding W to Q raises the loss by about 1/2 sum F (W - Q)^2 (a
+second-order estimate that needs one backward pass per sample, not one forward pass per tensor
+and candidate). The budget then goes to the tensors in order of loss saved per extra byte.
+
+`concrete(recipe, model, calibration)` returns the recipe with one exact-name rule per tensor
+(what the manifest records and `verify` re-applies) and a report of the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..gemma3 import family
+from .algorithms import block_for, dequantize, quantize_with, rtn_scales
+from .recipes import QuantRecipe, Rule, Scheme
+
+SCALE_BYTES = 2  # 16-bit scales, as every format stores them for int4 blocks
+
+
+def scheme_bytes(scheme: Scheme | None, shape: tuple[int, int]) -> float:
+    """Bytes of one [out, in] weight under a scheme (codes and 16-bit scales; float: fp32)."""
+    out, inp = shape
+    if scheme is None:
+        return 4.0 * out * inp
+    return out * inp * scheme.bits / 8 + out * (inp // block_for(scheme, inp)) * SCALE_BYTES
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One tensor's measured loss at its base scheme and at the upgrade, and what it got."""
+
+    module: str
+    params: int
+    base_loss: float
+    upgrade_loss: float
+    extra_bytes: float
+    upgraded: bool
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "params": self.params, "base_loss": self.base_loss,
+                "upgrade_loss": self.upgrade_loss, "upgraded": self.upgraded}
+
+
+def _weights(model) -> dict[str, torch.nn.Parameter]:
+    """The quantizable weights by module name (the tied table once, as the table)."""
+    out = {family.TABLE: model.embed_tokens.weight}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and n != family.HEAD:
+            out[n] = m.weight
+    return out
+
+
+def fisher(model, calibration: list[list[int]], names: list[str], progress=lambda m: None,
+           seed: int = 0) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information per token of each named weight: the squared gradient of each
+    sample's summed loss, averaged over the samples' tokens."""
+    weights = _weights(model)
+    params = {n: weights[n] for n in names}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for i, ids in enumerate(calibration):
+            tokens = torch.tensor([ids], dtype=torch.long)
+            t = tokens.shape[1]
+            if t > model.max_context:
+                raise ConfigError(f"a calibration sample of {t} tokens exceeds the model's context {model.max_context}")
+            logits, _ = model.step(tokens, torch.tensor([0]), torch.tensor([t]), model.new_cache())
+            logits = logits[0].float()
+            # labels drawn from the model's own predictions: the expected squared gradient is then
+            # the Hessian of KL(float || rounded), which is what rounding a tensor costs
+            with torch.no_grad():
+                labels = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for (n, _), g in zip(params.items(), grads):
+                acc[n].addcmul_(g.float(), g.float())
+            progress(f"sensitivity: sample {i + 1}/{len(calibration)}")
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    tokens = sum(len(ids) for ids in calibration)
+    return {n: a / tokens for n, a in acc.items()}
+
+
+def rounding_loss(w: torch.Tensor, f: torch.Tensor, scheme: Scheme) -> float:
+    """Estimated loss increase of rounding w with the scheme's grid (nearest, max-abs scales)."""
+    block = block_for(scheme, w.shape[1])
+    s = rtn_scales(w, scheme.bits, block)
+    err = w.float() - dequantize(quantize_with(w, s, scheme.bits), s)
+    return 0.5 * float((f * err.square()).sum(dtype=torch.float64))
+
+
+def choose(recipe: QuantRecipe, model, fish: dict[str, torch.Tensor]) -> list[Choice]:
+    """The budget spent greedily by loss saved per extra byte (a tensor that does not fit is
+    passed over for smaller ones)."""
+    mix = recipe.mix
+    weights = _weights(model)
+    total_params = sum(p.numel() for p in model.parameters())  # the tied table counted once
+    quantized = {n: recipe.scheme_for(n) for n in weights}
+    base = sum(scheme_bytes(quantized[n], tuple(w.shape)) for n, w in weights.items())
+    base += 4.0 * (total_params - sum(w.numel() for w in weights.values()))  # norms stay fp32
+    room = mix.budget * total_params - base
+    if room < 0:
+        raise ConfigError(f"recipe {recipe.name}: budget {mix.budget} bytes per parameter is below its base "
+                          f"schemes' {base / total_params:.4f}")
+    rows = []
+    for n, w in weights.items():
+        sc = quantized[n]
+        if sc is None or n not in fish:
+            continue
+        shape, up = tuple(w.shape), mix.upgrade
+        rows.append([n, w.numel(), rounding_loss(w.detach(), fish[n], sc), rounding_loss(w.detach(), fish[n], up),
+                     scheme_bytes(up, shape) - scheme_bytes(sc, shape)])
+    rows.sort(key=lambda r: -(r[2] - r[3]) / max(r[4], 1.0))
+    out = []
+    for n, params, lb, lu, extra in rows:
+        take = lu < lb and extra <= room
+        room -= extra if take else 0.0
+        out.append(Choice(n, params, lb, lu, extra, take))
+    return out
+
+
+def concrete(recipe: QuantRecipe, model, calibration: list[list[int]], progress=lambda m: None):
+    """(the recipe with one rule per quantized tensor and no mix, the report for the manifest)."""
+    mix = recipe.mix
+    if mix is None:
+        return recipe, None
+    names = [n for n in _weights(model) if recipe.scheme_for(n) is not None]
+    samples = calibration[:mix.samples]
+    progress(f"measuring the sensitivity of {len(names)} tensors on {len(samples)} calibration samples")
+    fish = fisher(model, samples, names, progress)
+    choices = choose(recipe, model, fish)
+    del fish
+    by_name = {c.module: c for c in choices}
+    rules = tuple(Rule(n, mix.upgrade if by_name[n].upgraded else recipe.scheme_for(n)) for n in names)
+    weights = _weights(model)
+    total_params = sum(p.numel() for p in model.parameters())
+    spent = sum(scheme_bytes(r.scheme, tuple(weights[r.pattern].shape)) for r in rules)
+    spent += 4.0 * (total_params - sum(weights[n].numel() for n in names))
+    upgraded = [c.module for c in choices if c.upgraded]
+    progress(f"budget {mix.budget} bytes/parameter: {len(upgraded)} of {len(names)} tensors in "
+             f"{mix.upgrade.label}, {spent / total_params:.4f} bytes/parameter")
+    report = {"budget": mix.budget, "bytes_per_parameter": spent / total_params, "upgrade": mix.upgrade.label,
+              "samples": len(samples), "upgraded": upgraded,
+              "tensors": [c.to_dict() for c in choices]}
+    return replace(recipe, rules=rules, mix=None), report
