@@ -7,7 +7,7 @@
            top-1 agreement against the fp32 PyTorch model (the recipe x format quality table)
 
 Usage: python -m benchmarks.run [--only export,parity,speed,eval] [--formats onnx,tflite,pte]
-                                [--models 270m,1b] [--recipes fp32,int8,int4-b32,int4-b32-rtn]
+                                [--models 270m,1b] [--recipes fp32,int8,int4-b32,int4-b32-rtn,int4-mixed]
 Each export runs in its own process so its peak RSS is its own. A (format, recipe) pair the format
 cannot lower is recorded as a row with "unsupported" and the reason, not skipped silently.
 """
@@ -225,7 +225,7 @@ def main(argv=None):
     ap.add_argument("--only", default="export,parity,speed,eval")
     ap.add_argument("--formats", default="onnx,tflite,pte")
     ap.add_argument("--models", default="270m,1b")
-    ap.add_argument("--recipes", default="fp32,int8,int4-b32-rtn,int4-b32")
+    ap.add_argument("--recipes", default="fp32,int8,int4-b32-rtn,int4-b32,int4-mixed")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     only, formats, models = args.only.split(","), args.formats.split(","), args.models.split(",")

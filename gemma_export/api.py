@@ -137,7 +137,7 @@ def _exactness(backend, scheme: Scheme | None) -> str:
         return "float"
     probe = QuantRecipe("probe", (Rule("*", scheme),))
     lowering = backend.lowering
-    why = replace(lowering, uniform=False).refusal(probe)
+    why = replace(lowering, complete=False).refusal(probe)
     if why:
         return f"refused: cannot lower {why.replace(' (rule ' + repr('*') + ')', '')}"
     if scheme.algorithm != "source":

@@ -37,13 +37,14 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Lowering:
-    """What a backend lowers: weight kinds as (bits, granularity), activation modes, and whether one
-    weight scheme must cover every linear and the table (`uniform`). A recipe is judged by its
-    content against this table, so a recipe file is checked as strictly as a preset."""
+    """What a backend lowers: weight kinds as (bits, granularity), activation modes, and whether
+    every linear and the table must be quantized (`complete`: the format's quantizer takes all of
+    them or none). A recipe is judged by its content against this table, so a recipe file is
+    checked as strictly as a preset."""
 
     weights: frozenset
     activations: frozenset
-    uniform: bool = False
+    complete: bool = False
     blocks: frozenset = frozenset({32, 64, 128})  # input columns per block scale
     asymmetric: frozenset = frozenset()  # code widths stored with float zero points (source codes)
 
@@ -53,15 +54,11 @@ class Lowering:
             return None
         rules = recipe.rules
         if recipe.mix is not None:  # a budgeted recipe may give any tensor its upgrade scheme
-            if self.uniform:
-                return "a size-budgeted mix of weight schemes (this format takes one scheme for all layers and the embedding)"
             rules = (*rules, Rule("(budget upgrade)", recipe.mix.upgrade))
-        if self.uniform:
-            kinds = {(r.scheme.bits, r.scheme.granularity, r.scheme.block_size) if r.scheme else None
-                     for r in recipe.rules}
-            names = [family.TABLE, *family.layer_linears(0)]
-            if len(kinds) > 1 or any(recipe.scheme_for(n) is None for n in names):
-                return "a mix of weight schemes (this format takes one scheme for all layers and the embedding)"
+        if self.complete:
+            floats = [n for n in (family.TABLE, *family.layer_linears(0)) if recipe.scheme_for(n) is None]
+            if floats:
+                return f"a float {floats[0]} among quantized weights (this format quantizes all layers and the embedding or none)"
         for rule in rules:
             sc = rule.scheme
             if sc is None:

@@ -186,8 +186,8 @@ def _outputs(model, t: int, logits: bool) -> dict[str, torch.Tensor]:
 class TfliteBackend:
     name = "tflite"
     # dynamic-range kernels (XNNPACK): int8 per channel or int4 blocks, activations quantized by
-    # the kernel; one weight scheme for the whole model
-    lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}), uniform=True)
+    # the kernel; every weight quantized
+    lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}), complete=True)
     runner = Runner("GEMMA_TFLITE_RUNNER",
                     "LiteRT-LM's command-line tool (litert_lm_main, built from the LiteRT-LM\n"
                     "repository), run as $GEMMA_TFLITE_RUNNER --model_path model.litertlm\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import mmap
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,18 +141,56 @@ def match_float_weights(path: Path, codes: dict) -> dict:
         return {tensor: weight for tensor, (weight, _) in match_weights(codes, stored).items()}
 
 
+def _granularity(kind: tuple[int, str, int]):
+    from ai_edge_quantizer import qtyping
+
+    return (qtyping.QuantGranularity.CHANNELWISE if kind[1] == "channel"
+            else getattr(qtyping.QuantGranularity, f"BLOCKWISE_{kind[2]}"))
+
+
+def _kind(kind: tuple[int, str, int]) -> str:
+    return f"int{kind[0]} " + ("channel" if kind[1] == "channel" else f"block-{kind[2]}")
+
+
+def reader_scopes(path: Path, tensors: set[str]) -> dict[str, set[str]]:
+    """{tensor name: the scopes of the ops reading it in every subgraph}: ai-edge-quantizer names
+    an op by its output tensors' names, each followed by ';'."""
+    out: dict[str, set[str]] = {t: set() for t in tensors}
+    with TfliteFile(path) as f:
+        for g in range(f.model.SubgraphsLength()):
+            sg = f.model.Subgraphs(g)
+            name = [sg.Tensors(i).Name().decode() for i in range(sg.TensorsLength())]
+            for o in range(sg.OperatorsLength()):
+                op = sg.Operators(o)
+                read = {name[i] for i in op.InputsAsNumpy() if i >= 0} & tensors
+                if read:
+                    outs = [name[i] for i in op.OutputsAsNumpy() if i >= 0 and name[i]]
+                    for t in read:
+                        out[t].add("".join(n + ";" for n in outs))
+    return out
+
+
 def quantize_file(path: Path, codes: dict, progress) -> list[str]:
     """Give the file's weights the quantized layout, then write our codes and scales into it."""
     from ai_edge_quantizer import qtyping, quantizer
 
     names = match_float_weights(path, codes)
-    (bits, granularity, block), = {(sc.bits, sc.granularity, sc.block_size) for _, _, sc, _ in codes.values()}
-    gran = (qtyping.QuantGranularity.CHANNELWISE if granularity == "channel"
-            else getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"))
-    progress(f"ai-edge-quantizer: int{bits} {granularity} layout for {len(names)} weights")
+    kinds = {w: (sc.bits, sc.granularity, sc.block_size) for w, (_, _, sc, _) in codes.items()}
+    # the commonest scheme for every op, then each other weight's readers by their exact scopes
+    # (ai-edge-quantizer applies the last matching config)
+    default = max(set(kinds.values()), key=list(kinds.values()).count)
+    others = {t: kinds[w] for t, w in names.items() if kinds[w] != default}
+    progress(f"ai-edge-quantizer: {_kind(default)} layout for {len(names) - len(others)} weights"
+             + (f", other schemes for {len(others)}" if others else ""))
     qt = quantizer.Quantizer(str(path))
-    for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
-        qt.add_dynamic_config(regex=".*", operation_name=op, num_bits=bits, granularity=gran)
+    ops = (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP)
+    for op in ops:
+        qt.add_dynamic_config(regex=".*", operation_name=op, num_bits=default[0], granularity=_granularity(default))
+    for tensor, scopes in (reader_scopes(path, set(others)) if others else {}).items():
+        for scope in scopes:
+            for op in ops:
+                qt.add_dynamic_config(regex="^" + re.escape(scope) + "$", operation_name=op,
+                                      num_bits=others[tensor][0], granularity=_granularity(others[tensor]))
     staged = path.with_suffix(".quant.tflite")
     # its report and progress bars say nothing our own progress line does not (and one bar ignores
     # enable_progress_bar in this version); errors still raise

@@ -38,7 +38,7 @@ def test_lowering_refusals_name_the_rule():
     blocked8 = QuantRecipe("b", (Rule("layers.*", Scheme(8, "block", 32, activations="int8-dynamic")),))
     assert pte.refusal(blocked8) == "block-wise int8 weights (rule 'layers.*')"
     partial = QuantRecipe("p", (Rule("layers.*", Scheme(8, activations="int8-dynamic")),))
-    assert "mix of weight schemes" in get("tflite").lowering.refusal(partial)
+    assert "a float embed_tokens among quantized weights" in get("tflite").lowering.refusal(partial)
     assert get("onnx").lowering.refusal(partial) is None
 
 

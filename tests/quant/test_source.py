@@ -93,7 +93,7 @@ def test_zero_points_only_from_sources():
     ("onnx", Scheme(8, "block", 16, "float", "source"), None),
     ("pte", Scheme(8, "block", 32, "int8-dynamic", "source"), "block-wise int8"),
     ("pte", Scheme(4, "block", 32, "int8-dynamic", "source", symmetric=False), "zero points"),
-    ("tflite", Scheme(8, "block", 16, "int8-dynamic", "source"), "mix of weight schemes"),
+    ("tflite", Scheme(8, "block", 16, "int8-dynamic", "source"), "a float embed_tokens"),
     ("pte", Scheme(4, "block", 32, "int8-dynamic", "source"), None),
 ])
 def test_formats_refuse_what_they_cannot_store(fmt, scheme, refused):
