@@ -53,8 +53,13 @@ def run_measured(cmd: list[str], log: Path, stdout: Path | None = None) -> dict:
     }
 
 
+def tag(recipe: str) -> str:
+    """A recipe's name in file names: a preset's own, a recipe file's stem."""
+    return Path(recipe).stem if recipe.endswith((".toml", ".json")) else recipe
+
+
 def artifact_dir(model: str, fmt: str, recipe: str = "fp32") -> Path:
-    return OUT / f"{model}-{fmt}-{recipe}"
+    return OUT / f"{model}-{fmt}-{tag(recipe)}"
 
 
 def bench_export(models, formats, recipe="fp32") -> list[dict]:
@@ -74,14 +79,14 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
             continue
         for fmt in todo:
             out = artifact_dir(model, fmt, recipe)
-            record = OUT / f"export-{model}-{fmt}-{recipe}.build.json"
+            record = OUT / f"export-{model}-{fmt}-{tag(recipe)}.build.json"
             cmd = [*GE, "export", *MODELS[model], "--format", fmt, "--out", str(out), "--force", "--recipe", recipe,
                    "--build-record", str(record)]
             if model != "270m":
                 cmd.append("--no-debug-outputs")  # release-style artifact; the debug entry is tested on 270M
-            print(f"export {model} {fmt} {recipe} ...", flush=True)
+            print(f"export {model} {fmt} {tag(recipe)} ...", flush=True)
             row = {"model": model, "format": fmt, "recipe": recipe,
-                   **run_measured(cmd, OUT / f"export-{model}-{fmt}-{recipe}.log")}
+                   **run_measured(cmd, OUT / f"export-{model}-{fmt}-{tag(recipe)}.log")}
             if row["exit_code"] == 0:
                 row.update(sizes(out), export_seconds=build_seconds(record, fmt))
             print(f"  {row}", flush=True)
@@ -106,12 +111,12 @@ def build_seconds(record: Path, fmt: str) -> float:
 def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
     """One `export --format a,b,c` process (one calibration): wall time and peak RSS are the whole
     run's, repeated on each format's row; export_seconds is the shared part plus that conversion."""
-    build = OUT / f"{model}-{recipe}-together"
-    record = OUT / f"export-{model}-together-{recipe}.build.json"
+    build = OUT / f"{model}-{tag(recipe)}-together"
+    record = OUT / f"export-{model}-together-{tag(recipe)}.build.json"
     cmd = [*GE, "export", *MODELS[model], "--format", ",".join(formats), "--out", str(build), "--force",
            "--recipe", recipe, "--no-debug-outputs", "--build-record", str(record)]
-    print(f"export {model} {','.join(formats)} {recipe} (quantized once) ...", flush=True)
-    run = run_measured(cmd, OUT / f"export-{model}-together-{recipe}.log")
+    print(f"export {model} {','.join(formats)} {tag(recipe)} (quantized once) ...", flush=True)
+    run = run_measured(cmd, OUT / f"export-{model}-together-{tag(recipe)}.log")
     rows = []
     for fmt in formats:
         row = {"model": model, "format": fmt, "recipe": recipe, "together": formats, **run}
@@ -124,9 +129,9 @@ def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
 
 def run_with_report(command: str, stage: str, fmt: str, recipe: str, args=()) -> dict:
     """`gemma-export COMMAND ARTIFACT --json` on a 270M artifact, measured, merged with the JSON it printed."""
-    out, report = artifact_dir("270m", fmt, recipe), OUT / f"{stage}-270m-{fmt}-{recipe}.json"
-    print(f"{command} 270m {fmt} {recipe} ...", flush=True)
-    row = run_measured([*GE, command, str(out), *args, "--json"], OUT / f"{command}-270m-{fmt}-{recipe}.log", report)
+    out, report = artifact_dir("270m", fmt, recipe), OUT / f"{stage}-270m-{fmt}-{tag(recipe)}.json"
+    print(f"{command} 270m {fmt} {tag(recipe)} ...", flush=True)
+    row = run_measured([*GE, command, str(out), *args, "--json"], OUT / f"{command}-270m-{fmt}-{tag(recipe)}.log", report)
     try:
         row.update(json.loads(report.read_text()))
     except (OSError, json.JSONDecodeError):
@@ -231,13 +236,13 @@ def main(argv=None):
     only, formats, models = args.only.split(","), args.formats.split(","), args.models.split(",")
     for recipe in args.recipes.split(","):
         if "export" in only:
-            write(f"export-{recipe}", bench_export(models, formats, recipe))
+            write(f"export-{tag(recipe)}", bench_export(models, formats, recipe))
         if "parity" in only:
-            write(f"parity-270m-{recipe}", bench_parity(formats, recipe))
+            write(f"parity-270m-{tag(recipe)}", bench_parity(formats, recipe))
         if "speed" in only:
-            write(f"speed-270m-{recipe}", bench_speed(formats, recipe))
+            write(f"speed-270m-{tag(recipe)}", bench_speed(formats, recipe))
         if "eval" in only:
-            write(f"eval-270m-{recipe}", bench_eval(formats, recipe))
+            write(f"eval-270m-{tag(recipe)}", bench_eval(formats, recipe))
 
 
 if __name__ == "__main__":

@@ -153,20 +153,23 @@ def _kind(kind: tuple[int, str, int]) -> str:
 
 
 def reader_scopes(path: Path, tensors: set[str]) -> dict[str, set[str]]:
-    """{tensor name: the scopes of the ops reading it in every subgraph}: ai-edge-quantizer names
-    an op by its output tensors' names, each followed by ';'."""
+    """{tensor name (first subgraph): the scopes of the ops reading its buffer in every subgraph}:
+    the subgraphs share weight buffers under their own tensor names, and ai-edge-quantizer names an
+    op by its output tensors' names, each followed by ';'."""
     out: dict[str, set[str]] = {t: set() for t in tensors}
     with TfliteFile(path) as f:
+        owner = {t.Buffer(): t.Name().decode() for _, t in f.tensors(0) if t.Name().decode() in tensors}
         for g in range(f.model.SubgraphsLength()):
             sg = f.model.Subgraphs(g)
-            name = [sg.Tensors(i).Name().decode() for i in range(sg.TensorsLength())]
+            names = [sg.Tensors(i).Name().decode() for i in range(sg.TensorsLength())]
+            weight = {i: owner[sg.Tensors(i).Buffer()] for i in range(sg.TensorsLength())
+                      if sg.Tensors(i).Buffer() in owner}
             for o in range(sg.OperatorsLength()):
                 op = sg.Operators(o)
-                read = {name[i] for i in op.InputsAsNumpy() if i >= 0} & tensors
-                if read:
-                    outs = [name[i] for i in op.OutputsAsNumpy() if i >= 0 and name[i]]
-                    for t in read:
-                        out[t].add("".join(n + ";" for n in outs))
+                read = {weight[i] for i in op.InputsAsNumpy() if i in weight}
+                scope = "".join(names[i] + ";" for i in op.OutputsAsNumpy() if i >= 0 and names[i])
+                for t in read:
+                    out[t].add(scope)
     return out
 
 
@@ -210,6 +213,11 @@ def quantize_file(path: Path, codes: dict, progress) -> list[str]:
         extra = sorted(n for n, (sg, t) in by_name.items() if n not in names and f.codes(sg, t) is not None)
         if extra:
             raise ExportError(f"tflite: weight {extra[0]} was quantized but the recipe keeps it float")
+        ours = {by_name[n][1].Buffer() for n in names if n in by_name}
+        for g in range(1, f.model.SubgraphsLength()):  # every signature reads the same (our) buffers
+            stray = [t.Name().decode() for sg, t in f.tensors(g) if t.Buffer() not in ours and f.codes(sg, t) is not None]
+            if stray:
+                raise ExportError(f"tflite: signature {g} quantized {stray[0]} on its own, not with our codes")
         for tname, wname in names.items():
             got = f.codes(*by_name[tname])
             q, s, _, _ = codes[wname]
