@@ -3,10 +3,11 @@
 A recipe with a `Mix` starts every tensor at its rule's scheme (int4 block 32 for `int4-mixed`)
 and spends a byte budget on the tensors whose rounding costs the model the most, as llama.cpp's
 `_M` types do by hand. The cost of rounding one tensor is measured on the calibration text with
-the diagonal Fisher information of the next-token loss: with F the mean squared gradient of each
-weight over the samples, rounding W to Q raises the loss by about 1/2 sum F (W - Q)^2 (a
-second-order estimate that needs one backward pass per sample, not one forward pass per tensor
-and candidate). The budget then goes to the tensors in order of loss saved per extra byte.
+the diagonal Fisher information F (squared gradients of the loss against labels drawn from the
+model's own predictions): rounding W to Q raises the mean KL against the float model by about
+1/2 sum F (W - Q)^2, a second-order estimate that needs one backward pass per sample, not one
+forward pass per tensor and candidate. The budget then goes to the tensors in order of loss
+saved per extra byte.
 
 `concrete(recipe, model, calibration)` returns the recipe with one exact-name rule per tensor
 (what the manifest records and `verify` re-applies) and a report of the choice.
