@@ -56,10 +56,8 @@ def main(argv=None):
     held = [[tok.bos_id, *text[i:i + 255]] for i in range(0, 4 * 255, 255)]
     names = [n for n in mixed._weights(model)]
     t0 = time.perf_counter()
-    fish = mixed.fisher(model, calib, names)
+    est = {n: v[0] for n, v in mixed.losses(model, calib, {n: (recipe.scheme_for(n),) for n in names}).items()}
     fisher_s = time.perf_counter() - t0
-    weights = mixed._weights(model)
-    est = {n: mixed.rounding_loss(weights[n].detach(), fish[n], recipe.scheme_for(n)) for n in names}
     order = sorted(names, key=est.get)
     picks = [order[int(round(i))] for i in np.linspace(0, len(order) - 1, args.tensors)]
     ref_c, ref_h = log_probs(model, calib), log_probs(model, held)

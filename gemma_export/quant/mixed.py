@@ -61,20 +61,39 @@ def _weights(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def fisher(model, calibration: list[list[int]], names: list[str], progress=lambda m: None,
-           seed: int = 0) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher information per token of each named weight: the squared gradient of each
-    sample's summed loss, averaged over the samples' tokens."""
+def rounding_error(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """w minus its rounding to the scheme's grid (nearest, max-abs scales)."""
+    block = block_for(scheme, w.shape[1])
+    s = rtn_scales(w, scheme.bits, block)
+    return w.float() - dequantize(quantize_with(w, s, scheme.bits), s)
+
+
+def losses(model, calibration: list[list[int]], candidates: dict[str, tuple[Scheme, ...]],
+           progress=lambda m: None, seed: int = 0) -> dict[str, list[float]]:
+    """Estimated mean KL against the float model of rounding each named weight alone, under each
+    of its candidate schemes: 1/2 sum F (W - Q)^2, with F the squared gradient of each sample's
+    summed loss averaged over the samples' tokens. Each gradient is folded in as soon as backward
+    produces it and dropped, so no model-sized buffer is kept besides the weights."""
     weights = _weights(model)
-    params = {n: weights[n] for n in names}
+    sums = {n: [0.0] * len(c) for n, c in candidates.items()}
+
+    def fold(name):
+        def hook(p):
+            g2 = p.grad.float().square()
+            p.grad = None
+            for k, scheme in enumerate(candidates[name]):
+                sums[name][k] += float((g2 * rounding_error(p.detach(), scheme).square()).sum(dtype=torch.float64))
+        return hook
+
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    handles = []
     gen = torch.Generator().manual_seed(seed)
     try:
-        for p in params.values():
-            p.requires_grad_(True)
+        for n in candidates:
+            weights[n].requires_grad_(True)
+            handles.append(weights[n].register_post_accumulate_grad_hook(fold(n)))
         for i, ids in enumerate(calibration):
             tokens = torch.tensor([ids], dtype=torch.long)
             t = tokens.shape[1]
@@ -86,27 +105,20 @@ def fisher(model, calibration: list[list[int]], names: list[str], progress=lambd
             # the Hessian of KL(float || rounded), which is what rounding a tensor costs
             with torch.no_grad():
                 labels = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for (n, _), g in zip(params.items(), grads):
-                acc[n].addcmul_(g.float(), g.float())
+            F.cross_entropy(logits, labels, reduction="sum").backward()
+            del logits
             progress(f"sensitivity: sample {i + 1}/{len(calibration)}")
     finally:
+        for h in handles:
+            h.remove()
         for p, r in saved.items():
             p.requires_grad_(r)
+            p.grad = None
     tokens = sum(len(ids) for ids in calibration)
-    return {n: a / tokens for n, a in acc.items()}
+    return {n: [0.5 * v / tokens for v in vals] for n, vals in sums.items()}
 
 
-def rounding_loss(w: torch.Tensor, f: torch.Tensor, scheme: Scheme) -> float:
-    """Estimated loss increase of rounding w with the scheme's grid (nearest, max-abs scales)."""
-    block = block_for(scheme, w.shape[1])
-    s = rtn_scales(w, scheme.bits, block)
-    err = w.float() - dequantize(quantize_with(w, s, scheme.bits), s)
-    return 0.5 * float((f * err.square()).sum(dtype=torch.float64))
-
-
-def choose(recipe: QuantRecipe, model, fish: dict[str, torch.Tensor]) -> list[Choice]:
+def choose(recipe: QuantRecipe, model, measured: dict[str, list[float]]) -> list[Choice]:
     """The budget spent greedily by loss saved per extra byte (a tensor that does not fit is
     passed over for smaller ones)."""
     mix = recipe.mix
@@ -122,11 +134,10 @@ def choose(recipe: QuantRecipe, model, fish: dict[str, torch.Tensor]) -> list[Ch
     rows = []
     for n, w in weights.items():
         sc = quantized[n]
-        if sc is None or n not in fish:
+        if sc is None or n not in measured:
             continue
         shape, up = tuple(w.shape), mix.upgrade
-        rows.append([n, w.numel(), rounding_loss(w.detach(), fish[n], sc), rounding_loss(w.detach(), fish[n], up),
-                     scheme_bytes(up, shape) - scheme_bytes(sc, shape)])
+        rows.append([n, w.numel(), *measured[n], scheme_bytes(up, shape) - scheme_bytes(sc, shape)])
     rows.sort(key=lambda r: -(r[2] - r[3]) / max(r[4], 1.0))
     out = []
     for n, params, lb, lu, extra in rows:
@@ -144,9 +155,8 @@ def concrete(recipe: QuantRecipe, model, calibration: list[list[int]], progress=
     names = [n for n in _weights(model) if recipe.scheme_for(n) is not None]
     samples = calibration[:mix.samples]
     progress(f"measuring the sensitivity of {len(names)} tensors on {len(samples)} calibration samples")
-    fish = fisher(model, samples, names, progress)
-    choices = choose(recipe, model, fish)
-    del fish
+    measured = losses(model, samples, {n: (recipe.scheme_for(n), mix.upgrade) for n in names}, progress)
+    choices = choose(recipe, model, measured)
     by_name = {c.module: c for c in choices}
     rules = tuple(Rule(n, mix.upgrade if by_name[n].upgraded else recipe.scheme_for(n)) for n in names)
     weights = _weights(model)
