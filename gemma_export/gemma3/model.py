@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .config import Gemma3Config
 
 NEG_INF = -1e30  # additive mask value; finite so fully-masked padding rows stay NaN-free
@@ -221,14 +222,18 @@ class Gemma3(nn.Module):
         freqs = torch.arange(positions, dtype=torch.int32).float()[:, None] * inv_freq[None, :]
         return freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
 
-    def _mask(self, q_pos, cache_len: int, t: int, window: int | None, rep: int):
-        """Additive mask [rep*T, S+T] for queries at q_pos over [cache slots, new tokens]."""
+    def _mask(self, q_pos, cache_len: int, t: int, window: int | None, rep: int, groups=None):
+        """Additive mask [rep*T, S+T] for queries at q_pos over [cache slots, new tokens]; with
+        `groups` ([T], image view per token or -1), a view's tokens also see its later tokens."""
         start = q_pos[:1] - cache_len
         k_pos = torch.cat((start + torch.arange(cache_len, dtype=q_pos.dtype), q_pos))
         diff = q_pos[:, None] - k_pos[None, :]
         ok = (k_pos[None, :] >= 0) & (diff >= 0)
         if window is not None:
             ok = ok & (diff < window)
+        if groups is not None:
+            same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
+            ok = ok | torch.cat((torch.zeros(t, cache_len, dtype=torch.bool), same), dim=1)
         mask = torch.where(ok, 0.0, NEG_INF)
         return mask.repeat(rep, 1) if rep > 1 else mask
 
@@ -237,7 +242,7 @@ class Gemma3(nn.Module):
         return self.embed_tokens(tokens) * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
 
     def decode(self, x, pos, length, caches, all_logits: bool = True, hidden: bool = False, head: bool = True,
-               attention=None):
+               attention=None, groups=None):
         """x [1, T, hidden] embeddings, pos [1] int (position of x[:, 0]), length [1] int (valid
         positions of a padded chunk), caches the flat list [k0, v0, k1, v1, ...].
 
@@ -252,6 +257,9 @@ class Gemma3(nn.Module):
         after QK-norm and RoPE; it returns (out, new k_cache, new v_cache) and owns the cache
         layout and masking (an unpadded chunk only). A kernel with `rotary = True` gets q and k
         before RoPE and rotates them itself (from `rope_tables`).
+
+        `groups` [T] int marks image soft tokens by view (-1 for text, see vision.image_groups):
+        a view's tokens attend to each other in both directions. A view must lie within one chunk.
         """
         cfg = self.cfg
         t = x.shape[1]
@@ -267,10 +275,12 @@ class Gemma3(nn.Module):
             }
         lengths = self.cache_lengths()
         masks, keeps = {}, {}
+        if groups is not None and attention is not None:
+            raise ConfigError("a runtime attention kernel cannot take the image tokens' bidirectional mask")
         if attention is None:  # a runtime kernel masks and places the keys itself
             for s, is_global in {(n, cfg.is_global(i)) for i, n in enumerate(lengths)}:
                 window = None if is_global else cfg.sliding_window
-                masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep).to(dtype)
+                masks[(s, is_global)] = self._mask(q_pos, s, t, window, rep, groups).to(dtype)
                 keeps[s] = length + torch.arange(s, dtype=length.dtype)
         new_caches, states = [], [x[0]]
         for i, layer in enumerate(self.layers):

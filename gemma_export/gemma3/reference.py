@@ -63,3 +63,41 @@ def hf_logits(hf, ids) -> "torch.Tensor":
     with torch.no_grad():
         out = hf(input_ids=torch.tensor([list(ids)]), use_cache=False)
     return out.logits[0].float()
+
+
+def hf_multimodal_config(text_cfg: Gemma3Config, vision_cfg):
+    """transformers' Gemma3Config (text + SigLIP vision) for our two configs."""
+    from transformers import Gemma3Config as HFConfig
+    from transformers import SiglipVisionConfig
+
+    v = vision_cfg
+    vision = SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps, vision_use_head=False, hidden_act="gelu_pytorch_tanh",
+        attn_implementation="eager",
+    )
+    cfg = HFConfig(text_config=hf_config(text_cfg).to_dict(), vision_config=vision.to_dict(),
+                   mm_tokens_per_image=v.tokens_per_image, boi_token_index=v.boi_token_id,
+                   eoi_token_index=v.eoi_token_id, image_token_index=v.image_token_id)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def hf_multimodal_from(model, vision):
+    """transformers' Gemma3ForConditionalGeneration holding copies of our text and vision weights."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    hf = Gemma3ForConditionalGeneration(hf_multimodal_config(model.cfg, vision.cfg)).float().eval()
+    state = {f"model.language_model.{k}": t for k, t in model.state_dict().items() if not k.startswith("lm_head")}
+    for k, t in vision.state_dict().items():
+        key = ("model.multi_modal_projector." + k.removeprefix("projector.") if k.startswith("projector.")
+               else "model.vision_tower." + k)  # transformers 5 drops `vision_model.` in memory
+        state[key] = t
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.to(torch.float32)
