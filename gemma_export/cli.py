@@ -236,12 +236,17 @@ def inspect(model, context, kv_dtype, recipe, as_json):
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (with --temperature).")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An image for the prompt (repeatable; 4B and larger, PyTorch model): it goes where the prompt "
+                   "holds <start_of_image>, else before the text.")
+@click.option("--pan-and-scan", is_flag=True,
+              help="Also show the encoder crops of elongated images (Gemma 3's pan-and-scan).")
 @model_options
 @runtime_options
 @threads_option
 @json_option
 @error_boundary
-def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, random_weights, weights_seed,
+def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, images, pan_and_scan, random_weights, weights_seed,
              max_context, prefill_len, threads, as_json):
     """Stream generated text from a PyTorch model or an exported artifact."""
     from . import api
@@ -249,7 +254,8 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, rand
     opened = api.open(model, prefill_len=prefill_len, threads=threads,
                       spec=_spec(model, random_weights, weights_seed, max_context))
     out = opened.generate(prompt, max_new_tokens, chat, Sampling(temperature, top_k, seed),
-                          on_text=None if as_json else lambda text: click.echo(text, nl=False))
+                          on_text=None if as_json else lambda text: click.echo(text, nl=False), images=images,
+                          pan_and_scan=pan_and_scan)
     if as_json:
         return _echo_json({"prompt_tokens": out.prompt_tokens, "tokens": out.tokens, "text": out.text,
                            "time_to_first_token_s": out.time_to_first_token_s, "total_s": out.total_s})

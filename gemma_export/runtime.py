@@ -14,10 +14,10 @@ from pathlib import Path
 
 from . import backends
 from .artifact import Manifest, check_files, is_artifact, read_manifest
-from .errors import ArtifactError
+from .errors import ArtifactError, UnsupportedError
 from .loading import ModelSpec, Tokenizer, load
 from .quant.recipes import resolve
-from .session import Sampling, Session, TorchSession, generate
+from .session import Sampling, Session, TorchSession, continue_from, generate
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Opened:
     tokenizer: Tokenizer
     description: str
     manifest: Manifest | None = None  # for artifacts
+    vision: Callable[[], object] | None = None  # loads the PyTorch model's vision encoder (None: it has none)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, chat: bool = False,
                sampling: Sampling = Sampling()) -> Iterator[int]:
@@ -45,14 +46,40 @@ class Opened:
     def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
         return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
 
+    def _image_stream(self, prompt: str, images, chat: bool, max_new_tokens: int, sampling: Sampling,
+                      pan_and_scan: bool):
+        from .gemma3.images import ImageSettings
+        from .multimodal import image_prompt, prefill
+
+        if self.manifest is not None:
+            raise UnsupportedError(f"{self.description} has no image entry point (no exported format takes images "
+                                   "yet); run --image on the PyTorch model: a checkpoint folder, or a preset with "
+                                   "--random-weights")
+        vision = self.vision() if self.vision is not None else None
+        if vision is None:
+            raise UnsupportedError(f"{self.session.model.cfg.name} is a text-only model (Gemma 3 4B and larger "
+                                   "see images)")
+        p = image_prompt(self.tokenizer, vision.cfg, ImageSettings(size=vision.cfg.image_size, pan_and_scan=pan_and_scan),
+                         prompt, images, chat)
+        session = self.session
+        session.reset()
+        logits, session.cache = prefill(session.model, vision, p)
+        return list(p.ids), continue_from(session, logits, len(p.ids), max_new_tokens, self.tokenizer.stop_ids,
+                                          sampling)
+
     def generate(self, prompt: str, max_new_tokens: int = 64, chat: bool = False, sampling: Sampling = Sampling(),
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Generate from a text prompt; `on_text` receives the new text as it is decoded."""
+                 on_text: Callable[[str], None] | None = None, images=(), pan_and_scan: bool = False) -> Generation:
+        """Generate from a text prompt (with `images`: paths, see multimodal.image_prompt); `on_text`
+        receives the new text as it is decoded."""
         tok, stop = self.tokenizer, self.tokenizer.stop_ids
-        ids = self._prompt_ids(prompt, chat)
         start = time.perf_counter()
+        if images:
+            ids, stream = self._image_stream(prompt, images, chat, max_new_tokens, sampling, pan_and_scan)
+        else:
+            ids = self._prompt_ids(prompt, chat)
+            stream = generate(self.session, ids, max_new_tokens, stop, sampling)
         first, tokens, shown = None, [], ""
-        for token in generate(self.session, ids, max_new_tokens, stop, sampling):
+        for token in stream:
             first = first or time.perf_counter()
             tokens.append(token)
             if on_text is not None and token not in stop:
@@ -97,7 +124,12 @@ def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: 
     if not recipe.is_float:
         quantize_model(loaded.model, recipe, tok, progress, loaded.checkpoint)
         description += f" quantized in PyTorch (recipe {recipe.name})"
-    return Opened(TorchSession(loaded.model, prefill_len=prefill_len), tok, description)
+    def vision():
+        from .loading.load import load_vision
+
+        return load_vision(spec)
+
+    return Opened(TorchSession(loaded.model, prefill_len=prefill_len), tok, description, vision=vision)
 
 
 def open_ref(ref: str, spec: ModelSpec | None = None, recipe="fp32", prefill_len: int = 128, threads: int = 2,

@@ -173,12 +173,17 @@ def generate(session: Session, prompt: Sequence[int], max_new_tokens: int,
     if not prompt:
         raise ConfigError("the prompt is empty")
     session.reset()
-    rng = np.random.default_rng(sampling.seed)
     logits = None
     for _, logits in feed(session, prompt):
         pass
-    pos = len(prompt)
-    token = _pick(logits[-1], sampling, rng)
+    yield from continue_from(session, logits[-1], len(prompt), max_new_tokens, stop_ids, sampling)
+
+
+def continue_from(session: Session, logits: np.ndarray, pos: int, max_new_tokens: int,
+                  stop_ids: Sequence[int] = (), sampling: Sampling = Sampling()) -> Iterator[int]:
+    """Stream new token ids after a prefill that ended at `pos` with these last logits [V]."""
+    rng = np.random.default_rng(sampling.seed)
+    token = _pick(logits, sampling, rng)
     for i in range(max_new_tokens):
         yield token
         if token in stop_ids or i == max_new_tokens - 1:

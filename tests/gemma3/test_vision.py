@@ -6,24 +6,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import write_hf_multimodal
 
 from gemma_export.errors import CheckpointError, ConfigError
 from gemma_export.gemma3.config import preset
 from gemma_export.gemma3.images import ImageSettings, preprocess
-from gemma_export.gemma3.reference import hf_multimodal_from
 from gemma_export.gemma3.vision import (VisionConfig, image_groups, place, random_vision, vision_preset)
-from gemma_export.loading import tokenizer_for
 from gemma_export.loading.load import ModelSpec, load, load_vision
 
 
 @pytest.fixture(scope="module")
 def folder(tiny, tmp_path_factory):
     """transformers' own save of a tiny multimodal model holding our random weights."""
-    hf = hf_multimodal_from(tiny, random_vision(vision_preset("tiny"), seed=1))
-    out = tmp_path_factory.mktemp("hf-multimodal")
-    hf.save_pretrained(out)
-    shutil.copy(tokenizer_for("preset", None), out / "tokenizer.json")
-    return out
+    return write_hf_multimodal(tiny, tmp_path_factory.mktemp("hf-multimodal"))
 
 
 @pytest.fixture(scope="module")
