@@ -42,6 +42,7 @@ bench: install
 	$(PY) -m benchmarks.runtimes
 	$(PY) -m benchmarks.reproducible
 	$(PY) -m benchmarks.source --recipes source,int4-b32-rtn,int4-b32
+	$(PY) -m benchmarks.vision
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -26,6 +26,7 @@ from .lint import lint as lint_artifact
 from .sizes import report
 from .loading import LoadedModel, ModelSpec, Tokenizer, read_config as read_model_config
 from .loading import load as load_model
+from .loading.load import read_vision_config
 from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
 from .quant.recipes import QuantRecipe, Rule, Scheme, resolve
@@ -126,6 +127,9 @@ def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32", rec
     if ctx < 1:
         raise ConfigError(f"--context must be positive, got {ctx}")
     r = report(cfg, ctx, kv_dtype)
+    vc = read_vision_config(ref) if not is_artifact(ref) else None
+    if vc is not None:
+        r["vision"] = {"config": vc.to_dict(), "parameters": vc.param_count()}
     if recipe is not None:
         r["quantization"] = _inspect_checkpoint(ref, resolve(recipe), cfg)
     return r

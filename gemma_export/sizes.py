@@ -74,6 +74,14 @@ def format_report(r: dict) -> str:
         f"  full-length    {_mb(kv['full_length_bytes']):>15}",
         f"  ratio          {kv['window_over_full']:>15.1%}",
     ]
+    v = r.get("vision")
+    if v:
+        vc = v["config"]
+        lines += [
+            f"vision encoder   SigLIP, {vc['num_layers']} layers, hidden {vc['hidden_size']}, "
+            f"{vc['image_size']}px in {vc['patch_size']}px patches -> {vc['tokens_per_image']} tokens per image",
+            f"  parameters     {v['parameters']:>15,}",
+        ]
     q = r.get("quantization")
     if q:
         lines.append(f"recipe {q['recipe']}: tensor, type in the checkpoint, what the recipe does; per format")

@@ -469,6 +469,11 @@ class PteSession(BaseSession):
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         runtime = require("executorch.runtime", "pte")
+        pool = require("executorch.extension.pybindings.portable_lib", "pte")
+        # XNNPACK's kernels run on ExecuTorch's process-wide pool, which otherwise has one thread
+        # per core whatever --threads says; a process runs one session at a time
+        if threads > 0 and pool._threadpool_get_thread_count() != threads:
+            pool._unsafe_reset_threadpool(threads)
         path = folder / manifest.program["file"]
         data = manifest.program.get("external_data")
         try:

@@ -15,6 +15,14 @@ GLOBAL = "global"
 DEFAULT_CONTEXT = 4096
 
 
+def from_fields(cls, d: dict, what: str):
+    """A frozen dataclass from a dict, refusing names it does not have (a typo is not a default)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class Gemma3Config:
     """Architecture of a Gemma 3 text decoder.
@@ -125,11 +133,7 @@ class Gemma3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Gemma3Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, "config fields")
 
     def replace(self, **changes) -> "Gemma3Config":
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, ExportError
+from .config import from_fields
 
 
 class ImageError(ExportError):
@@ -52,10 +53,7 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSettings":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown image settings {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, "image settings")
 
     def replace(self, **changes) -> "ImageSettings":
         return dataclasses.replace(self, **changes)

@@ -37,6 +37,13 @@ def hf_from_model(model):
 
     hf = Gemma3ForCausalLM(hf_config(model.cfg)).float().eval()
     state = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    return _filled(hf, state)
+
+
+def _filled(hf, state: dict):
+    """`hf` holding `state` (every tensor but the tied head), checked name by name."""
+    import torch
+
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
@@ -95,9 +102,4 @@ def hf_multimodal_from(model, vision):
         key = ("model.multi_modal_projector." + k.removeprefix("projector.") if k.startswith("projector.")
                else "model.vision_tower." + k)  # transformers 5 drops `vision_model.` in memory
         state[key] = t
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    return hf.to(torch.float32)
+    return _filled(hf, state)

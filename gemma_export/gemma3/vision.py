@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .config import from_fields
 from .model import RMSNorm
 
 
@@ -78,10 +79,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown vision config fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, "vision config fields")
 
 
 VISION_PRESETS: dict[str, VisionConfig] = {

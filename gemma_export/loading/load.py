@@ -291,55 +291,77 @@ def _read_dequantized(cached: Path, origin: Path):
 # The vision encoder (4B and larger)
 # ----------------------------------------------------------------------------------------------
 
+def read_vision_config(source: str):
+    """The `VisionConfig` behind a preset name or checkpoint folder, None for a text-only model (a
+    GGUF holds the text model only: llama.cpp keeps the vision tower in a separate mmproj file)."""
+    from ..gemma3.vision import VISION_PRESETS, hf_vision_config
+
+    kind, path = describe(source)
+    if kind == "preset":
+        return VISION_PRESETS.get(source)
+    if kind == "gguf":
+        return None
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    try:
+        return hf_vision_config(raw, path.name) if isinstance(raw, dict) else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: a vision config value has the wrong type ({e})") from None
+
+
 def load_vision(spec: ModelSpec):
     """The SigLIP encoder and projector behind `spec` (a `Gemma3Vision`), or None for a text-only
     model. Random weights at the preset's (or the checkpoint config's) sizes with
     `random_weights`; otherwise the `vision_tower` and `multi_modal_projector` tensors of a Hugging
     Face folder, checked by name and shape. A GGUF holds the text model only (llama.cpp keeps the
     vision tower in a separate mmproj file, not read here)."""
-    import torch
-
-    from ..gemma3.vision import VISION_PRESETS, Gemma3Vision, hf_vision_config, hf_vision_param_name, random_vision
+    from ..gemma3.vision import random_vision
 
     kind, path = describe(spec.source)
+    vc = read_vision_config(spec.source)
+    if vc is None:
+        return None
     if kind == "preset":
-        vc = VISION_PRESETS.get(spec.source)
-        if vc is None:
-            return None
         if not spec.random_weights:
             raise CheckpointError(f"preset {spec.source} has no bundled weights: pass --random-weights, or a "
                                   "checkpoint folder")
         return random_vision(vc, spec.seed).to(_torch_dtype(spec.dtype))
-    if kind == "gguf":
-        return None
-    raw = json.loads((path / "config.json").read_text())
-    vc = hf_vision_config(raw, path.name)
-    if vc is None:
-        return None
     if spec.random_weights:
         return random_vision(vc, spec.seed).to(_torch_dtype(spec.dtype))
-    _, _ = read_hf_folder(path)  # the same header checks as the text model's
+    read_hf_folder(path)  # the same header checks as the text model's
+    index = path / "model.safetensors.index.json"
+    shards = ([path / w for w in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+              if index.is_file() else sorted(path.glob("*.safetensors")))
+    tensors = ((key, t, shard) for shard in shards for key, t in iter_safetensors(shard))
+    return vision_from_tensors(vc, tensors, spec.dtype, path)
+
+
+def vision_from_tensors(vc, tensors, dtype="float32", where=None):
+    """A `Gemma3Vision` from (Hugging Face name, tensor, file) triples, other tensors ignored; the
+    tensors are used as they are (no copy) when already in `dtype`."""
+    import torch
+
+    from ..gemma3.vision import Gemma3Vision, hf_vision_param_name
+
     with torch.device("meta"):
         vision = Gemma3Vision(vc)
     expected = {n: tuple(p.shape) for n, p in vision.named_parameters()}
     state = {}
-    index = path / "model.safetensors.index.json"
-    shards = ([path / w for w in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-              if index.is_file() else sorted(path.glob("*.safetensors")))
-    for shard in shards:
-        for key, t in iter_safetensors(shard):
-            name = hf_vision_param_name(key)
-            if name is None:
-                continue
-            if name not in expected:
-                raise CheckpointError(f"{shard}: unexpected tensor {key!r} for a Gemma 3 vision encoder")
-            if tuple(t.shape) != expected[name]:
-                raise CheckpointError(f"{shard}: config does not match tensors: {key} has shape {tuple(t.shape)}, "
-                                      f"the vision config implies {expected[name]}")
-            state[name] = t.to(_torch_dtype(spec.dtype))
+    for key, t, origin in tensors:
+        name = hf_vision_param_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{origin}: unexpected tensor {key!r} for a Gemma 3 vision encoder")
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{origin}: config does not match tensors: {key} has shape {tuple(t.shape)}, "
+                                  f"the vision config implies {expected[name]}")
+        state[name] = t.to(_torch_dtype(dtype))
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{path}: the config has a vision encoder but {len(missing)} of its tensors are "
+        raise CheckpointError(f"{where}: the config has a vision encoder but {len(missing)} of its tensors are "
                               f"missing, e.g. {missing[0]}")
     vision.load_state_dict(state, strict=True, assign=True)
     return vision.eval().requires_grad_(False)

@@ -39,6 +39,15 @@ def test_the_xnnpack_spelling_computes_the_recipe(quantized_tiny):
     assert torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0) > 0.999
 
 
+def test_pte_session_runs_on_the_threads_asked_for(artifacts):
+    from executorch.extension.pybindings import portable_lib
+
+    for n in (1, 2, 1):
+        s = open_artifact(artifacts.get("pte"), threads=n).session
+        assert portable_lib._threadpool_get_thread_count() == n
+        assert s.prefill([2, 900, 1000], 0).shape[0] == 3
+
+
 @pytest.mark.slow
 def test_pte_stores_the_table_once_and_no_cache_state(artifacts):
     """The .pte carries no zero-filled cache (its `reset` method zeroes the shared buffers), and

@@ -174,3 +174,12 @@ def test_published_tensor_names_map():
         assert hf_vision_param_name(key) == ours
         assert hf_param_name(key) is None  # the text decoder skips them
     assert hf_vision_param_name("language_model.model.layers.0.mlp.up_proj.weight") is None
+
+
+def test_inspect_reports_the_vision_encoder(folder):
+    from gemma_export import api
+
+    assert api.inspect("gemma3-4b")["vision"]["parameters"] == vision_preset("gemma3-4b").param_count()
+    assert "vision" not in api.inspect("gemma3-1b")
+    r = api.inspect(str(folder))
+    assert r["vision"]["config"]["num_layers"] == 2 and r["vision"]["config"]["text_hidden_size"] == 64
