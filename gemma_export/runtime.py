@@ -7,6 +7,7 @@ artifact's recipe (the same codes) or in fp32.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: 
     if not recipe.is_float:
         quantize_model(loaded.model, recipe, tok, progress, loaded.checkpoint)
         description += f" quantized in PyTorch (recipe {recipe.name})"
+
+    @functools.cache  # loaded on the first image prompt, once
     def vision():
         from .loading.load import load_vision
 
