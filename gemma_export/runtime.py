@@ -16,7 +16,9 @@ from pathlib import Path
 from . import backends
 from .artifact import Manifest, check_files, is_artifact, read_manifest
 from .errors import ArtifactError, UnsupportedError
+from .gemma3.images import ImageSettings
 from .loading import ModelSpec, Tokenizer, load
+from .loading.load import load_vision
 from .quant.recipes import resolve
 from .session import Sampling, Session, TorchSession, continue_from, generate
 
@@ -49,7 +51,6 @@ class Opened:
 
     def _image_stream(self, prompt: str, images, chat: bool, max_new_tokens: int, sampling: Sampling,
                       pan_and_scan: bool):
-        from .gemma3.images import ImageSettings
         from .multimodal import image_prompt, prefill
 
         if self.manifest is not None:
@@ -128,8 +129,6 @@ def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: 
 
     @functools.cache  # loaded on the first image prompt, once
     def vision():
-        from .loading.load import load_vision
-
         return load_vision(spec)
 
     return Opened(TorchSession(loaded.model, prefill_len=prefill_len), tok, description, vision=vision)
