@@ -1,6 +1,7 @@
 """`make bench`: long measurements, written as JSON under benchmarks/results/.
 
-  export   wall time, peak RSS and artifact size of each export (real 270M; 1B random weights)
+  export   wall time, peak RSS and artifact size of each export (real 270M; 1B random weights), and
+           the peak the export estimated for itself before starting
   parity   `gemma-export verify` of each real-270M artifact (teacher-forced 1,300 tokens + 32 greedy)
   speed    prefill and decode tokens/s of each real-270M artifact (prompt 128, 128 new tokens; median of 5)
   eval     `gemma-export eval` of each real-270M artifact: perplexity on held-out text, and KL /
@@ -88,7 +89,7 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
             row = {"model": model, "format": fmt, "recipe": recipe,
                    **run_measured(cmd, OUT / f"export-{model}-{fmt}-{tag(recipe)}.log")}
             if row["exit_code"] == 0:
-                row.update(sizes(out), export_seconds=build_seconds(record, fmt))
+                row.update(sizes(out), export_seconds=build_seconds(record, fmt), **estimated(record, row["peak_rss_gib"]))
             print(f"  {row}", flush=True)
             rows.append(row)
     return rows
@@ -100,6 +101,12 @@ def sizes(out: Path) -> dict:
     return {"artifact_mib": round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1),
             "model_file_mib": round(sum(f["bytes"] for name, f in m["files"].items()
                                         if name.startswith("model.")) / 2**20, 1)}
+
+
+def estimated(record: Path, peak_gib: float) -> dict:
+    """The export's own estimate of its peak memory (printed before it started), beside the peak measured."""
+    est = json.loads(record.read_text())["estimate"]["peak_memory_gib"]
+    return {"estimate_peak_gib": est, "estimate_error": round(est / peak_gib - 1, 3)}
 
 
 def build_seconds(record: Path, fmt: str) -> float:
@@ -121,7 +128,7 @@ def export_together(model: str, formats: list[str], recipe: str) -> list[dict]:
     for fmt in formats:
         row = {"model": model, "format": fmt, "recipe": recipe, "together": formats, **run}
         if run["exit_code"] == 0:
-            row.update(sizes(build / fmt), export_seconds=build_seconds(record, fmt))
+            row.update(sizes(build / fmt), export_seconds=build_seconds(record, fmt), **estimated(record, run["peak_rss_gib"]))
         print(f"  {row}", flush=True)
         rows.append(row)
     return rows

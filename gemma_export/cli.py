@@ -271,7 +271,8 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
-@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact folder, and export even when the machine "
+                                            "has less memory available than the export's estimate of its peak.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
               help="Include the entry points only verification uses: per-layer hidden states "
                    "(`verify --locate`) and, in TFLite, prefill with logits (faster `verify`).")

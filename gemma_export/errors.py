@@ -27,6 +27,10 @@ class ArtifactError(ExportError):
     """An exported artifact is missing, corrupted or inconsistent with its manifest."""
 
 
+class ResourceError(ExportError):
+    """The machine has less memory or disk than a job needs."""
+
+
 class ParityError(ExportError):
     """An artifact disagrees with its reference beyond the thresholds."""
 

@@ -1,6 +1,7 @@
 """The export pipeline, stage by stage:
 
-    check   every target's backend lowers the recipe, every destination may be written (and is
+    check   every target's backend lowers the recipe, the machine has the memory the job is
+            estimated to peak at (resources.py), every destination may be written (and is
             claimed: a second export to it is refused), the disk has room for the artifacts
     load    the model (ModelSpec -> Gemma3 with window-sized caches)
     quantize once, in PyTorch (calibrated when the recipe says so), shared by every target
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import backends
+from . import backends, resources
 from .backends.base import Vocab
 from .artifact import (TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_destination, check_free_space,
                        check_writable_file, claim, sha256_file, staging, write_manifest)
@@ -33,6 +34,7 @@ from .sizes import artifact_bytes
 from .gemma3 import family
 from .lint import lint
 from .loading import LoadedModel, ModelSpec, Tokenizer, load, read_config
+from .progress import heartbeat
 from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
 from .quant.recipes import QuantRecipe, resolve
@@ -58,7 +60,7 @@ class ExportJob:
     # a debug entry point returning per-layer hidden states (verify --locate); shares the weights,
     # but ExecuTorch lowers every method separately, so it costs export time and memory there
     debug_outputs: bool = True
-    force: bool = False  # replace existing artifact folders
+    force: bool = False  # replace existing artifact folders; export even past the memory estimate
 
     def __post_init__(self):
         if not self.targets:
@@ -98,16 +100,25 @@ class Prepared:
 def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path | None = None) -> list[Manifest]:
     """Run the job; returns one manifest per target, in order. `record`: a JSON file to write the
     build record to (when it ran, stage timings, peak memory, the manifests' sha256)."""
+    with heartbeat(progress) as progress:
+        return _export(job, progress, record)
+
+
+def _export(job: ExportJob, progress: Progress, record: Path | None) -> list[Manifest]:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     job, targets, recipe = check(job)
     if record:
         check_writable_file(record)
+    cfg = read_config(job.model.source)
+    needs = resources.estimate(cfg, recipe, [t.format for t, _ in targets],
+                               sum(artifact_bytes(cfg, recipe, t.format) for t, _ in targets))
+    progress(f"{needs.describe()}; {resources.describe_available()}")
+    resources.check_memory(needs, job.force)
     with contextlib.ExitStack() as held:
         for target, _ in targets:
             held.enter_context(claim(target.out))
             check_destination(target.out, job.force)  # again: another export may have finished meanwhile
-        check_free_space([t.out for t, _ in targets],
-                         sum(artifact_bytes(read_config(job.model.source), recipe, t.format) for t, _ in targets))
+        check_free_space([t.out for t, _ in targets], needs.disk)
         prepared = prepare(job, recipe, len(targets), progress)
         seconds, manifests = {"load_and_quantize": round(prepared.seconds, 1)}, []
         for i, (target, backend) in enumerate(targets):
@@ -119,6 +130,8 @@ def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path |
         Path(record).write_text(json.dumps({
             "started": started, "seconds": seconds,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "estimate": {"peak_memory_gib": round(needs.peak_memory / 2**30, 2), "stage": needs.stage,
+                         "disk_gib": round(needs.disk / 2**30, 2)},
             "artifacts": [{"format": t.format, "out": str(t.out), "manifest_sha256": sha256_file(t.out / "manifest.json")}
                           for t, _ in targets]}, indent=2) + "\n")
     return manifests
