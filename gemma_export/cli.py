@@ -100,8 +100,8 @@ def _text(text) -> Path:
     return Path(text) if text else calibration.EVAL_TEXT
 
 
-def _spec(model, random_weights, weights_seed, max_context=None):
-    return ModelSpec(model, random_weights=random_weights, seed=weights_seed, max_context=max_context)
+def _spec(model, random_weights, weights_seed, max_context=None, mmproj=None):
+    return ModelSpec(model, random_weights=random_weights, seed=weights_seed, max_context=max_context, mmproj=mmproj)
 
 
 def _echo_json(data) -> None:
@@ -241,18 +241,20 @@ def inspect(model, context, kv_dtype, recipe, as_json):
                    "holds <start_of_image>, else before the text.")
 @click.option("--pan-and-scan", is_flag=True,
               help="Also show the encoder crops of elongated images (Gemma 3's pan-and-scan).")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="llama.cpp's Gemma 3 vision file (mmproj GGUF) for a GGUF text MODEL, for --image.")
 @model_options
 @runtime_options
 @threads_option
 @json_option
 @error_boundary
-def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, images, pan_and_scan, random_weights, weights_seed,
-             max_context, prefill_len, threads, as_json):
+def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, images, pan_and_scan, mmproj, random_weights,
+             weights_seed, max_context, prefill_len, threads, as_json):
     """Stream generated text from a PyTorch model or an exported artifact."""
     from . import api
 
     opened = api.open(model, prefill_len=prefill_len, threads=threads,
-                      spec=_spec(model, random_weights, weights_seed, max_context))
+                      spec=_spec(model, random_weights, weights_seed, max_context, mmproj))
     out = opened.generate(prompt, max_new_tokens, chat, Sampling(temperature, top_k, seed),
                           on_text=None if as_json else lambda text: click.echo(text, nl=False), images=images,
                           pan_and_scan=pan_and_scan)

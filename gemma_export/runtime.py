@@ -60,7 +60,7 @@ class Opened:
         vision = self.vision() if self.vision is not None else None
         if vision is None:
             raise UnsupportedError(f"{self.session.model.cfg.name} is a text-only model (Gemma 3 4B and larger "
-                                   "see images)")
+                                   "see images; a GGUF text model takes llama.cpp's vision file with --mmproj)")
         p = image_prompt(self.tokenizer, vision.cfg, ImageSettings(size=vision.cfg.image_size, pan_and_scan=pan_and_scan),
                          prompt, images, chat)
         session = self.session

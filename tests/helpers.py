@@ -155,3 +155,58 @@ def write_hf_multimodal(model, folder, seed=1):
     hf_multimodal_from(model, random_vision(vision_preset("tiny"), seed=seed)).save_pretrained(folder)
     shutil.copy(tokenizer_for("preset", None), folder / "tokenizer.json")
     return folder
+
+
+# llama.cpp's mmproj tensor names for Gemma 3, written out here (not taken from the gguf package's
+# name map, which the reader uses) so the test checks the reader against the layout itself
+_MMPROJ_TOWER = {"embeddings.patch_embedding": "v.patch_embd", "embeddings.position_embedding": "v.position_embd",
+                 "post_layernorm": "v.post_ln"}
+_MMPROJ_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+                 "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+
+
+def write_mmproj(vision, path: Path, legacy_mlp_names: bool = False, projection_f16: bool = True,
+                 projector_type: str = "gemma3") -> Path:
+    """`vision` (our Gemma3Vision) as llama.cpp's converter writes an mmproj GGUF: clip.* metadata,
+    v.* / mm.* names, the projector norm stored as 1 + w, the input projection in F16 and the
+    embeddings in F32. `legacy_mlp_names`: fc1 named ffn_down, as early conversions did."""
+    import gguf
+
+    c = vision.cfg
+    block = dict(_MMPROJ_BLOCK)
+    if legacy_mlp_names:
+        block["mlp.fc1"], block["mlp.fc2"] = "ffn_down", "ffn_up"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_clip_projector_type(projector_type)
+    w.add_clip_has_vision_encoder(True)
+    w.add_vision_image_size(c.image_size)
+    w.add_vision_patch_size(c.patch_size)
+    w.add_vision_embedding_length(c.hidden_size)
+    w.add_vision_feed_forward_length(c.intermediate_size)
+    w.add_vision_block_count(c.num_layers)
+    w.add_vision_head_count(c.num_heads)
+    w.add_vision_attention_layernorm_eps(c.layer_norm_eps)
+    w.add_vision_projection_dim(c.text_hidden_size)
+    if c.pool != 4:
+        w.add_vision_projector_scale_factor(c.pool)
+    for name, p in vision.state_dict().items():
+        arr = p.detach().float().numpy()
+        stem, _, suffix = name.rpartition(".")
+        if name == "projector.mm_input_projection_weight":
+            w.add_tensor("mm.input_projection.weight", arr.astype(np.float16 if projection_f16 else np.float32))
+            continue
+        if name == "projector.mm_soft_emb_norm.weight":
+            w.add_tensor("mm.soft_emb_norm.weight", arr + 1.0)
+            continue
+        if stem.startswith("encoder.layers."):
+            _, _, i, module = stem.split(".", 3)
+            gname = f"v.blk.{i}.{block[module]}.{suffix}"
+        else:
+            gname = f"{_MMPROJ_TOWER[stem]}.{suffix}"
+        w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

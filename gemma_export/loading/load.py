@@ -29,6 +29,7 @@ class ModelSpec:
     seed: int = 0
     max_context: int | None = None
     dtype: str = "float32"
+    mmproj: str | None = None  # llama.cpp's vision file beside a text GGUF
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -37,7 +38,10 @@ class ModelSpec:
             raise ConfigError(f"max context must be positive, got {self.max_context}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["mmproj"] is None:  # text-only specs read as they always have
+            del d["mmproj"]
+        return d
 
 
 @dataclass
@@ -315,11 +319,13 @@ def load_vision(spec: ModelSpec):
     """The SigLIP encoder and projector behind `spec` (a `Gemma3Vision`), or None for a text-only
     model. Random weights at the preset's (or the checkpoint config's) sizes with
     `random_weights`; otherwise the `vision_tower` and `multi_modal_projector` tensors of a Hugging
-    Face folder, checked by name and shape. A GGUF holds the text model only (llama.cpp keeps the
-    vision tower in a separate mmproj file, not read here)."""
+    Face folder, checked by name and shape; or, for a GGUF (which holds the text model only), the
+    mmproj file `spec.mmproj` beside it, as llama.cpp keeps it."""
     from ..gemma3.vision import random_vision
 
     kind, path = describe(spec.source)
+    if spec.mmproj is not None:
+        return _vision_from_mmproj(spec, kind)
     vc = read_vision_config(spec.source)
     if vc is None:
         return None
@@ -336,6 +342,24 @@ def load_vision(spec: ModelSpec):
               if index.is_file() else sorted(path.glob("*.safetensors")))
     tensors = ((key, t, shard) for shard in shards for key, t in iter_safetensors(shard))
     return vision_from_tensors(vc, tensors, spec.dtype, path)
+
+
+def _vision_from_mmproj(spec: ModelSpec, kind: str):
+    from .mmproj import read_config as read_mmproj_config
+    from .mmproj import tensors as mmproj_tensors
+
+    if kind != "gguf" or spec.random_weights:
+        raise ConfigError("--mmproj goes with a GGUF text model (llama.cpp's pair); a preset or a checkpoint "
+                          "folder brings its own vision encoder")
+    path = Path(spec.mmproj)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such mmproj file")
+    vc = read_mmproj_config(path)
+    text = read_config(spec.source)
+    if vc.text_hidden_size != text.hidden_size:
+        raise CheckpointError(f"{path}: projects into {vc.text_hidden_size} dimensions, the text model "
+                              f"{spec.source} has {text.hidden_size}: not its vision encoder")
+    return vision_from_tensors(vc, mmproj_tensors(path, vc), spec.dtype, path)
 
 
 def vision_from_tensors(vc, tensors, dtype="float32", where=None):
