@@ -119,15 +119,17 @@ def evaluate(model: str, spec: ModelSpec | None = None, recipe="fp32", prefill_l
     return check.evaluate(spec or ModelSpec(model), recipe, prefill_len, plan or check.EvalPlan(DEFAULT_TEXT), progress)
 
 
-def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32", recipe=None) -> dict:
+def inspect(ref: str, context: int | None = None, kv_dtype: str = "float32", recipe=None,
+            mmproj: str | None = None) -> dict:
     """Parameter counts, weight bytes per dtype and KV-cache bytes of a model (no weights loaded);
-    with `recipe`, also each tensor's source quantization type and what the recipe does with it."""
+    with `recipe`, also each tensor's source quantization type and what the recipe does with it;
+    with `mmproj`, the vision encoder in llama.cpp's file beside a GGUF."""
     cfg = read_config(ref)
     ctx = context or cfg.max_position_embeddings
     if ctx < 1:
         raise ConfigError(f"--context must be positive, got {ctx}")
     r = report(cfg, ctx, kv_dtype)
-    vc = read_vision_config(ref) if not is_artifact(ref) else None
+    vc = read_vision_config(ref, mmproj) if not is_artifact(ref) else None
     if vc is not None:
         r["vision"] = {"config": vc.to_dict(), "parameters": vc.param_count()}
     if recipe is not None:

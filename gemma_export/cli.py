@@ -218,13 +218,15 @@ def models(as_json):
 @click.option("--recipe", default=None,
               help="Also list each weight's quantization type in the checkpoint and what this recipe (and "
                    "each format) does with it, e.g. --recipe source.")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="llama.cpp's Gemma 3 vision file (mmproj GGUF) beside a GGUF MODEL: show its vision encoder.")
 @json_option
 @error_boundary
-def inspect(model, context, kv_dtype, recipe, as_json):
+def inspect(model, context, kv_dtype, recipe, mmproj, as_json):
     """Print a model's config, parameter counts and memory figures (no weights are loaded)."""
     from . import api
 
-    r = api.inspect(model, context, kv_dtype, recipe)
+    r = api.inspect(model, context, kv_dtype, recipe, mmproj)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 

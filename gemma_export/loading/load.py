@@ -295,12 +295,14 @@ def _read_dequantized(cached: Path, origin: Path):
 # The vision encoder (4B and larger)
 # ----------------------------------------------------------------------------------------------
 
-def read_vision_config(source: str):
-    """The `VisionConfig` behind a preset name or checkpoint folder, None for a text-only model (a
-    GGUF holds the text model only: llama.cpp keeps the vision tower in a separate mmproj file)."""
+def read_vision_config(source: str, mmproj: str | None = None):
+    """The `VisionConfig` behind a preset name or checkpoint folder, or behind `mmproj` (llama.cpp's
+    vision file) for a GGUF, which holds the text model only; None for a text-only model."""
     from ..gemma3.vision import VISION_PRESETS, hf_vision_config
 
     kind, path = describe(source)
+    if mmproj is not None:
+        return _mmproj_config(source, kind, Path(mmproj))
     if kind == "preset":
         return VISION_PRESETS.get(source)
     if kind == "gguf":
@@ -344,22 +346,29 @@ def load_vision(spec: ModelSpec):
     return vision_from_tensors(vc, tensors, spec.dtype, path)
 
 
-def _vision_from_mmproj(spec: ModelSpec, kind: str):
+def _mmproj_config(source: str, kind: str, path: Path):
     from .mmproj import read_config as read_mmproj_config
-    from .mmproj import tensors as mmproj_tensors
 
-    if kind != "gguf" or spec.random_weights:
+    if kind != "gguf":
         raise ConfigError("--mmproj goes with a GGUF text model (llama.cpp's pair); a preset or a checkpoint "
                           "folder brings its own vision encoder")
-    path = Path(spec.mmproj)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such mmproj file")
     vc = read_mmproj_config(path)
-    text = read_config(spec.source)
+    text = read_config(source)
     if vc.text_hidden_size != text.hidden_size:
         raise CheckpointError(f"{path}: projects into {vc.text_hidden_size} dimensions, the text model "
-                              f"{spec.source} has {text.hidden_size}: not its vision encoder")
-    return vision_from_tensors(vc, mmproj_tensors(path, vc), spec.dtype, path)
+                              f"{source} has {text.hidden_size}: not its vision encoder")
+    return vc
+
+
+def _vision_from_mmproj(spec: ModelSpec, kind: str):
+    from .mmproj import tensors as mmproj_tensors
+
+    if spec.random_weights:
+        raise ConfigError("--mmproj goes with a GGUF text model (llama.cpp's pair), not with --random-weights")
+    vc = _mmproj_config(spec.source, kind, Path(spec.mmproj))
+    return vision_from_tensors(vc, mmproj_tensors(Path(spec.mmproj), vc), spec.dtype, spec.mmproj)
 
 
 def vision_from_tensors(vc, tensors, dtype="float32", where=None):

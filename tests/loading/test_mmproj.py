@@ -73,6 +73,9 @@ def test_a_gguf_text_model_with_its_mmproj_generates_what_the_hf_folder_does(tex
     res = cli("generate", text_gguf, "--mmproj", path, "--image", PHOTO, "--prompt", "Who?", "--max-new-tokens", 2,
               "--max-context", CTX, "--json")
     assert res.exit_code == 0, res.output
+    res = cli("inspect", text_gguf, "--mmproj", path)
+    assert res.exit_code == 0 and "vision encoder   SigLIP, 2 layers, hidden 32" in res.output, res.output
+    assert f"{tower.cfg.param_count():,}" in res.output
 
 
 def test_refusals_are_one_line(text_gguf, tower, tmp_path):
