@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..gemma3.vision import VisionConfig
+from .checkpoints import _open_gguf  # the checked reader, reused while the file is unchanged
 
 PROJECTOR = "gemma3"
 _SOFT_NORM = "multi_modal_projector.mm_soft_emb_norm.weight"
@@ -69,20 +70,11 @@ def _field(reader, key: str, default=None):
     return value.tolist()[0] if hasattr(value, "tolist") else value
 
 
-def _open(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-
-
 def read_config(path: Path) -> VisionConfig:
     """The vision config an mmproj file declares (Gemma 3's image token ids: its text GGUF's)."""
     import gguf
 
-    reader = _open(path)
+    reader = _open_gguf(path)
     keys, vk = gguf.Keys.Clip, gguf.Keys.ClipVision
     kind = _field(reader, keys.PROJECTOR_TYPE) or _field(reader, "clip.vision.projector_type")
     if kind != PROJECTOR:
@@ -116,7 +108,7 @@ def tensors(path: Path, vc: VisionConfig) -> Iterator[tuple[str, "object", Path]
     import gguf
     import torch
 
-    reader = _open(path)
+    reader = _open_gguf(path)
     by_name = {t.name: t for t in reader.tensors}
     names = gguf_names(vc)
     missing = [g for g in names.values() if g not in by_name]
