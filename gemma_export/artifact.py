@@ -81,6 +81,9 @@ class Manifest:
     versions: dict
     files: dict[str, FileEntry] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
+    # image prompts (models with a vision encoder): {"vision": VisionConfig dict, "preprocessing":
+    # ImageSettings dict, "entry_points": {role: name}}; absent for a text-only artifact
+    images: dict | None = None
 
     @property
     def recipe_name(self) -> str:
@@ -104,6 +107,8 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["images"] is None:
+            del d["images"]
         return {"manifest_version": d.pop("manifest_version"), **d}
 
     @classmethod

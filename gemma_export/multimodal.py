@@ -1,5 +1,6 @@
-"""Image prompts: where images go in the token sequence, their pixels, and the prefill that places
-their embeddings (the PyTorch model; no exported format has an image entry point yet).
+"""Image prompts: where images go in the token sequence, their pixels, and the prefills that place
+their embeddings: in one chunk on the PyTorch model (`prefill`), and view by view through an
+artifact's image entry points (`session_prefill`).
 
 The sequence is the one transformers' Gemma 3 processor builds: each image is written where the
 prompt holds `<start_of_image>` (or, without one, the images come first, as Gemma 3's chat
@@ -83,3 +84,27 @@ def prefill(model, vision, prompt: ImagePrompt):
         logits, cache = model.decode(x, torch.tensor([0]), n, model.new_cache(), all_logits=False,
                                      groups=image_groups(ids, c.image_token_id))
     return logits[0, -1].float().numpy(), cache
+
+
+def session_prefill(session, vc: VisionConfig, prompt: ImagePrompt) -> np.ndarray:
+    """Run an image prompt through a session with image entry points, as a runtime would: text in
+    prefill chunks, each view encoded (`encode_image`) and run as one chunk whose tokens see each
+    other (`prefill_image`). Returns the last position's logits [V]."""
+    ids, n, size = prompt.ids, len(prompt.ids), vc.image_size
+    if tuple(prompt.pixels.shape[1:]) != (3, size, size):
+        raise ConfigError(f"the pixels are {prompt.pixels.shape[2]}x{prompt.pixels.shape[3]}, the encoder takes "
+                          f"{size}x{size}")
+    session.reset()
+    i, view, logits = 0, 0, None
+    while i < n:
+        if ids[i] == vc.image_token_id:
+            embeds = session.encode_image(prompt.pixels[view:view + 1])
+            logits = session.prefill_image(embeds.reshape(-1, embeds.shape[-1]), i)
+            i, view = i + vc.tokens_per_image, view + 1
+            continue
+        j = i
+        while j < n and ids[j] != vc.image_token_id and j - i < session.info.prefill_len:
+            j += 1
+        logits = session.prefill(ids[i:j], i)
+        i = j
+    return logits[-1]

@@ -32,8 +32,10 @@ from .artifact import (TOKENIZER, Manifest, ModelInfo, TokenizerInfo, check_dest
 from .errors import ConfigError
 from .sizes import artifact_bytes
 from .gemma3 import family
+from .gemma3.images import ImageSettings
 from .lint import lint
 from .loading import LoadedModel, ModelSpec, Tokenizer, load, read_config
+from .loading.load import load_vision, read_vision_config
 from .progress import heartbeat
 from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
@@ -61,6 +63,9 @@ class ExportJob:
     # but ExecuTorch lowers every method separately, so it costs export time and memory there
     debug_outputs: bool = True
     force: bool = False  # replace existing artifact folders; export even past the memory estimate
+    # image entry points (vision encoder, embeddings into the decoder) for a model with a vision
+    # encoder; False writes the text decoder only
+    images: bool = True
 
     def __post_init__(self):
         if not self.targets:
@@ -85,7 +90,7 @@ class ExportJob:
     def settings(self) -> dict:
         """What the manifest records of the job (the targets are the artifacts themselves)."""
         return {"recipe": self.recipe, "prefill_len": self.prefill_len, "max_context": self.max_context,
-                "debug_outputs": self.debug_outputs}
+                "debug_outputs": self.debug_outputs, "images": self.images}
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Prepared:
     loaded: LoadedModel
     quant: QuantInfo | None
     seconds: float  # loading and quantizing
+    vision: object | None = None  # the vision encoder (Gemma3Vision, float) when images are exported
 
 
 def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path | None = None) -> list[Manifest]:
@@ -173,7 +179,11 @@ def prepare(job: ExportJob, recipe: QuantRecipe, targets: int, progress: Progres
     if not recipe.is_float:
         progress(f"quantizing in PyTorch (recipe {recipe.name})" + (f", once for {targets} formats" if targets > 1 else ""))
         quant = quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress, loaded.checkpoint)
-    return Prepared(loaded, quant, time.perf_counter() - t0)
+    vision = None
+    if job.images and read_vision_config(job.model.source, job.model.mmproj) is not None:
+        progress("loading the vision encoder (it stays float: the recipe quantizes the text decoder)")
+        vision = load_vision(job.model)
+    return Prepared(loaded, quant, time.perf_counter() - t0, vision)
 
 
 def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: bool, progress: Progress) -> Manifest:
@@ -185,8 +195,13 @@ def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: b
     with staging(target.out, job.force) as tmp:
         progress(f"converting to {target.format} (prefill {job.prefill_len}, context {job.max_context})")
         # stdout is the command's result (`--json`): whatever an exporter prints goes to stderr
+        vision = prepared.vision
+        if vision is not None and not getattr(backend, "images", False):
+            progress(f"format {target.format} has no image entry points yet: writing the text decoder only")
+            vision = None
         with contextlib.redirect_stdout(sys.stderr):
-            exported = backend.export(model, job, tmp, progress, Vocab.of(Tokenizer(prepared.loaded.tokenizer_path)))
+            exported = backend.export(model, job, tmp, progress, Vocab.of(Tokenizer(prepared.loaded.tokenizer_path)),
+                                      vision=vision)
         del model
         progress("writing manifest (sha256 of every file)")
         manifest = package(tmp, job, target, prepared, exported)
@@ -212,4 +227,14 @@ def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, ex
         recipe=(quant.recipe if quant else resolve(job.recipe)).to_dict(),
         quantization=quant.to_dict() if quant else {},
         entry_points=exported.entry_points, program=exported.program, versions=exported.versions,
+        images=_images(exported),
     ))
+
+
+def _images(exported) -> dict | None:
+    """The manifest's image block: the encoder's sizes and token ids, the preprocessing a runtime
+    repeats, and the entry points by role."""
+    if exported.images is None:
+        return None
+    vc, names = exported.images
+    return {"vision": vc.to_dict(), "preprocessing": ImageSettings(size=vc.image_size).to_dict(), "entry_points": names}

@@ -49,20 +49,28 @@ class Opened:
     def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
         return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
 
-    def _image_stream(self, prompt: str, images, chat: bool, max_new_tokens: int, sampling: Sampling,
+    def _image_stream(self, prompt: str, images_in, chat: bool, max_new_tokens: int, sampling: Sampling,
                       pan_and_scan: bool):
-        from .multimodal import image_prompt, prefill
+        from .gemma3.vision import VisionConfig  # torch
+        from .multimodal import image_prompt, prefill, session_prefill
 
         if self.manifest is not None:
-            raise UnsupportedError(f"{self.description} has no image entry point (no exported format takes images "
-                                   "yet); run --image on the PyTorch model: a checkpoint folder, or a preset with "
-                                   "--random-weights")
+            images = self.manifest.images
+            if images is None:
+                raise UnsupportedError(f"{self.description} has no image entry points (a text-only model, an export "
+                                       "with --no-images, or a format that has none yet)")
+            vc = VisionConfig.from_dict(images["vision"])
+            settings = ImageSettings.from_dict(images["preprocessing"]).replace(pan_and_scan=pan_and_scan)
+            p = image_prompt(self.tokenizer, vc, settings, prompt, images_in, chat)
+            logits = session_prefill(self.session, vc, p)
+            return list(p.ids), continue_from(self.session, logits, len(p.ids), max_new_tokens,
+                                              self.tokenizer.stop_ids, sampling)
         vision = self.vision() if self.vision is not None else None
         if vision is None:
             raise UnsupportedError(f"{self.session.model.cfg.name} is a text-only model (Gemma 3 4B and larger "
                                    "see images; a GGUF text model takes llama.cpp's vision file with --mmproj)")
         p = image_prompt(self.tokenizer, vision.cfg, ImageSettings(size=vision.cfg.image_size, pan_and_scan=pan_and_scan),
-                         prompt, images, chat)
+                         prompt, images_in, chat)
         session = self.session
         session.reset()
         logits, session.cache = prefill(session.model, vision, p)

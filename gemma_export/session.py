@@ -72,6 +72,24 @@ class BaseSession:
     def _hidden(self, tokens: np.ndarray, n: int) -> np.ndarray:
         raise NotImplementedError
 
+    # image prompts (artifacts with image entry points): `encode_image(pixels [1, 3, S, S])` ->
+    # soft-token embeddings [tokens, hidden]; `_run_embeddings(embeddings [n, hidden], pos, image)`
+    # runs them through the decoder on the session's cache (`image`: one view, its tokens seeing
+    # each other) and returns logits [n, V]
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run_embeddings(self, embeddings: np.ndarray, pos: int, image: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill_image(self, embeddings: np.ndarray, pos: int) -> np.ndarray:
+        """One image view's soft-token embeddings [tokens, hidden] at `pos`: logits [tokens, V]."""
+        n = len(embeddings)
+        if pos < 0 or pos + n > self.info.max_context:
+            raise ConfigError(f"positions {pos}..{pos + n - 1} exceed the max context {self.info.max_context}; "
+                              "export with a larger --max-context")
+        return np.asarray(self._run_embeddings(embeddings, pos, True))[:n]
+
     def _chunk(self, tokens: Sequence[int]) -> np.ndarray:
         width = self.info.prefill_len if self.pads_prefill else len(tokens)
         chunk = np.zeros((1, width), dtype=np.int32)

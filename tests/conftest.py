@@ -32,26 +32,27 @@ class Artifacts:
         self.root = root
         self._made = {}
 
-    def get(self, fmt: str, recipe: str = "fp32", debug: bool = True) -> Path:
-        key = (fmt, recipe, debug)
+    def get(self, fmt: str, recipe: str = "fp32", debug: bool = True, images: bool = False) -> Path:
+        """The tiny artifact; with `images`, also its image entry points (tiny has a vision encoder)."""
+        key = (fmt, recipe, debug, images)
         if key not in self._made:
             from filelock import FileLock
 
             from gemma_export import pipeline
 
-            out = self.root / f"{fmt}-{recipe}-{'debug' if debug else 'release'}"
+            out = self.root / f"{fmt}-{recipe}-{'debug' if debug else 'release'}{'-images' if images else ''}"
             done = out.with_name(out.name + ".done")
             with FileLock(str(out) + ".lock"):
                 if not done.is_file():
                     shutil.rmtree(out, ignore_errors=True)
                     pipeline.export(pipeline.ExportJob.single(TINY, fmt, out, recipe=recipe, prefill_len=T,
-                                                              debug_outputs=debug))
+                                                              debug_outputs=debug, images=images))
                     done.touch()
             self._made[key] = out
         return self._made[key]
 
-    def copy(self, fmt: str, dst: Path, recipe: str = "fp32", debug: bool = True) -> Path:
-        shutil.copytree(self.get(fmt, recipe, debug), dst)
+    def copy(self, fmt: str, dst: Path, recipe: str = "fp32", debug: bool = True, images: bool = False) -> Path:
+        shutil.copytree(self.get(fmt, recipe, debug, images), dst)
         return dst
 
 

@@ -4,7 +4,9 @@ A backend is one module exposing `BACKEND`, an object with:
   name        the name used on the command line and in manifests
   lowering    what it lowers (`Lowering`): checked against a recipe before any work starts
   runner      how a device runs the artifact (`Runner`): the golden bundle's script names it
-  export(model, job, workdir, progress, vocab) -> Exported   write the model files into workdir
+  images      True when export takes a vision encoder and writes image entry points
+  export(model, job, workdir, progress, vocab, vision=None) -> Exported   write the model files
+                into workdir (with `vision`, a Gemma3Vision, also the image entry points)
   open(folder, manifest, threads) -> Session            run the artifact in the format's runtime
   read_codes(folder, manifest) -> [codes]               the integer weight codes the files hold
   declared_io(folder, manifest) -> {entry: {"inputs": [...], "outputs": [...]}}
@@ -121,6 +123,7 @@ class Exported:
     program: dict  # at least "file"; "external_data" when weights live beside it
     versions: dict = field(default_factory=dict)
     cache_lengths: tuple[int, ...] | None = None  # when the runtime's caches differ from the model's
+    images: tuple | None = None  # (VisionConfig, {role: entry point}) when image entry points were written
 
 
 class Backend(Protocol):
@@ -128,7 +131,7 @@ class Backend(Protocol):
     lowering: Lowering
     runner: Runner
 
-    def export(self, model, job, workdir: Path, progress: Progress, vocab: Vocab) -> Exported: ...
+    def export(self, model, job, workdir: Path, progress: Progress, vocab: Vocab, vision=None) -> Exported: ...
 
     def open(self, folder: Path, manifest: Manifest, threads: int) -> BaseSession: ...
 

@@ -44,6 +44,11 @@ DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and th
 FORWARD = "forward"
 HIDDEN = "hidden"
 RESET = "reset"  # zeroes the KV cache (optional: a freshly loaded program starts valid)
+# image prompts, named as ExecuTorch's MultimodalRunner calls them
+VISION = "vision_encoder"  # pixels float32 [1, 3, S, S] -> [1, tokens, hidden]
+EMBED = "token_embedding"  # tokens int64 [1, T] -> [1, T, hidden]
+DECODER = "text_decoder"  # embeddings [1, T, hidden], input_pos int64 [1] -> logits [1, T, V]
+IMAGE_CHUNK = "set_image_chunk"  # int32 [1]: 1 makes text_decoder's next chunks one image view
 
 
 class PteBackend:
@@ -59,13 +64,15 @@ class PteBackend:
                                 "--tokenizer_path", "artifact/tokenizer.json", "--prompt", "{prompt}",
                                 "--temperature", "0", "--seq_len", "{seq_len}"))
 
-    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
+    images = True  # vision_encoder, token_embedding and text_decoder beside forward
+
+    def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
         require("executorch.exir", self.name)
         quantized = [{"name": n, "shape": list(q.shape), "bits": scheme.bits}
                      for n, (q, _, scheme) in quantized_state(model).items()]
         if _to_xnnpack_pattern(model):
             progress("quantized layers written as torchao's pattern for XNNPACK's integer kernels")
-        programs, io = _export_methods(model, job, progress)
+        programs, io = _export_methods(model, job, progress, vision)
         metadata = runner_metadata(model, job, vocab)
         del model  # the exported programs hold the weights now; nothing else should
         gc.collect()
@@ -76,7 +83,9 @@ class PteBackend:
                      "kv_cache": "mutable buffers in the program", "runner_metadata": metadata,
                      "debug_entry_point": HIDDEN if job.debug_outputs else None, "reset_method": RESET,
                      "quantized_weights": quantized},
-            versions=versions("executorch", "torchao"))
+            versions=versions("executorch", "torchao"),
+            images=None if vision is None else (vision.cfg, {"vision_encoder": VISION, "token_embedding": EMBED,
+                                                             "text_decoder": DECODER, "image_chunk": IMAGE_CHUNK}))
 
     def open(self, folder: Path, manifest: Manifest, threads: int) -> "PteSession":
         return PteSession(folder, manifest, threads)
@@ -258,10 +267,12 @@ def _to_xnnpack_pattern(model) -> int:
 
 
 class _Cache(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, images: bool = False):
         super().__init__()
         for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
             self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
+        if images:  # 1 while text_decoder runs an image view (its tokens see each other), else 0
+            self.register_buffer("image_chunk", torch.zeros(1, dtype=torch.int32))
 
 
 class _Forward(nn.Module):
@@ -282,6 +293,61 @@ class _Forward(nn.Module):
         for buf, value in zip(caches, new):
             buf.copy_(value)
         return logits
+
+
+class _TokenEmbedding(nn.Module):
+    """MultimodalRunner's `token_embedding`: tokens int64 [1, T] -> the scaled embeddings [1, T, hidden]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model.embed(tokens.to(torch.int32))
+
+
+class _TextDecoder(nn.Module):
+    """MultimodalRunner's `text_decoder`: embeddings [1, T, hidden] at input_pos int64 [1] ->
+    logits [1, T, V] over the shared cache. Text is causal; after `set_image_chunk(1)` the next
+    chunk is one image view whose tokens attend to each other, as Gemma 3 wants, and the flag
+    falls back to 0 (writing it also keeps it a shared mutable buffer rather than a constant). A
+    runner that never sets it (the stock MultimodalRunner) gets causal image tokens."""
+
+    def __init__(self, model, cache: _Cache):
+        super().__init__()
+        self.model, self.cache = model, cache
+        self.names = cache_names(model.cfg.num_layers)
+
+    def forward(self, embeddings, input_pos):
+        t = embeddings.shape[1]
+        pos = input_pos.to(torch.int32)
+        length = torch.full((1,), t, dtype=torch.int32)
+        groups = (self.cache.image_chunk - 1).expand(t)  # view 0 for every token, or -1: text
+        caches = [getattr(self.cache, n) for n in self.names]
+        logits, new = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, groups=groups)
+        for buf, value in zip(caches, new):
+            buf.copy_(value)
+        self.cache.image_chunk.copy_(torch.zeros_like(self.cache.image_chunk))
+        return logits
+
+
+class _ImageChunk(nn.Module):
+    def __init__(self, cache: _Cache):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, flag):
+        self.cache.image_chunk.copy_(flag)
+        return flag + 0
+
+
+class _VisionEncoder(nn.Module):
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels):
+        return self.vision(pixels)
 
 
 class _Reset(nn.Module):
@@ -313,9 +379,9 @@ class _Hidden(nn.Module):
         return hidden
 
 
-def _export_methods(model, job, progress) -> tuple[dict, dict]:
+def _export_methods(model, job, progress, vision=None) -> tuple[dict, dict]:
     """torch.export of every method (non-strict: strict tracing copies every weight)."""
-    cache = _Cache(model)
+    cache = _Cache(model, images=vision is not None)
     t = job.prefill_len
     chunk = torch.export.Dim("chunk", min=1, max=t)
     inputs = {"tokens": torch.zeros(1, t, dtype=torch.int64), "input_pos": torch.zeros(1, dtype=torch.int64)}
@@ -330,7 +396,36 @@ def _export_methods(model, job, progress) -> tuple[dict, dict]:
         tokens, length = torch.zeros(1, t, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
         with torch.no_grad():
             programs[HIDDEN] = torch.export.export(_Hidden(model), (tokens, length), strict=False)
+    if vision is not None:
+        programs.update(_image_methods(model, vision, cache, job, progress, io))
     return programs, io
+
+
+def _image_methods(model, vision, cache: _Cache, job, progress, io: dict) -> dict:
+    """The MultimodalRunner's methods over the same cache buffers as `forward`; text_decoder's
+    chunk reaches one image view (tokens_per_image) even when the prefill length is shorter."""
+    vc, h = vision.cfg, model.cfg.hidden_size
+    t = max(job.prefill_len, vc.tokens_per_image)
+    chunk = torch.export.Dim("chunk", min=1, max=t)
+    pixels = torch.zeros(1, 3, vc.image_size, vc.image_size)
+    tokens = torch.zeros(1, t, dtype=torch.int64)
+    embeds, pos = torch.zeros(1, t, h), torch.zeros(1, dtype=torch.int64)
+    flag = torch.zeros(1, dtype=torch.int32)
+    progress(f"torch.export {VISION}, {EMBED}, {DECODER} (T = 1..{t}) and {IMAGE_CHUNK}")
+    with torch.no_grad():
+        programs = {
+            VISION: torch.export.export(_VisionEncoder(vision), (pixels,), strict=False),
+            EMBED: torch.export.export(_TokenEmbedding(model), (tokens,), dynamic_shapes=({1: chunk},), strict=False),
+            DECODER: torch.export.export(_TextDecoder(model, cache), (embeds, pos),
+                                         dynamic_shapes=({1: chunk}, None), strict=False),
+            IMAGE_CHUNK: torch.export.export(_ImageChunk(cache), (flag,), strict=False),
+        }
+    io[VISION] = describe_io({"pixels": pixels}, {"embeddings": torch.zeros(1, vc.tokens_per_image, h)})
+    io[EMBED] = {"chunk": f"1..{t}", **describe_io({"tokens": tokens}, {"embeddings": embeds})}
+    io[DECODER] = {"chunk": f"1..{t}", **describe_io({"embeddings": embeds, "input_pos": pos},
+                                                     sample_outputs(model, t, with_cache=False))}
+    io[IMAGE_CHUNK] = describe_io({"flag": flag}, {"flag": flag})
+    return programs
 
 
 def runner_metadata(model, job, vocab) -> dict:
@@ -492,6 +587,20 @@ class PteSession(BaseSession):
     def _run(self, tokens, pos, n, decode):
         args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
         return self._methods[FORWARD].execute(args)[0][0].numpy()
+
+    def _method(self, name: str):
+        if name not in self._methods:
+            self._methods[name] = self._program.load_method(name)
+        return self._methods[name]
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self._method(VISION).execute([torch.from_numpy(np.ascontiguousarray(pixels, np.float32))])[0][0].numpy()
+
+    def _run_embeddings(self, embeddings: np.ndarray, pos: int, image: bool) -> np.ndarray:
+        if image:
+            self._method(IMAGE_CHUNK).execute([torch.ones(1, dtype=torch.int32)])
+        args = [torch.from_numpy(np.ascontiguousarray(embeddings[None], np.float32)), torch.tensor([pos], dtype=torch.int64)]
+        return self._method(DECODER).execute(args)[0][0].numpy()
 
     def _hidden(self, tokens, n):
         if HIDDEN not in self._methods:

@@ -151,7 +151,7 @@ class OnnxBackend:
                     stock_args=("-m", "artifact", "-e", "cpu", "--prompt", "{prompt}", "--max_length", "{seq_len}",
                                 "--greedy"))
 
-    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
+    def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
         onnx = require("onnx", self.name)
         require("onnxscript", self.name)
         # trace a float graph; quantized weights are put back below. Dynamic int8 activations (either

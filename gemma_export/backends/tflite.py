@@ -196,7 +196,7 @@ class TfliteBackend:
                                 "--input_prompt", "{prompt}"),
                     bos_in_prompt=False)
 
-    def export(self, model, job, workdir: Path, progress, vocab) -> Exported:
+    def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
         litert_torch = require("litert_torch", self.name)
         require("litert_lm_builder", self.name)
         codes = float_twin(model, activation_ops=False)  # the runtime's kernels quantize activations
