@@ -239,8 +239,8 @@ def inspect(model, context, kv_dtype, recipe, mmproj, as_json):
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (with --temperature).")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An image for the prompt (repeatable; 4B and larger, PyTorch model): it goes where the prompt "
-                   "holds <start_of_image>, else before the text.")
+              help="An image for the prompt (repeatable; 4B and larger, or an artifact exported with images): "
+                   "it goes where the prompt holds <start_of_image>, else before the text.")
 @click.option("--pan-and-scan", is_flag=True,
               help="Also show the encoder crops of elongated images (Gemma 3's pan-and-scan).")
 @click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -283,13 +283,18 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @click.option("--build-record", type=click.Path(dir_okay=False), default=None,
               help="Write when the export ran, its stage timings and peak memory to this JSON file "
                    "(kept out of the artifact, whose bytes depend only on the inputs).")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="For a model with a vision encoder (4B and larger): also the image entry points (vision "
+                   "encoder, embeddings into the decoder), with the preprocessing settings in the manifest.")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="llama.cpp's Gemma 3 vision file (mmproj GGUF) for a GGUF text MODEL.")
 @model_options
 @runtime_options
 @threads_option
 @json_option
 @error_boundary
-def export(model, fmt, out, recipe, force, debug_outputs, build_record, random_weights, weights_seed, max_context,
-           prefill_len, threads, as_json):
+def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, mmproj, random_weights, weights_seed,
+           max_context, prefill_len, threads, as_json):
     """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
     import torch
 
@@ -297,9 +302,9 @@ def export(model, fmt, out, recipe, force, debug_outputs, build_record, random_w
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    manifests = api.export(_spec(model, random_weights, weights_seed), fmt, out, _progress(memory=True),
-                           recipe=recipe, prefill_len=prefill_len, max_context=max_context,
-                           debug_outputs=debug_outputs, force=force, record=build_record)
+    manifests = api.export(_spec(model, random_weights, weights_seed, mmproj=mmproj), fmt, out,
+                           _progress(memory=True), recipe=recipe, prefill_len=prefill_len, max_context=max_context,
+                           debug_outputs=debug_outputs, force=force, record=build_record, images=images)
     if as_json:  # one format: its manifest; several: a list of them, in --format order
         dicts = [m.to_dict() for m in manifests]
         return _echo_json(dicts[0] if len(fmt) == 1 else dicts)

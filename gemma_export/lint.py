@@ -162,6 +162,8 @@ def _entry_points_check(folder: Path, m: Manifest) -> list[Problem]:
             out += [Problem("entry points", f"{entry} {side}: {msg}")
                     for msg in _compare(io[side], declared[entry][side])]
     signatures = m.program.get("signatures")
+    if signatures is not None:  # the decoder's signatures and the models of any other bundle sections
+        signatures = [*signatures, *m.program.get("sections", ())]
     if signatures is not None and sorted(signatures) != sorted(declared):
         out.append(Problem("entry points", f"the manifest lists signatures {sorted(signatures)}, the file has "
                                            f"{sorted(declared)}"))

@@ -68,6 +68,15 @@ def hidden_name(t: int) -> str:
     return f"hidden_{t}"  # debug signature: residual stream per layer (verify --locate)
 
 
+def image_name(t: int) -> str:
+    # one image view's embeddings into the cache; not prefill*: LiteRT-LM takes those as its own
+    return f"image_view_{t}"
+
+
+VISION_ENCODER, VISION_ADAPTER = "vision_encoder", "vision_adapter"  # bundle sections beside the decoder
+SECTIONS = {VISION_ENCODER: "tf_lite_vision_encoder", VISION_ADAPTER: "tf_lite_vision_adapter"}
+
+
 def cache_names(cfg) -> list[str]:
     """LiteRT-LM finds the caches by the prefixes kv_cache_k_ / kv_cache_v_ (flat order [k0, v0,
     k1, v1, ...]); the executor metadata says which are local."""
@@ -98,6 +107,49 @@ class _Step(nn.Module):
         return result
 
 
+class _ImageView(nn.Module):
+    """One image view's soft-token embeddings [1, T, hidden] at input_pos [T] into the caches: the
+    view's tokens attend to each other (and causally to the cache), logits for each."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.names = cache_names(model.cfg)
+
+    def forward(self, embeddings, input_pos, **caches):
+        t = embeddings.shape[1]
+        pos, length = input_pos[:1], torch.full((1,), t, dtype=torch.int32)
+        logits, new = self.model.decode(embeddings, pos, length, [caches[n] for n in self.names],
+                                        attention=RingAttention(self.model.cfg, pos, length, t, image=True))
+        return {**dict(zip(self.names, new)), "logits": logits}
+
+
+class _VisionEncoder(nn.Module):
+    """SigLIP: pixels [1, 3, S, S] -> patch features [1, patches, width] (LiteRT-LM's vision encoder)."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels):
+        v = self.vision
+        x = v.embeddings(pixels)
+        for layer in v.encoder.layers:
+            x = layer(x)
+        return {"features": v.post_layernorm(x)}
+
+
+class _VisionAdapter(nn.Module):
+    """Pooling, norm and projection: patch features -> soft-token embeddings [1, tokens, hidden]."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.projector = vision.projector
+
+    def forward(self, features):
+        return {"embeddings": self.projector(features)}
+
+
 class RingAttention:
     """The attention kernel of the TFLite graph (`Gemma3.decode`'s `attention` hook) for a step of
     t tokens at position pos, `length` of them valid. Keys are kept [1, kv, S, d], values
@@ -109,8 +161,9 @@ class RingAttention:
     overwrite) and then gathers the new cache from that concatenation, taking each slot's latest
     valid chunk position, so padding never enters it."""
 
-    def __init__(self, cfg, pos: torch.Tensor, length: torch.Tensor, t: int):
-        self.cfg, self.pos, self.length, self.t = cfg, pos, length, t
+    def __init__(self, cfg, pos: torch.Tensor, length: torch.Tensor, t: int, image: bool = False):
+        # image: the chunk is one image view, every token of it seeing the others
+        self.cfg, self.pos, self.length, self.t, self.image = cfg, pos, length, t, image
 
     def __call__(self, q, k, v, k_cache, v_cache, is_global, scale):
         cfg, t, pos = self.cfg, self.t, self.pos
@@ -136,6 +189,8 @@ class RingAttention:
             last = pos - 1  # the latest position in the cache before this chunk
             old = last - torch.remainder(last - slots, size)
             mask = _allowed(q_pos, torch.cat((old, q_pos)), window)
+            if self.image:
+                mask = mask | torch.cat((torch.zeros(t, size, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool)), 1)
             # slot s takes chunk token j = (n - 1) - ((pos + n - 1 - s) mod S) when j >= 0
             n = self.length
             j = (n - 1) - torch.remainder(pos + n - 1 - slots, size)
@@ -176,6 +231,41 @@ def _inputs(model, t: int) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _image_inputs(model, vc) -> dict[str, torch.Tensor]:
+    t = vc.tokens_per_image
+    inputs = {"embeddings": torch.zeros(1, t, model.cfg.hidden_size), "input_pos": torch.arange(t, dtype=torch.int32)}
+    return {**inputs, **{k: v for k, v in _inputs(model, t).items() if k not in ("tokens", "input_pos")}}
+
+
+def _vision_samples(vision) -> dict:
+    vc = vision.cfg
+    pixels = torch.zeros(1, 3, vc.image_size, vc.image_size)
+    features = torch.zeros(1, vc.patches_per_side ** 2, vc.hidden_size)
+    return {VISION_ENCODER: ({"pixels": pixels}, {"features": features}),
+            VISION_ADAPTER: ({"features": features}, {"embeddings": torch.zeros(1, vc.tokens_per_image,
+                                                                              vc.text_hidden_size)})}
+
+
+def _vision_io(vision) -> dict:
+    return {name: describe_io(ins, outs) for name, (ins, outs) in _vision_samples(vision).items()}
+
+
+def _convert_vision(vision, workdir: Path, litert_torch, progress) -> dict[str, Path]:
+    """The vision encoder and adapter as their own float TFLite models (bundle sections)."""
+    samples = _vision_samples(vision)
+    out = {}
+    for name, module in ((VISION_ENCODER, _VisionEncoder(vision)), (VISION_ADAPTER, _VisionAdapter(vision))):
+        progress(f"litert-torch conversion ({name})")
+        with torch.no_grad(), mock.patch.dict(os.environ, {"LITERT_TORCH_SHOW_PROGRESS": "n"}):
+            edge = litert_torch.signature("serving_default", module.eval(), sample_kwargs=samples[name][0]).convert(
+                runtime_constant_folding=False)
+            out[name] = workdir / f"{name}.tflite"
+            edge.export(str(out[name]))
+        del edge
+        gc.collect()
+    return out
+
+
 def _outputs(model, t: int, logits: bool) -> dict[str, torch.Tensor]:
     outs = {n: torch.zeros(s) for n, s in zip(cache_names(model.cfg), cache_shapes(model))}
     if logits:
@@ -185,6 +275,7 @@ def _outputs(model, t: int, logits: bool) -> dict[str, torch.Tensor]:
 
 class TfliteBackend:
     name = "tflite"
+    images = True  # vision encoder and adapter sections, and an image-view signature in the decoder
     # dynamic-range kernels (XNNPACK): int8 per channel or int4 blocks, activations quantized by
     # the kernel; every weight quantized
     lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}), complete=True)
@@ -208,6 +299,8 @@ class TfliteBackend:
         if job.debug_outputs:
             sigs[score_name(t)] = (_Step(model, logits=True), _inputs(model, t))
             sigs[hidden_name(t)] = (_Step(model, logits=False, hidden=True), _inputs(model, t))
+        if vision is not None:
+            sigs[image_name(vision.cfg.tokens_per_image)] = (_ImageView(model), _image_inputs(model, vision.cfg))
         progress(f"litert-torch conversion (signatures {', '.join(sigs)}; lightweight)")
         tflite = workdir / TFLITE
         # litert-torch prints its own task tree on stdout (our progress lines say the same on stderr)
@@ -226,16 +319,31 @@ class TfliteBackend:
         quantized = []
         if codes:
             quantized = tflite_codes.quantize_file(tflite, codes, progress)
+        sections, images = {}, None
+        if vision is not None:
+            sections = _convert_vision(vision, workdir, litert_torch, progress)
+            n = vision.cfg.tokens_per_image
+            images = (vision.cfg, {"vision_encoder": VISION_ENCODER, "vision_adapter": VISION_ADAPTER,
+                                   "image_view": image_name(n)})
         progress("packing the LiteRT-LM bundle (model, tokenizer, LLM metadata)")
-        _write_bundle(workdir, tflite, model.cfg, job, vocab)
+        _write_bundle(workdir, tflite, model.cfg, job, vocab, sections)
         tflite.unlink()
+        for path in sections.values():
+            path.unlink()
         entry = {prefill_name(t): describe_io(_inputs(model, t), _outputs(model, t, False)),
                  DECODE: describe_io(_inputs(model, 1), _outputs(model, 1, True))}
         if job.debug_outputs:
             entry[score_name(t)] = describe_io(_inputs(model, t), _outputs(model, t, True))
+        if vision is not None:
+            vc = vision.cfg
+            entry[image_name(vc.tokens_per_image)] = describe_io(_image_inputs(model, vc),
+                                                                  _outputs(model, vc.tokens_per_image, True))
+            entry.update(_vision_io(vision))
         return Exported(
+            images=images,
             entry_points=entry,
             program={"file": FILE, "signatures": list(sigs), "kv_cache": "one buffer per cache, in and out",
+                     **({"sections": list(sections)} if sections else {}),
                      "quantized_weights": quantized},
             versions=versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "litert-lm-builder"))
 
@@ -251,7 +359,12 @@ class TfliteBackend:
         """The signatures of the bundle's TFLite model, read from its flatbuffer (not loaded)."""
         path = folder / manifest.program["file"]
         with tflite_codes.TfliteFile(path, section=tflite_section(path)) as f:
-            return tflite_codes.signatures(f)
+            io = tflite_codes.signatures(f)
+        if manifest.images:  # each vision section's one signature, under the section's name
+            for name, kind in SECTIONS.items():
+                with tflite_codes.TfliteFile(path, section=tflite_section(path, kind)) as f:
+                    io.update({name: sig for sig in tflite_codes.signatures(f).values()})
+        return io
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from LiteRT-LM's own engine on the bundle (it adds the start token itself)."""
@@ -278,7 +391,7 @@ def _response_text(responses) -> str:
     return texts[0] if texts else ""
 
 
-def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab) -> None:
+def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab, sections: dict | None = None) -> None:
     from litert_lm_builder import litertlm_builder as lb
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
@@ -304,8 +417,10 @@ def _write_bundle(workdir: Path, tflite: Path, cfg, job, vocab) -> None:
                .add_system_metadata(lb.Metadata(key="Authors", value="gemma-export", dtype=lb.DType.STRING))
                .add_llm_metadata(str(meta_path))
                .add_executor_metadata(str(exec_path))
-               .add_tflite_model(str(tflite), lb.TfLiteModelType.PREFILL_DECODE)
-               .add_hf_tokenizer(str(vocab.path)))
+               .add_tflite_model(str(tflite), lb.TfLiteModelType.PREFILL_DECODE))
+    for name, path in (sections or {}).items():
+        builder = builder.add_tflite_model(str(path), getattr(lb.TfLiteModelType, name.upper()))
+    builder = builder.add_hf_tokenizer(str(vocab.path))
     with (workdir / FILE).open("wb") as f, mock.patch.object(lb, "populate_system_metadata",
                                                              _reproducible_system_metadata(lb, tflite)):
         builder.build(f, validate_metadata=True)
@@ -350,8 +465,8 @@ def _executor_metadata(cfg, job):
     return meta
 
 
-def tflite_section(bundle: Path) -> tuple[int, int]:
-    """(offset, size) of the TFLite model inside a .litertlm bundle."""
+def tflite_section(bundle: Path, kind: str = "tf_lite_prefill_decode") -> tuple[int, int]:
+    """(offset, size) of a TFLite model inside a .litertlm bundle (by default the decoder's)."""
     from litert_lm_builder import litertlm_peek
 
     try:
@@ -361,9 +476,9 @@ def tflite_section(bundle: Path) -> tuple[int, int]:
     sections = header.SectionMetadata()
     for i in range(sections.ObjectsLength() if sections else 0):
         obj = sections.Objects(i)
-        if litertlm_peek.get_model_type(obj) == "tf_lite_prefill_decode":
+        if litertlm_peek.get_model_type(obj) == kind:
             return obj.BeginOffset(), obj.EndOffset() - obj.BeginOffset()
-    raise ArtifactError(f"{bundle}: the LiteRT-LM bundle holds no prefill/decode TFLite model")
+    raise ArtifactError(f"{bundle}: the LiteRT-LM bundle holds no {kind[len('tf_lite_'):]} TFLite model")
 
 
 BACKEND = TfliteBackend()
@@ -398,6 +513,8 @@ class TfliteSession(BaseSession):
         except Exception as e:
             raise ArtifactError(f"{path}: LiteRT could not load the model ({str(e).splitlines()[0]})") from None
         self._data = data  # the runtime reads weights from this buffer
+        self._path, self._sections = path, {}
+        self._vision = (manifest.images or {}).get("vision")
         self.info = session_info(manifest)
         t = self.info.prefill_len
         self._score, self._signatures = score_name(t), manifest.program["signatures"]
@@ -426,6 +543,49 @@ class TfliteSession(BaseSession):
         _write_step(ins, tokens, pos, n)
         self._cm.run_by_name(sig, {**ins, **self._cache}, {"logits": logits, **self._cache})
         t, v = tokens.shape[1], self.info.vocab_size
+        return logits.read(t * v, np.float32).reshape(t, v)
+
+    def _section(self, name: str):
+        """A vision section of the bundle as its own compiled model (loaded on first use)."""
+        if name not in self._sections:
+            offset, size = tflite_section(self._path, SECTIONS[name])
+            with self._path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+            compiled = require("ai_edge_litert.compiled_model", "tflite")
+            with quiet.native_info_lines():
+                self._sections[name] = (compiled.CompiledModel.from_buffer(data), data)
+        return self._sections[name][0]
+
+    def _call(self, cm, sig: str, inputs: dict, output: str, shape) -> np.ndarray:
+        ins = {}
+        for k, v in inputs.items():
+            ins[k] = cm.create_input_buffer_by_name(sig, k)
+            ins[k].write(np.ascontiguousarray(v))
+        out = cm.create_output_buffer_by_name(sig, output)
+        cm.run_by_name(sig, ins, {output: out})
+        return out.read(int(np.prod(shape)), np.float32).reshape(shape)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        vc = self._vision
+        features = self._call(self._section(VISION_ENCODER), "serving_default",
+                              {"pixels": np.asarray(pixels, np.float32)}, "features",
+                              (1, (vc["image_size"] // vc["patch_size"]) ** 2, vc["hidden_size"]))
+        return self._call(self._section(VISION_ADAPTER), "serving_default", {"features": features}, "embeddings",
+                          (vc["tokens_per_image"], vc["text_hidden_size"]))
+
+    def _run_embeddings(self, embeddings, pos, image):
+        t = len(embeddings)
+        sig, cm = image_name(t), self._cm
+        if not image or sig not in self._signatures:
+            raise UnsupportedError(f"this artifact takes image views of {self._vision['tokens_per_image']} "
+                                   f"embeddings, not {t}")
+        ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("embeddings", "input_pos")}
+        ins["embeddings"].write(np.ascontiguousarray(embeddings[None], np.float32))
+        ins["input_pos"].write(pos + np.arange(t, dtype=np.int32))
+        logits = cm.create_output_buffer_by_name(sig, "logits")
+        self._cm.run_by_name(sig, {**ins, **self._cache}, {"logits": logits, **self._cache})
+        v = self.info.vocab_size
         return logits.read(t * v, np.float32).reshape(t, v)
 
     def _hidden(self, tokens, n):
