@@ -336,11 +336,16 @@ def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, 
 @click.option("--locate", is_flag=True, help="Also name the first decoder layer whose hidden state diverges.")
 @click.option("--locate-threshold", type=float, default=None,
               help="Relative error that counts as diverging for --locate [default: 0.01].")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="For an artifact with image entry points: the image(s) of the image prompts, run as they are "
+                   "and with pan-and-scan [default: a photograph from matplotlib's sample data, widened for "
+                   "pan-and-scan].")
+@click.option("--no-images", is_flag=True, help="Skip the image prompts.")
 @threads_option
 @json_option
 @error_boundary
 def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_top1, max_mean_kl, report_dir,
-           outputs_dir, bundle_dir, locate, locate_threshold, threads, as_json):
+           outputs_dir, bundle_dir, locate, locate_threshold, images, no_images, threads, as_json):
     """Check an artifact against the PyTorch reference (exit 0 pass, 3 parity failure, 1 error)."""
     from . import api
 
@@ -354,7 +359,7 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
         raise click.UsageError("give an ARTIFACT (or a build folder with --all, or --outputs DIR)")
     elif all_:
         plan = VerifyPlan(_text(text), positions, new_tokens, prompt, reference, overrides, threads, locate,
-                          locate_threshold)
+                          locate_threshold, None if no_images else tuple(images))
         result = api.verify(artifact, True, plan, _progress())
         if report_dir:
             render.write_build_report(report_dir, result)
@@ -363,7 +368,7 @@ def verify(artifact, all_, reference, text, positions, new_tokens, prompt, min_t
         done = f"PASS all {len(result.rows)} artifacts in {artifact}"
     else:
         plan = VerifyPlan(_text(text), positions, new_tokens, prompt, reference, overrides, threads, locate,
-                          locate_threshold)
+                          locate_threshold, None if no_images else tuple(images))
         result = api.verify(artifact, False, plan, _progress())
         if report_dir:
             render.write_report(report_dir, result)

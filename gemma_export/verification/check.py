@@ -38,6 +38,9 @@ class VerifyPlan:
     threads: int = 2
     locate: bool = False  # also name the first diverging layer (debug entry point)
     locate_threshold: float | None = None
+    # image prompts, for artifacts with image entry points: these files (empty: a bundled photograph
+    # from matplotlib's sample data), once as they are and once with pan-and-scan; None: skip
+    images: tuple[str, ...] | None = ()
 
 
 @dataclass
@@ -75,7 +78,7 @@ class References:
         ref = self._loaded[key]
         if ref.session.info.prefill_len != manifest.prefill_len:  # same weights, other chunk size
             return Opened(TorchSession(ref.session.model, prefill_len=manifest.prefill_len), ref.tokenizer,
-                          ref.description)
+                          ref.description, vision=ref.vision)
         return ref
 
 
@@ -96,24 +99,65 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     fp32 = refs.session_for(manifest, quantized=False).session if rule.relative else None
     res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
                  test.tokenizer.stop_ids, fp32=fp32, progress=progress)
+    images = {}
+    if manifest.images is not None and plan.images is not None:
+        images = _image_parity(manifest, ref, test, plan, progress)
     against = None
     if rule.relative:
         against = {who: {k: v for k, v in res.against_fp32[side].summary().items() if k in _FP32_KEYS}
                    for who, side in (("artifact", "test"), ("recipe_in_pytorch", "reference"))}
         verdict = judge(rule, {"artifact": against["artifact"]}, {"artifact": against["recipe_in_pytorch"]})
     else:
-        verdict = judge(rule, {"artifact": res.teacher_forced.summary()},
+        verdict = judge(rule, {"artifact": res.teacher_forced.summary(), **images},
                         greedy=(res.greedy_reference, res.greedy_test))
+        for label, s in images.items():  # an image prompt's greedy choices must agree too
+            if rule.require_greedy and s["greedy_reference"] != s["greedy_test"]:
+                verdict = replace(verdict, passed=False, failures=(*verdict.failures,
+                                                                   f"{label}: greedy tokens differ"))
     report = {"artifact": str(folder), "format": manifest.format, "recipe": manifest.recipe_name,
               "reference": ref.description, "text": str(plan.text), "window": manifest.window,
               "rule": rule.to_dict(), **verdict.to_dict(), **res.summary(),
               "greedy_reference": res.greedy_reference, "greedy_test": res.greedy_test}
     if against is not None:
         report["against_fp32"] = against
+    if images:
+        # a quantized artifact's image prompts are reported against the recipe in PyTorch, not judged
+        report["images"] = {**images, "judged": not rule.relative}
     if plan.locate:
         progress("locating the first diverging layer")
         report["locate"] = locate(ref.session, test.session, ids, plan.locate_threshold or LOCATE_THRESHOLD)
     return Verified(report, res, test, ids, manifest.window, verdict)
+
+
+def _image_parity(manifest, ref: Opened, test: Opened, plan: VerifyPlan, progress: Progress) -> dict:
+    """Image prompts through the artifact against its reference, by label."""
+    import matplotlib
+
+    from ..gemma3.images import ImageSettings
+    from ..gemma3.vision import VisionConfig
+    from ..multimodal import image_prompt
+    from .parity import image_parity
+
+    vc = VisionConfig.from_dict(manifest.images["vision"])
+    settings = ImageSettings.from_dict(manifest.images["preprocessing"])
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    files = list(plan.images) or [str(photo)]
+    vision = ref.vision() if ref.vision is not None else None
+    if vision is None:
+        raise ArtifactError(f"the reference {ref.description} has no vision encoder to compare the image entry "
+                            "points with")
+    out = {}
+    for label, pan in (("image+text", False), ("pan-and-scan", True)):
+        shown = files
+        if pan and not plan.images:  # the photograph widened, so that pan-and-scan crops it (4 crops)
+            from PIL import Image
+
+            shown = [Image.open(photo).convert("RGB").resize((1900, 300))]
+        progress(f"image prompt ({label}, {len(shown)} image(s))")
+        p = image_prompt(test.tokenizer, vc, settings.replace(pan_and_scan=pan), plan.prompt, shown, chat=True)
+        out[label] = image_parity(ref.session, vision, test.session, p, plan.new_tokens,
+                                  test.tokenizer.stop_ids).summary()
+    return out
 
 
 @dataclass

@@ -156,3 +156,41 @@ def locate(reference: Session, test: Session, ids: Sequence[int], threshold: flo
         "first_diverging": where,
         "first_diverging_layer": None if first in (None, 0) else first - 1,
     }
+
+
+@dataclass
+class ImageParity:
+    """An image prompt through an artifact's image entry points against the PyTorch model: the
+    logits after the prompt and at each of `new_tokens` steps teacher-forced on the reference's
+    greedy tokens, and both sides' greedy choices along them."""
+
+    views: int
+    prompt_tokens: int
+    comparison: Comparison
+    greedy_reference: list
+    greedy_test: list
+
+    def summary(self) -> dict:
+        return {"views": self.views, "prompt_tokens": self.prompt_tokens, **self.comparison.summary(),
+                "greedy_reference": self.greedy_reference, "greedy_test": self.greedy_test}
+
+
+def image_parity(reference, vision, test: Session, prompt, new_tokens: int, stop_ids: Sequence[int]) -> ImageParity:
+    """`reference` a TorchSession, `vision` its model's encoder, `prompt` a multimodal.ImagePrompt:
+    the reference runs the prompt in one chunk, the artifact view by view as a runtime does."""
+    from ..multimodal import prefill, session_prefill
+
+    c = Comparison()
+    reference.reset()
+    ref_logits, reference.cache = prefill(reference.model, vision, prompt)
+    test_logits = session_prefill(test, vision.cfg, prompt)
+    pos, greedy_ref, greedy_test = len(prompt.ids), [], []
+    for i in range(new_tokens + 1):
+        c.add(ref_logits[None], test_logits[None])
+        greedy_ref.append(int(np.argmax(ref_logits)))
+        greedy_test.append(int(np.argmax(test_logits)))
+        if greedy_ref[-1] in stop_ids or i == new_tokens:
+            break
+        ref_logits, test_logits = reference.decode(greedy_ref[-1], pos), test.decode(greedy_ref[-1], pos)
+        pos += 1
+    return ImageParity(sum(prompt.views), len(prompt.ids), c, greedy_ref, greedy_test)

@@ -38,6 +38,15 @@ def summary_lines(report: dict) -> list[str]:
     overridden = [f"{c['metric']} {c['op']} {c['limit']:g}" for c in report.get("checks", []) if c["source"] == "override"]
     if overridden:
         out.append("threshold overrides applied: " + ", ".join(overridden))
+    images = report.get("images", {})
+    for label, s in images.items():
+        if isinstance(s, dict):
+            same = "equal" if s["greedy_reference"] == s["greedy_test"] else "DIFFER"
+            out.append(f"image prompt, {label:<13} {s['views']} view(s), {s['prompt_tokens']} tokens: top-1 "
+                       f"{s['top1_agreement']:.4f}  mean KL {s['mean_kl']:.4g}  max |diff| {s['max_abs_diff']:.3g}  "
+                       f"greedy {len(s['greedy_test'])} tokens {same}")
+    if images and not images.get("judged"):
+        out.append("image prompts reported, not judged (a quantized artifact is judged against fp32 on text)")
     if "locate" in report:
         out += locate_lines(report["locate"])
     return out

@@ -74,3 +74,16 @@ def test_greedy_tokens_equal_pytorch_through_the_cli(artifacts, fmt):
     ref = cli("generate", "tiny", "--random-weights", "--max-context", "256", "--prefill-len", "16", *args)
     assert ours.exit_code == 0 and ref.exit_code == 0, ours.output + ref.output
     assert json.loads(ours.output)["tokens"] == json.loads(ref.output)["tokens"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_verify_judges_the_image_prompts(artifacts, fmt):
+    import json
+
+    res = cli("verify", str(artifacts.get(fmt, images=True)), "--positions", "40", "--new-tokens", "4", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    images = report["images"]
+    assert images["judged"] and images["image+text"]["views"] == 1 and images["pan-and-scan"]["views"] == 5
+    assert {c["label"] for c in report["checks"]} == {"artifact", "image+text", "pan-and-scan"}
+    assert images["pan-and-scan"]["greedy_test"] == images["pan-and-scan"]["greedy_reference"]
