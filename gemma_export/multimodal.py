@@ -86,10 +86,11 @@ def prefill(model, vision, prompt: ImagePrompt):
     return logits[0, -1].float().numpy(), cache
 
 
-def session_prefill(session, vc: VisionConfig, prompt: ImagePrompt) -> np.ndarray:
+def session_prefill(session, vc: VisionConfig, prompt: ImagePrompt, bidirectional: bool = True) -> np.ndarray:
     """Run an image prompt through a session with image entry points, as a runtime would: text in
     prefill chunks, each view encoded (`encode_image`) and run as one chunk whose tokens see each
-    other (`prefill_image`). Returns the last position's logits [V]."""
+    other (`prefill_image`; causally with `bidirectional=False`, as a runner that knows no image
+    views runs them). Returns the last position's logits [V]."""
     ids, n, size = prompt.ids, len(prompt.ids), vc.image_size
     if tuple(prompt.pixels.shape[1:]) != (3, size, size):
         raise ConfigError(f"the pixels are {prompt.pixels.shape[2]}x{prompt.pixels.shape[3]}, the encoder takes "
@@ -99,7 +100,7 @@ def session_prefill(session, vc: VisionConfig, prompt: ImagePrompt) -> np.ndarra
     while i < n:
         if ids[i] == vc.image_token_id:
             embeds = session.encode_image(prompt.pixels[view:view + 1])
-            logits = session.prefill_image(embeds.reshape(-1, embeds.shape[-1]), i)
+            logits = session.prefill_image(embeds.reshape(-1, embeds.shape[-1]), i, bidirectional)
             i, view = i + vc.tokens_per_image, view + 1
             continue
         j = i

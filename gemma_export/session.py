@@ -82,13 +82,14 @@ class BaseSession:
     def _run_embeddings(self, embeddings: np.ndarray, pos: int, image: bool) -> np.ndarray:
         raise NotImplementedError
 
-    def prefill_image(self, embeddings: np.ndarray, pos: int) -> np.ndarray:
-        """One image view's soft-token embeddings [tokens, hidden] at `pos`: logits [tokens, V]."""
+    def prefill_image(self, embeddings: np.ndarray, pos: int, bidirectional: bool = True) -> np.ndarray:
+        """One image view's soft-token embeddings [tokens, hidden] at `pos`: logits [tokens, V].
+        `bidirectional=False` runs them causally, as a runner that knows no image views does."""
         n = len(embeddings)
         if pos < 0 or pos + n > self.info.max_context:
             raise ConfigError(f"positions {pos}..{pos + n - 1} exceed the max context {self.info.max_context}; "
                               "export with a larger --max-context")
-        return np.asarray(self._run_embeddings(embeddings, pos, True))[:n]
+        return np.asarray(self._run_embeddings(embeddings, pos, bidirectional))[:n]
 
     def _chunk(self, tokens: Sequence[int]) -> np.ndarray:
         width = self.info.prefill_len if self.pads_prefill else len(tokens)

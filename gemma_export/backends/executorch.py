@@ -158,6 +158,39 @@ class PteBackend:
 BACKEND = PteBackend()
 
 
+def stock_multimodal(folder: Path, manifest: Manifest, ids, pixels: np.ndarray, max_new_tokens: int) -> Stock:
+    """Greedy text from ExecuTorch's own MultimodalRunner on an image prompt: the prompt's token
+    runs and its views (pixels [views, 3, S, S], one per run of image tokens) as its inputs. The
+    runner knows no image views: their tokens attend causally there."""
+    folder = Path(folder)
+    require("executorch.kernels.quantized", "pte")
+    require("executorch.extension.llm.custom_ops.custom_ops", "pte")
+    llm = require("executorch.extension.llm.runner", "pte")
+    image = manifest.images["vision"]["image_token_id"]
+    inputs, run, view = [], [], 0
+    for i, t in enumerate(ids):
+        if t != image:
+            run.append(int(t))
+        elif i == 0 or ids[i - 1] != image:  # a view starts
+            if run:
+                inputs.append(llm.make_token_input(run))
+                run = []
+            inputs.append(llm.make_image_input(torch.from_numpy(np.ascontiguousarray(pixels[view]))))
+            view += 1
+    if run:
+        inputs.append(llm.make_token_input(run))
+    prog = manifest.program
+    with quiet.native_info_lines():
+        runner = llm.MultimodalRunner(str(folder / prog["file"]), str(folder / manifest.tokenizer.file),
+                                      str(folder / prog["external_data"]))
+    pieces: list[str] = []
+    runner.generate(inputs, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                 num_bos=0, num_eos=0), pieces.append)
+    if pieces and pieces[-1] in manifest.tokenizer.stop:
+        pieces.pop()
+    return Stock("".join(pieces))
+
+
 # ----------------------------------------------------------------------------------------------
 # XNNPACK's spelling of the quantized modules
 # ----------------------------------------------------------------------------------------------

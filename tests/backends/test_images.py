@@ -87,3 +87,20 @@ def test_verify_judges_the_image_prompts(artifacts, fmt):
     assert images["judged"] and images["image+text"]["views"] == 1 and images["pan-and-scan"]["views"] == 5
     assert {c["label"] for c in report["checks"]} == {"artifact", "image+text", "pan-and-scan"}
     assert images["pan-and-scan"]["greedy_test"] == images["pan-and-scan"]["greedy_reference"]
+
+
+def test_executorch_multimodal_runner_runs_the_pte_as_it_is(artifacts, reference):
+    """ExecuTorch's stock MultimodalRunner drives vision_encoder, token_embedding and text_decoder
+    itself; it knows no image views, so it equals our session running the views causally."""
+    from gemma_export.artifact import read_manifest
+    from gemma_export.backends.executorch import stock_multimodal
+    from gemma_export.session import continue_from
+
+    _, vision, tok = reference
+    folder = artifacts.get("pte", images=True)
+    p = image_prompt(tok, vision.cfg, ImageSettings(size=56), "What is <start_of_image> this?", [PHOTO], chat=True)
+    stock = stock_multimodal(folder, read_manifest(folder), p.ids, p.pixels, 8)
+    session = api.open(str(folder)).session
+    logits = session_prefill(session, vision.cfg, p, bidirectional=False)
+    tokens = [t for t in continue_from(session, logits, len(p.ids), 8, tok.stop_ids) if t not in tok.stop_ids]
+    assert stock.text == tok.decode(tokens) and len(tokens) > 0
