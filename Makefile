@@ -43,6 +43,8 @@ bench: install
 	$(PY) -m benchmarks.reproducible
 	$(PY) -m benchmarks.source --recipes source,int4-b32-rtn,int4-b32
 	$(PY) -m benchmarks.vision
+	$(PY) -m benchmarks.vision_export --model gemma3-4b
+	$(PY) -m benchmarks.image_parity
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

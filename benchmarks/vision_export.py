@@ -2,9 +2,10 @@
 whether the converted graph still computes what PyTorch does: pixels [1, 3, S, S] -> image
 embeddings [1, 256, hidden], run in the format's runtime on a real photograph.
 
-This measures the encoder alone, converted the way each backend converts the decoder (torch.onnx
-dynamo; litert-torch; torch.export + XNNPACK); the artifacts do not carry it yet. Each format runs
-in its own process, so peak RSS is that export's alone.
+This measures the encoder alone. TFLite and PTE convert it with their backends' own pieces (the
+LiteRT-LM vision encoder and adapter sections; the `vision_encoder` method lowered to XNNPACK), as
+their artifacts carry it; ONNX, which has no image entry point yet, with torch.onnx dynamo as its
+decoder is converted. Each format runs in its own process, so peak RSS is that export's alone.
 
 Usage: python -m benchmarks.vision_export [--model gemma3-4b|tiny] [--formats onnx,tflite,pte]
 Writes benchmarks/results/vision-export-{model}.json.
@@ -59,21 +60,24 @@ def _one(model: str, fmt: str, out: Path) -> dict:
         import litert_torch
         from ai_edge_litert.interpreter import Interpreter
 
-        path = out / "vision.tflite"
-        with torch.no_grad():
-            litert_torch.convert(vision.eval(), (px,)).export(str(path))
+        from gemma_export.backends import tflite
+
+        paths = tflite._convert_vision(vision, out, litert_torch, lambda m: None)
         seconds = time.perf_counter() - t0
-        interp = Interpreter(model_path=str(path), num_threads=2)
-        runner = interp.get_signature_runner()
-        (got,) = runner(**{runner.get_input_details().popitem()[0]: px.numpy()}).values()
+        got = px.numpy()
+        for name in (tflite.VISION_ENCODER, tflite.VISION_ADAPTER):
+            runner = Interpreter(model_path=str(paths[name]), num_threads=2).get_signature_runner()
+            (got,) = runner(**{runner.get_input_details().popitem()[0]: got}).values()
     else:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from executorch.runtime import Runtime
 
+        from gemma_export.backends import executorch
+
         path = out / "vision.pte"
         with torch.no_grad():
-            ep = torch.export.export(vision, (px,), strict=False)
+            ep = torch.export.export(executorch._VisionEncoder(vision), (px,), strict=False)
             prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
         path.write_bytes(prog.buffer)
         seconds = time.perf_counter() - t0
