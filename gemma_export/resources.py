@@ -43,6 +43,11 @@ CONVERT = {
     ("pte", False): Footprint(0.56, 6.29, 2.55),
     ("pte", True): Footprint(0.71, 3.79, 1.28),
 }
+# a vision tower's image entry points, converted with the decoder (fp32 tower GiB multiples),
+# fitted to `benchmarks.vision_export` (the 4B tower alone, one process per format; its fixed part
+# is the runtime's, already in CONVERT); a format without image entry points holds the tower only
+VISION = {"tflite": Footprint(1.06, 0.0, 3.6), "pte": Footprint(0.56, 0.0, 7.3), "onnx": Footprint(0.0, 0.0, 1.0)}
+
 # the budgeted recipe's sensitivity pass (a Fisher buffer the size of the weights, and gradients)
 SENSITIVITY = Footprint(1.46, 5.58, 4.34)
 
@@ -63,13 +68,20 @@ class Estimate:
                 f"disk {self.disk / GIB:.2f} GiB")
 
 
-def estimate(cfg: Gemma3Config, recipe, formats, disk: int) -> Estimate:
+def vision_gib(vision) -> float:
+    """The fp32 GiB of a vision tower (a VisionConfig)."""
+    return 4 * vision.param_count() / GIB
+
+
+def estimate(cfg: Gemma3Config, recipe, formats, disk: int, vision=None) -> Estimate:
     """The peak memory of exporting `cfg` with `recipe` to `formats` in one process, and `disk`
-    (the artifacts' estimate, passed through)."""
+    (the artifacts' estimate, passed through). `vision`: the VisionConfig of a tower exported
+    with the decoder (its image entry points), or None."""
     quantized = not recipe.is_float
+    tower = vision_gib(vision) if vision is not None else 0.0
     stages = {}
     for fmt in formats:
-        stages[f"converting to {fmt}"] = CONVERT[(fmt, quantized)].gib(cfg)
+        stages[f"converting to {fmt}"] = CONVERT[(fmt, quantized)].gib(cfg) + VISION[fmt].layers * tower
     if len(formats) > 1:
         # every target but the last converts a copy of the (quantized) model
         table, layers = _fp32_gib(cfg)

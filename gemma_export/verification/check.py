@@ -13,13 +13,15 @@ from pathlib import Path
 
 from ..artifact import find_artifacts, is_artifact, read_manifest
 from ..errors import ArtifactError
+from ..gemma3.images import ImageSettings
 from ..lint import lint
 from ..loading import ModelSpec
 from ..progress import Progress, quiet
 from ..runtime import Opened, open_artifact, open_model, reference_for
 from ..session import TorchSession
 from .judge import Rule, Verdict, judge, judge_build
-from .parity import LOCATE_THRESHOLD, ParityResult, locate, parity, perplexity_of, schedule_for, teacher_forced
+from .parity import (LOCATE_THRESHOLD, ParityResult, image_parity, locate, parity, perplexity_of, schedule_for,
+                     teacher_forced)
 
 # the summary keys reported for the comparisons against fp32 in a relative judgement
 _FP32_KEYS = ("positions", "top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
@@ -133,10 +135,8 @@ def _image_parity(manifest, ref: Opened, test: Opened, plan: VerifyPlan, progres
     """Image prompts through the artifact against its reference, by label."""
     import matplotlib
 
-    from ..gemma3.images import ImageSettings
-    from ..gemma3.vision import VisionConfig
+    from ..gemma3.vision import VisionConfig  # torch
     from ..multimodal import image_prompt
-    from .parity import image_parity
 
     vc = VisionConfig.from_dict(manifest.images["vision"])
     settings = ImageSettings.from_dict(manifest.images["preprocessing"])
