@@ -77,7 +77,7 @@ def _one(model: str, fmt: str, out: Path) -> dict:
 
         path = out / "vision.pte"
         with torch.no_grad():
-            ep = torch.export.export(executorch._VisionEncoder(vision), (px,), strict=False)
+            ep = executorch._export_vision(vision, px)
             prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
         path.write_bytes(prog.buffer)
         seconds = time.perf_counter() - t0

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import from_fields
-from .model import RMSNorm
+from .model import RMSNorm, gelu_tanh
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,10 @@ class _MLP(nn.Module):
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
 
+    plain = False  # GELU written out (see model.plain_forms)
+
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x), self.plain))
 
 
 class _Layer(nn.Module):
