@@ -375,15 +375,6 @@ class _ImageChunk(nn.Module):
         return flag + 0
 
 
-class _VisionEncoder(nn.Module):
-    def __init__(self, vision):
-        super().__init__()
-        self.vision = vision
-
-    def forward(self, pixels):
-        return self.vision(pixels)
-
-
 class _Reset(nn.Module):
     """Zero the shared cache buffers (for drivers that reuse a loaded program across unrelated
     sequences). A fresh program needs no reset: runtimes zero-fill planned memory, and the sliding
@@ -439,7 +430,7 @@ def _export_vision(vision, pixels):
     """The tower with GELU written out: XNNPACK's own GELU puts a 27-layer tower 2e-4 of its
     largest value away from PyTorch, the written-out formula 5e-7 (the tower runs once per image)."""
     with plain_forms(vision):
-        return torch.export.export(_VisionEncoder(vision), (pixels,), strict=False)
+        return torch.export.export(vision, (pixels,), strict=False)
 
 
 def _image_methods(model, vision, cache: _Cache, job, progress, io: dict) -> dict:

@@ -132,11 +132,7 @@ class _VisionEncoder(nn.Module):
         self.vision = vision
 
     def forward(self, pixels):
-        v = self.vision
-        x = v.embeddings(pixels)
-        for layer in v.encoder.layers:
-            x = layer(x)
-        return {"features": v.post_layernorm(x)}
+        return {"features": self.vision.features(pixels)}
 
 
 class _VisionAdapter(nn.Module):

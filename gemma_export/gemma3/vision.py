@@ -191,10 +191,14 @@ class Gemma3Vision(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ConfigError(f"vision encoder {self.cfg.name!r} takes pixels [N, 3, {s}, {s}], got "
                               f"{list(pixels.shape)}")
+        return self.projector(self.features(pixels))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The encoder alone: pixels -> patch features [N, patches, width] (before the projector)."""
         x = self.embeddings(pixels.to(self.post_layernorm.weight.dtype))
         for layer in self.encoder.layers:
             x = layer(x)
-        return self.projector(self.post_layernorm(x))
+        return self.post_layernorm(x)
 
 
 def random_vision(cfg: VisionConfig, seed: int = 0) -> Gemma3Vision:

@@ -127,10 +127,11 @@ class Verdict:
 
 
 def judge(rule: Rule, artifact: dict[str, dict], recipe: dict[str, dict] | None = None,
-          greedy: tuple[list, list] | None = None) -> Verdict:
+          greedy: tuple[list, list] | dict | None = None) -> Verdict:
     """Judge an artifact's comparisons (summaries by label: one label, or several such as the
     top-k logits and the full logits of a device run). In relative mode `artifact` is against
-    fp32 and `recipe` holds the recipe in PyTorch against fp32 under the same labels."""
+    fp32 and `recipe` holds the recipe in PyTorch against fp32 under the same labels. `greedy` is
+    one (reference, test) token pair, or such pairs by label."""
     failures, checks = [], []
     prefix = len(artifact) > 1
     for label, summary in artifact.items():
@@ -140,9 +141,11 @@ def judge(rule: Rule, artifact: dict[str, dict], recipe: dict[str, dict] | None 
             checks.append({"label": label, **dataclasses.asdict(bound), "measured": value, "ok": ok})
             if not ok:
                 failures.append((f"{label}: " if prefix else "") + bound.failure(value, rule.relative))
-    if greedy is not None and rule.require_greedy and list(greedy[0]) != list(greedy[1]):
-        at = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), min(map(len, greedy)))
-        failures.append(f"greedy generation diverges at token {at} of {len(greedy[0])}")
+    pairs = greedy if isinstance(greedy, dict) else {None: greedy}  # several runs: by label
+    for label, pair in pairs.items():
+        if pair is not None and rule.require_greedy and list(pair[0]) != list(pair[1]):
+            at = next((i for i, (a, b) in enumerate(zip(*pair)) if a != b), min(map(len, pair)))
+            failures.append((f"{label}: " if label else "") + f"greedy generation diverges at token {at} of {len(pair[0])}")
     return Verdict(not failures, rule.mode, tuple(failures), tuple(checks))
 
 

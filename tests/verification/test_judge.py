@@ -60,6 +60,13 @@ def test_several_comparisons_are_labelled():
     assert v.failures == ("top-64 logits: top1_agreement = 0.5, needs >= 0.999",)
 
 
+def test_greedy_runs_are_judged_by_label():
+    rule = Rule.for_recipe("fp32")
+    v = judge(rule, {"artifact": GOOD, "image+text": GOOD},
+              greedy={None: ([1, 2], [1, 2]), "image+text": ([4, 5, 6], [4, 5, 7]), "pan-and-scan": ([1], [1])})
+    assert v.failures == ("image+text: greedy generation diverges at token 2 of 3",)
+
+
 def test_the_judge_owns_the_exit_codes():
     v = judge(Rule.for_recipe("fp32"), {"a": {**GOOD, "mean_kl": 1.0}})
     with pytest.raises(ParityError, match="art: parity FAILED: mean_kl = 1, needs <= 0.0001") as e:
