@@ -477,6 +477,14 @@ def tflite_section(bundle: Path, kind: str = "tf_lite_prefill_decode") -> tuple[
     raise ArtifactError(f"{bundle}: the LiteRT-LM bundle holds no {kind[len('tf_lite_'):]} TFLite model")
 
 
+def read_section(bundle: Path, kind: str = "tf_lite_prefill_decode") -> bytes:
+    """The bytes of a TFLite model inside a .litertlm bundle."""
+    offset, size = tflite_section(bundle, kind)
+    with bundle.open("rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 BACKEND = TfliteBackend()
 
 
@@ -488,10 +496,7 @@ class TfliteSession(BaseSession):
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         path = folder / manifest.program["file"]
-        offset, size = tflite_section(path)
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        data = read_section(path)
         with quiet.native_info_lines():  # LiteRT's environment announces its accelerators on first use
             self._open(path, data, manifest)
 
@@ -544,10 +549,7 @@ class TfliteSession(BaseSession):
     def _section(self, name: str):
         """A vision section of the bundle as its own compiled model (loaded on first use)."""
         if name not in self._sections:
-            offset, size = tflite_section(self._path, SECTIONS[name])
-            with self._path.open("rb") as f:
-                f.seek(offset)
-                data = f.read(size)
+            data = read_section(self._path, SECTIONS[name])
             compiled = require("ai_edge_litert.compiled_model", "tflite")
             with quiet.native_info_lines():
                 self._sections[name] = (compiled.CompiledModel.from_buffer(data), data)
@@ -573,7 +575,10 @@ class TfliteSession(BaseSession):
     def _run_embeddings(self, embeddings, pos, image):
         t = len(embeddings)
         sig, cm = image_name(t), self._cm
-        if not image or sig not in self._signatures:
+        if not image:
+            raise UnsupportedError("a TFLite artifact runs embeddings only as image views (no causal embeddings "
+                                   "signature)")
+        if sig not in self._signatures:
             raise UnsupportedError(f"this artifact takes image views of {self._vision['tokens_per_image']} "
                                    f"embeddings, not {t}")
         ins = {k: cm.create_input_buffer_by_name(sig, k) for k in ("embeddings", "input_pos")}
