@@ -37,7 +37,7 @@ def main() -> None:
     for recipe in ("fp32", "int8"):
         ref = open_model(TINY, recipe, prefill_len=16)
         model, tok = ref.session.model, ref.tokenizer
-        for fmt in ("pte", "tflite"):
+        for fmt in ("onnx", "pte", "tflite"):
             out = tmp / f"{fmt}-{recipe}"
             t0 = time.time()
             pipeline.export(pipeline.ExportJob.single(TINY, fmt, out, recipe=recipe, prefill_len=16))

@@ -2,10 +2,10 @@
 whether the converted graph still computes what PyTorch does: pixels [1, 3, S, S] -> image
 embeddings [1, 256, hidden], run in the format's runtime on a real photograph.
 
-This measures the encoder alone. TFLite and PTE convert it with their backends' own pieces (the
-LiteRT-LM vision encoder and adapter sections; the `vision_encoder` method lowered to XNNPACK), as
-their artifacts carry it; ONNX, which has no image entry point yet, with torch.onnx dynamo as its
-decoder is converted. Each format runs in its own process, so peak RSS is that export's alone.
+This measures the encoder alone, converted with each backend's own piece, as its artifacts carry
+it: ONNX's vision.onnx (onnxruntime-genai's vision graph), the LiteRT-LM vision encoder and adapter
+sections, the `vision_encoder` method lowered to XNNPACK. Each format runs in its own process, so
+peak RSS is that export's alone.
 
 Usage: python -m benchmarks.vision_export [--model gemma3-4b|tiny] [--formats onnx,tflite,pte]
 Writes benchmarks/results/vision-export-{model}.json.
@@ -46,15 +46,13 @@ def _one(model: str, fmt: str, out: Path) -> dict:
     if fmt == "onnx":
         import onnxruntime as ort
 
-        path = out / "vision.onnx"
-        with torch.no_grad():
-            prog = torch.onnx.export(vision, (px,), dynamo=True, input_names=["pixel_values"],
-                                     output_names=["image_features"], optimize=True, verbose=False)
-        prog.save(str(path), external_data=True)
+        from gemma_export.backends import onnx
+
+        onnx._trace_vision(vision, out, lambda m: None)
         seconds = time.perf_counter() - t0
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
-        got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
+        got = ort.InferenceSession(str(out / onnx.VISION_FILE), opts, providers=["CPUExecutionProvider"]).run(
             None, {"pixel_values": px.numpy()})[0]
     elif fmt == "tflite":
         import litert_torch
@@ -115,12 +113,17 @@ def main(argv=None):
         else:
             row = json.loads(run.stdout.strip().splitlines()[-1])
         row["wall_s"] = round(time.perf_counter() - t, 1)
+        row["measured"] = time.strftime("%Y-%m-%d")
         print(row, flush=True)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    out = {"command": f"python -m benchmarks.vision_export --model {args.model} --formats {args.formats}",
-           "rows": rows}
-    (RESULTS / f"vision-export-{args.model}.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = RESULTS / f"vision-export-{args.model}.json"
+    # a run of some formats replaces their rows and keeps the others' (each row says when it ran)
+    kept = [r for r in (json.loads(path.read_text())["rows"] if path.is_file() else [])
+            if r["format"] not in {r["format"] for r in rows}]
+    out = {"command": f"python -m benchmarks.vision_export --model {args.model} --formats {','.join(FORMATS)}",
+           "rows": sorted(kept + rows, key=lambda r: FORMATS.index(r["format"]))}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ those packages load (the CLI calls `silence()` first; library users keep their o
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -40,15 +41,17 @@ def native_info_lines(keep=("ERROR", "FATAL", "E0", "F0")):
     that report an error. Neither runtime has a switch for its log level in its Python API."""
     sys.stderr.flush()
     saved = os.dup(2)
+    routed = io.StringIO()  # ExecuTorch's bindings route its log to Python's sys.stderr instead
     with tempfile.TemporaryFile(mode="w+b") as held:
         os.dup2(held.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stderr(routed):
+                yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            for line in held.read().decode(errors="replace").splitlines():
+            for line in [*held.read().decode(errors="replace").splitlines(), *routed.getvalue().splitlines()]:
                 if line.lstrip().startswith(keep):
                     print(line, file=sys.stderr)
 

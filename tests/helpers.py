@@ -143,16 +143,17 @@ def tiny_gguf(path: Path, kind_of) -> Path:
     return source.write_gguf(bundled_gguf(), path, source.model_tensors(model), kind_of, overrides)
 
 
-def write_hf_multimodal(model, folder, seed=1):
-    """transformers' own save of a multimodal Gemma 3 holding `model` and a random tiny vision
-    encoder (our weights), with the bundled tokenizer."""
+def write_hf_multimodal(model, folder, seed=1, vision_cfg=None):
+    """transformers' own save of a multimodal Gemma 3 holding `model` and a random vision encoder
+    (our weights; the tiny one unless `vision_cfg`), with the bundled tokenizer."""
     import shutil
 
     from gemma_export.gemma3.reference import hf_multimodal_from
     from gemma_export.gemma3.vision import random_vision, vision_preset
     from gemma_export.loading import tokenizer_for
 
-    hf_multimodal_from(model, random_vision(vision_preset("tiny"), seed=seed)).save_pretrained(folder)
+    vision = random_vision(vision_cfg or vision_preset("tiny"), seed=seed)
+    hf_multimodal_from(model, vision).save_pretrained(folder)
     shutil.copy(tokenizer_for("preset", None), folder / "tokenizer.json")
     return folder
 

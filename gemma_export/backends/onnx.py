@@ -11,6 +11,10 @@ layers' as a sliding window it shifts when full) and reads only the positions in
 costs what the conversation holds, not the context. Weights are stored once, as external data;
 quantized weights are the PyTorch codes, as MatMulNBits weights or DequantizeLinear inputs. Our
 session drives the graph the way genai does, one shared OrtValue per cache.
+
+A model with a vision encoder gets genai's vision-model layout instead: vision.onnx (pixels ->
+image features), embedding.onnx (token ids + features -> embeddings) and a decoder that takes the
+embeddings and the token ids, whose runs of image tokens attend both ways (see _Graph._step).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, ExportError, UnsupportedError
 from ..gemma3 import family
-from ..gemma3.model import plain_forms
+from ..gemma3.images import ImageSettings
+from ..gemma3.model import NEG_INF, plain_forms, rotate_half
+from ..gemma3.vision import image_groups
 from ..quant.packing import pack_int4, unpack_int4
 from ..session import BaseSession
 from ..trace import HIDDEN, cache_names, float_twin
@@ -37,11 +43,16 @@ OPSET = 18
 QUANT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 TABLE = f"{family.TABLE}.weight"
 CONFIG = "genai_config.json"
+PROCESSOR_CONFIG = "processor_config.json"  # genai's image preprocessing
 TOKENIZER_CONFIG = "tokenizer_config.json"  # genai's tokenizer does not load without it
 # genai's local buffers hold window + cache_slack slots; the attention kernel shifts a full buffer
 # by the slack at once, so a larger slack moves the cache less often (16 is genai's CPU default)
 SLACK = 16
 FORWARD = "decoder"
+# image prompts, as onnxruntime-genai's vision models split them: pixels -> image features
+# (vision), token ids + features -> embeddings (embedding), embeddings -> logits (the decoder)
+VISION, VISION_FILE = "vision", "vision.onnx"
+EMBEDDING, EMBEDDING_FILE = "embedding", "embedding.onnx"
 
 
 def genai_names(num_layers: int) -> list[str]:
@@ -67,6 +78,20 @@ def _(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, 
     return q.new_empty(q.shape), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
+@torch.library.custom_op("gemma_export::group_query_attention_masked", mutates_args=())
+def _gqa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                seqlens_k: torch.Tensor, total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention on a full-length buffer with our own mask (an additive bias [1, 1, T,
+    total]) in place of its causal one: a placeholder for tracing, like _gqa."""
+    raise UnsupportedError("group_query_attention runs only inside onnxruntime")
+
+
+@_gqa_masked.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, bias, num_heads, kv_heads, scale):
+    return q.new_empty(q.shape), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
 def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv_heads, scale, window):
     """com.microsoft GroupQueryAttention: K/V written into the past buffers at the sequence's
     position (present shares the buffer), the queries attend to what is in use. A local layer's
@@ -81,6 +106,16 @@ def _gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, num_heads, kv
                scale=scale, local_window_size=window, do_rotary=1, rotary_interleaved=0, _outputs=3, **ring)
 
 
+def _gqa_masked_onnx(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, bias, num_heads, kv_heads, scale):
+    """GroupQueryAttention with causal=0 and our mask as its attention_bias (no position_ids)."""
+    from onnxscript import values
+
+    gqa = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
+    return gqa(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, None, bias, num_heads=num_heads,
+               kv_num_heads=kv_heads, scale=scale, local_window_size=-1, do_rotary=1, rotary_interleaved=0, causal=0,
+               _outputs=3)
+
+
 @functools.cache
 def _gqa_schema():
     """The part of onnxruntime's GroupQueryAttention signature we use (onnx ships no schema for
@@ -91,15 +126,76 @@ def _gqa_schema():
     t, m = "T", "M"
     attrs = [OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in
              ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
-              "sliding_window_cache")]
+              "sliding_window_cache", "causal")]
     attrs.append(OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""))
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[p("query", t), p("key", t), p("value", t), p("past_key", t), p("past_value", t),
-                p("seqlens_k", m), p("total_sequence_length", m), p("cos_cache", t), p("sin_cache", t)],
+                p("seqlens_k", m), p("total_sequence_length", m), p("cos_cache", t), p("sin_cache", t),
+                p("position_ids", "P", param_option=OpSchema.FormalParameterOption.Optional),
+                p("attention_bias", t, param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[p("output", t), p("present_key", t), p("present_value", t)],
-        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], ""), (m, ["tensor(int32)"], "")],
+        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], ""), (m, ["tensor(int32)"], ""),
+                          ("P", ["tensor(int64)"], "")],
         attributes=attrs)
+
+
+def _resident(t: torch.Tensor, capacity: int, window: int) -> torch.Tensor:
+    """How many positions a windowed GroupQueryAttention buffer holds after `t` tokens: all of them
+    up to its capacity, then it evicts capacity - window + 1 at a time (the op's documented layout:
+    rows [0, L) hold the L most recent positions in order)."""
+    g = capacity - window + 1
+    over = torch.clamp(t - capacity, min=0)
+    return t - g * ((over + g - 1) // g)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """[1, T, heads*d] -> [1, heads, T, d] rotated as the kernel's half-split RoPE (cos/sin [T, d/2])."""
+    b, t, _ = x.shape
+    x = x.view(b, t, heads, -1).transpose(1, 2)
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _chunk_mask(groups: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, T] bool: which of a chunk's tokens each of its tokens sees. Causal (within the window on
+    a local layer), and an image view's tokens (the same group >= 0) see each other."""
+    t = groups.shape[0]
+    i = torch.arange(t, dtype=groups.dtype)
+    diff = i[:, None] - i[None, :]
+    ok = diff >= 0
+    if window is not None:
+        ok = ok & (diff < window)
+    return ok | ((groups[:, None] == groups[None, :]) & (groups[:, None] >= 0))
+
+
+def _local_images(q, k, v, past_k, past_v, pos, groups, cos_table, sin_table, heads: int, kv_heads: int,
+                  scale: float, window: int):
+    """A local layer's attention for a chunk holding image views, on a windowed GroupQueryAttention
+    buffer: the kernel masks causally whenever it windows, so the chunk is computed here from the
+    resident rows and the new keys, and the buffer is rewritten in the kernel's own layout so that
+    the steps after it run on GroupQueryAttention again."""
+    b, t, _ = q.shape
+    capacity, d = past_k.shape[2], past_k.shape[3]
+    positions = pos + torch.arange(t, dtype=pos.dtype)
+    cos, sin = cos_table.index_select(0, positions), sin_table.index_select(0, positions)
+    keys = torch.cat((past_k, _rotate(k, cos, sin, kv_heads)), 2)  # [1, kv, C + T, d]
+    values = torch.cat((past_v, v.view(b, t, kv_heads, d).transpose(1, 2)), 2)
+    held = _resident(pos, capacity, window)
+    rows = torch.arange(capacity, dtype=pos.dtype)
+    past_pos = pos - held + rows  # the position in each row (rows >= held are stale)
+    ok = (rows[None, :] < held) & (positions[:, None] - past_pos[None, :] < window)
+    ok = torch.cat((ok, _chunk_mask(groups, window)), 1)
+    rep = heads // kv_heads
+    mask = torch.where(ok, 0.0, NEG_INF).to(q.dtype).repeat(rep, 1)
+    qg = (_rotate(q, cos, sin, heads) * scale).reshape(b, kv_heads, rep * t, d)
+    probs = torch.softmax(torch.matmul(qg, keys.transpose(2, 3)) + mask, dim=-1)
+    out = torch.matmul(probs, values).reshape(b, heads, t, d).transpose(1, 2).reshape(b, t, heads * d)
+    # the layout after the chunk: rows [0, L) hold the L most recent positions
+    end = pos + t
+    latest = end - _resident(end, capacity, window) + rows
+    index = torch.where(latest >= pos, capacity + latest - pos, latest - pos + held).clamp(0, capacity + t - 1)
+    return out, keys.index_select(2, index), values.index_select(2, index)
 
 
 class _Graph(torch.nn.Module):
@@ -107,9 +203,9 @@ class _Graph(torch.nn.Module):
     exporter takes per-layer caches only that way (as separate positional arguments they fail its
     dynamic-shape check). Attention is onnxruntime's GroupQueryAttention on the shared buffers."""
 
-    def __init__(self, model, hidden: bool):
+    def __init__(self, model, hidden: bool, image_token_id: int | None = None):
         super().__init__()
-        self.model, self.hidden = model, hidden
+        self.model, self.hidden, self.image_token_id = model, hidden, image_token_id
         # RoPE tables for GroupQueryAttention, one pair per layer type, every position of the context
         for kind, is_global in (("local", False), ("global", True)):
             cos, sin = model.rope_tables(is_global, model.max_context)
@@ -117,23 +213,75 @@ class _Graph(torch.nn.Module):
             self.register_buffer(f"sin_cache_{kind}", sin, persistent=False)
 
     def forward(self, input_ids, attention_mask, caches: list):
+        return self._step(self.model.embed(input_ids.to(torch.int32)), attention_mask, caches)
+
+    def _step(self, x, attention_mask, caches: list, input_ids=None):
         cfg = self.model.cfg
-        t = input_ids.shape[1]
+        t = x.shape[1]
         pos = torch.full((1,), attention_mask.shape[1] - t, dtype=torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
         total = pos[0] + t  # GroupQueryAttention's total_sequence_length (scalar) and seqlens_k = total - 1
         seqlens = pos + (t - 1)
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+        if input_ids is not None:  # a chunk with image tokens: its views attend both ways
+            images = (input_ids[0] == self.image_token_id).any()
+            groups = image_groups(input_ids[0], self.image_token_id).to(torch.int32)
 
         def attention(q, k, v, k_cache, v_cache, is_global, scale):
             window, kind = (-1, "global") if is_global else (cfg.sliding_window, "local")
-            cos, sin = getattr(self, f"cos_cache_{kind}"), getattr(self, f"sin_cache_{kind}")
-            return _gqa(q, k, v, k_cache, v_cache, seqlens, total, cos, sin, cfg.num_heads, cfg.num_kv_heads, scale,
-                        window)
+            args = (q, k, v, k_cache, v_cache, seqlens, total, getattr(self, f"cos_cache_{kind}"),
+                    getattr(self, f"sin_cache_{kind}"))
+
+            def text(*a):
+                return _gqa(*a[:9], heads, kv, scale, window)
+
+            if input_ids is None:
+                return text(*args)
+
+            # the mask's width comes from attention_mask's shape (an operand: its length is symbolic)
+            def with_images(q, k, v, k_cache, v_cache, seqlens, total, cos, sin, attention_mask, groups):
+                t = q.shape[1]
+                start = seqlens - (t - 1)
+                if is_global:  # a full-length buffer: the kernel itself, with our mask as its bias
+                    past = torch.ones(t, attention_mask.shape[1] - t, dtype=torch.bool)
+                    ok = torch.cat((past, _chunk_mask(groups, None)), 1)
+                    bias = torch.where(ok, 0.0, NEG_INF).to(q.dtype)[None, None]
+                    return _gqa_masked(q, k, v, k_cache, v_cache, seqlens, total, cos, sin, bias, heads, kv, scale)
+                return _local_images(q, k, v, k_cache, v_cache, start, groups, cos, sin, heads, kv, scale, window)
+
+            return torch.cond(images, with_images, text, (*args, attention_mask, groups))
 
         attention.rotary = True  # q and k come before RoPE
 
-        out = self.model.step(input_ids.to(torch.int32), pos, length, caches, hidden=self.hidden, attention=attention)
+        out = self.model.decode(x, pos, length, caches, hidden=self.hidden, attention=attention)
         return (out[0], *out[1], *out[2:])
+
+
+class _ImageGraph(_Graph):
+    """The decoder as genai's vision models drive it: embeddings in (the embedding graph places the
+    image features among the text's), and the token ids beside them, which genai feeds too: a
+    chunk's runs of image tokens are image views whose tokens see each other, as Gemma 3 wants."""
+
+    def forward(self, inputs_embeds, attention_mask, input_ids, caches: list):
+        return self._step(inputs_embeds, attention_mask, caches, input_ids)
+
+
+class _Embedding(torch.nn.Module):
+    """genai's embedding graph: token ids and the images' features -> the decoder's embeddings, the
+    image tokens' rows taken in order from the features (none on a text-only step)."""
+
+    def __init__(self, model, image_token_id: int):
+        super().__init__()
+        self.model, self.image_token_id = model, image_token_id
+
+    def forward(self, input_ids, image_features):
+        ids = input_ids[0]
+        is_image = ids == self.image_token_id
+        text = self.model.embed(torch.where(is_image, 0, ids).to(torch.int32)[None])[0]
+        # one zero row after the features, so the gather has a row to read when there are none
+        rows = torch.cat((image_features.reshape(-1, text.shape[-1]), text.new_zeros(1, text.shape[-1])))
+        at = (torch.cumsum(is_image.to(torch.int64), 0) - 1).clamp(0, rows.shape[0] - 1)
+        return torch.where(is_image[:, None], rows.index_select(0, at), text)[None]
 
 
 class OnnxBackend:
@@ -151,6 +299,8 @@ class OnnxBackend:
                     stock_args=("-m", "artifact", "-e", "cpu", "--prompt", "{prompt}", "--max_length", "{seq_len}",
                                 "--greedy"))
 
+    images = True  # vision and embedding graphs beside a decoder that takes embeddings
+
     def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
         onnx = require("onnx", self.name)
         require("onnxscript", self.name)
@@ -159,22 +309,41 @@ class OnnxBackend:
         codes = float_twin(model, activation_ops=lambda scheme: not _runtime_quantizes(scheme))
         model.local_slack = SLACK
         cache_lengths = tuple(model.cache_lengths())
-        _trace(model, job, workdir, progress)
-        _write_genai_config(workdir, model.cfg, job, vocab)
+        _trace(model, job, workdir, progress, images=None if vision is None else vision.cfg.image_token_id)
+        graphs = {FORWARD: FILE}
+        if vision is not None:
+            _trace_embedding(model, vision.cfg, workdir, progress)
+            _trace_vision(vision, workdir, progress)
+            graphs.update({EMBEDDING: EMBEDDING_FILE, VISION: VISION_FILE})
+        _write_genai_config(workdir, model.cfg, job, vocab, None if vision is None else vision.cfg)
         opset = OPSET
         if codes:
             progress(f"replacing {len(codes)} weights by DequantizeLinear of their integer codes")
             _lower_codes(workdir, codes)
+            if vision is not None:  # the embedding graph gathers rows of the same quantized table
+                _lower_codes(workdir, {TABLE: codes[TABLE]} if TABLE in codes else {}, EMBEDDING_FILE)
             opset = QUANT_OPSET
-        if not (workdir / DATA).is_file():
-            raise ExportError(f"onnx export wrote no external data file {DATA}")
-        progress("onnx.checker (full check)")
-        onnx.checker.check_model(str(workdir / FILE), full_check=True)
-        io = _io(onnx.load(str(workdir / FILE), load_external_data=False).graph)
+        entry_points = {}
+        for name, file in graphs.items():
+            if not (workdir / _data(file)).is_file():
+                raise ExportError(f"onnx export wrote no external data file {_data(file)}")
+            progress(f"onnx.checker (full check of {file})")
+            onnx.checker.check_model(str(workdir / file), full_check=True)
+            if name == EMBEDDING:
+                _unshape_input(workdir / file, "image_features")
+            io = _io(onnx.load(str(workdir / file), load_external_data=False).graph)
+            entry_points[name] = {"graph": file, **({"chunk": f"1..{job.max_context}"} if name == FORWARD else {}), **io}
+        images = None
+        if vision is not None:
+            images = (vision.cfg, {"vision_encoder": VISION, "token_embedding": EMBEDDING, "text_decoder": FORWARD})
         return Exported(
-            entry_points={FORWARD: {"graph": FILE, "chunk": f"1..{job.max_context}", **io}},
+            images=images,
+            entry_points=entry_points,
             program={"file": FILE, "external_data": DATA, "opset": opset, "genai_config": CONFIG,
                      "kv_cache": "past_key_values.i -> present.i, one shared buffer each",
+                     **({"graphs": sorted(graphs.values()),
+                         "image_views": "the decoder's input_ids mark image tokens: each run of them attends both "
+                                        "ways"} if vision is not None else {}),
                      "debug_output": HIDDEN if job.debug_outputs else None, "quantized_weights": sorted(codes)},
             versions=versions("onnx", "onnxruntime", "onnxscript"), cache_lengths=cache_lengths)
 
@@ -207,14 +376,15 @@ class OnnxBackend:
         return list(out.values())
 
     def declared_io(self, folder: Path, manifest: Manifest) -> dict[str, dict]:
-        """The graph's inputs and outputs (the weights are not read)."""
+        """Each graph's inputs and outputs (the weights are not read)."""
         onnx = require("onnx", self.name)
         from onnx import helper
 
-        try:
-            graph = onnx.load(str(folder / manifest.program["file"]), load_external_data=False).graph
-        except Exception as e:  # onnx raises DecodeError and others on a damaged file
-            raise ArtifactError(f"{folder / manifest.program['file']}: not a readable ONNX model ({e})") from None
+        def load(file):
+            try:
+                return onnx.load(str(folder / file), load_external_data=False).graph
+            except Exception as e:  # onnx raises DecodeError and others on a damaged file
+                raise ArtifactError(f"{folder / file}: not a readable ONNX model ({e})") from None
 
         def describe(values):
             out = []
@@ -225,8 +395,12 @@ class OnnxBackend:
                             "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type))})
             return out
 
-        (entry,) = manifest.entry_points or {"decoder": None}
-        return {entry: {"inputs": describe(graph.input), "outputs": describe(graph.output)}}
+        files = {name: e.get("graph", manifest.program["file"]) for name, e in manifest.entry_points.items()}
+        out = {}
+        for name, file in (files or {FORWARD: manifest.program["file"]}).items():
+            graph = load(file)
+            out[name] = {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+        return out
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
         """Greedy text from onnxruntime-genai on the folder as shipped (its tokenizer adds no <bos>)."""
@@ -254,27 +428,90 @@ class OnnxBackend:
 BACKEND = OnnxBackend()
 
 
-def _trace(model, job, workdir: Path, progress) -> None:
+def _data(file: str) -> str:
+    return f"{file}.data"  # where torch.onnx and _lower_codes put a graph's external weights
+
+
+def _trace(model, job, workdir: Path, progress, images: int | None = None) -> None:
+    """The decoder graph; with `images` (the image token id), the form that takes embeddings and
+    the token ids beside them."""
     pasts = genai_names(model.cfg.num_layers)
     caches = model.new_cache()
     t = job.prefill_len
     # a whole prompt may come in one call (genai does not chunk), so T runs to the context
     chunk = torch.export.Dim("T", min=1, max=job.max_context)
     total = torch.export.Dim("total", min=1, max=job.max_context)
-    sample = (torch.zeros(1, t, dtype=torch.int64), torch.ones(1, t, dtype=torch.int64), caches)
-    dynamic = {"input_ids": {1: chunk}, "attention_mask": {1: total}, "caches": [None] * len(caches)}
+    mask = torch.ones(1, t, dtype=torch.int64)
+    if images is not None:
+        graph = _ImageGraph(model, hidden=job.debug_outputs, image_token_id=images).eval()
+        sample = (torch.zeros(1, t, model.cfg.hidden_size, dtype=model.dtype), mask,
+                  torch.zeros(1, t, dtype=torch.int64), caches)
+        first, extra = "inputs_embeds", {"input_ids": {1: chunk}}
+    else:
+        graph = _Graph(model, hidden=job.debug_outputs).eval()
+        sample, first, extra = (torch.zeros(1, t, dtype=torch.int64), mask, caches), "input_ids", {}
+    dynamic = {first: {1: chunk}, "attention_mask": {1: total}, **extra, "caches": [None] * len(caches)}
     outputs = ["logits", *map(present_name, pasts)] + ([HIDDEN] if job.debug_outputs else [])
-    graph = _Graph(model, hidden=job.debug_outputs).eval()
     progress("torch.onnx.export (dynamo)")
     with torch.no_grad(), plain_forms(model):
         program = torch.onnx.export(
             graph, sample, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=True,
-            input_names=["input_ids", "attention_mask", *pasts], output_names=outputs, optimize=True, verbose=False,
-            custom_translation_table={torch.ops.gemma_export.group_query_attention.default: _gqa_onnx},
+            input_names=[first, "attention_mask", *extra, *pasts], output_names=outputs, optimize=True, verbose=False,
+            custom_translation_table={torch.ops.gemma_export.group_query_attention.default: _gqa_onnx,
+                                      torch.ops.gemma_export.group_query_attention_masked.default: _gqa_masked_onnx},
         )
     _fuse_norms(program.model)
     progress("saving graph and external weights")
     program.save(str(workdir / FILE), external_data=True)
+    del program
+    gc.collect()
+
+
+def _trace_embedding(model, vc, workdir: Path, progress) -> None:
+    """embedding.onnx: input_ids int64 [1, T], image_features [N, tokens, hidden] (N = 0 on a text
+    step) -> inputs_embeds [1, T, hidden]."""
+    h = model.cfg.hidden_size
+    chunk = torch.export.Dim("T", min=1, max=model.max_context)
+    images = torch.export.Dim("images", min=0, max=max(2, model.max_context // vc.tokens_per_image))
+    # shapes only: two images (one would pin their dimension to 1), a short chunk
+    sample = (torch.full((1, 8), vc.image_token_id, dtype=torch.int64),
+              torch.zeros(2, vc.tokens_per_image, h, dtype=model.dtype))
+    progress("torch.onnx.export (dynamo) of the embedding graph")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Embedding(model, vc.image_token_id).eval(), sample, dynamic_shapes={"input_ids": {1: chunk},
+                                                                                 "image_features": {0: images}},
+            dynamo=True, opset_version=OPSET, external_data=True, input_names=["input_ids", "image_features"],
+            output_names=["inputs_embeds"], optimize=True, verbose=False)
+    program.save(str(workdir / EMBEDDING_FILE), external_data=True)
+    del program
+    gc.collect()
+
+
+def _unshape_input(path: Path, name: str) -> None:
+    """Declare an input with no shape: genai feeds the embedding graph image features [N, tokens,
+    hidden] with images and [0, hidden] without, and onnxruntime checks a declared rank. (onnx's
+    checker wants a shape, so this comes after it.)"""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    (value,) = [v for v in model.graph.input if v.name == name]
+    value.type.tensor_type.ClearField("shape")
+    onnx.save(model, str(path))
+
+
+def _trace_vision(vision, workdir: Path, progress) -> None:
+    """vision.onnx: pixel_values float32 [N, 3, S, S] -> image_features [N, tokens, hidden] (float:
+    a recipe quantizes the text decoder only)."""
+    s = vision.cfg.image_size
+    progress("torch.onnx.export (dynamo) of the vision encoder")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            vision.eval(), (torch.zeros(2, 3, s, s),), dynamic_shapes={"pixels": {0: torch.export.Dim("images", min=1,
+                                                                                                       max=64)}},
+            dynamo=True, opset_version=OPSET, external_data=True, input_names=["pixel_values"],
+            output_names=["image_features"], optimize=True, verbose=False)
+    program.save(str(workdir / VISION_FILE), external_data=True)
     del program
     gc.collect()
 
@@ -311,9 +548,10 @@ def _plain_rms_norm_rule():
     return PlainRmsNorm.rule()
 
 
-def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:
+def _write_genai_config(workdir: Path, cfg, job, vocab, vc=None) -> None:
     """genai_config.json (the model, its window and stop tokens for onnxruntime-genai) and the
-    tokenizer_config.json its tokenizer needs, with the chat template."""
+    tokenizer_config.json its tokenizer needs, with the chat template. With a vision config `vc`,
+    genai's vision-model layout: vision and embedding graphs, the decoder taking embeddings."""
     import json
 
     local = [i for i in range(cfg.num_layers) if not cfg.is_global(i)]
@@ -342,6 +580,18 @@ def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:
                    "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "early_stopping": True,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
+    if vc is not None:  # genai's vision-model pipeline: vision -> embedding -> decoder (given the ids too)
+        model = config["model"]
+        model["type"] = "gemma3"
+        model["image_token_id"] = vc.image_token_id
+        model["decoder"]["inputs"] = {"inputs_embeds": "inputs_embeds", **model["decoder"]["inputs"]}
+        model["embedding"] = {"filename": EMBEDDING_FILE, "inputs": {"input_ids": "input_ids",
+                                                                     "image_features": "image_features"},
+                              "outputs": {"inputs_embeds": "inputs_embeds"}}
+        model["vision"] = {"filename": VISION_FILE, "config_filename": PROCESSOR_CONFIG,
+                           "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"}}
+        (workdir / PROCESSOR_CONFIG).write_text(json.dumps(_processor_config(ImageSettings(size=vc.image_size)),
+                                                           indent=2))
     (workdir / CONFIG).write_text(json.dumps(config, indent=2))
     tokens = {k: v for k, v in family.SPECIAL_TOKENS.items() if k in ("bos", "eos", "pad")}
     (workdir / TOKENIZER_CONFIG).write_text(json.dumps({
@@ -351,13 +601,26 @@ def _write_genai_config(workdir: Path, cfg, job, vocab) -> None:
     }, indent=2))
 
 
+def _processor_config(settings: ImageSettings) -> dict:
+    """genai's image preprocessing (onnxruntime-extensions' pipeline): the manifest's settings,
+    without pan-and-scan (genai has none); its resize is not Pillow's, so pixels differ slightly."""
+    ops = [("decode_image", "DecodeImage", {"color_space": "RGB"}),
+           ("resize", "Resize", {"interpolation": "LINEAR", "width": settings.size, "height": settings.size,
+                                 "keep_aspect_ratio": 0}),
+           ("rescale", "Rescale", {"rescale_factor": settings.rescale}),
+           ("normalize", "Normalize", {"mean": list(settings.mean), "std": list(settings.std)}),
+           ("to_channel_first", "Permute3D", {"dims": [2, 0, 1]})]
+    return {"processor": {"name": "gemma_3_image_processing", "transforms": [
+        {"operation": {"name": name, "type": kind, "attrs": attrs}} for name, kind, attrs in ops]}}
+
+
 def _stop_ids(folder: Path) -> set[int]:
     import json
 
     return set(json.loads((folder / CONFIG).read_text())["model"]["eos_token_id"])
 
 
-def _lower_codes(workdir: Path, codes: dict) -> None:
+def _lower_codes(workdir: Path, codes: dict, file: str = FILE) -> None:
     """Replace each quantized weight's float initializer by its integer codes.
 
     The exporter may store a weight as given ([out, in]) or transposed ([in, out]); initializers
@@ -366,7 +629,9 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    path = workdir / FILE
+    if not codes:
+        return
+    path = workdir / file
     model = onnx.load(str(path))  # with external data
     graph = model.graph
     floats = ((i.name, numpy_helper.to_array(i)) for i in graph.initializer
@@ -393,18 +658,18 @@ def _lower_codes(workdir: Path, codes: dict) -> None:
     keep += _lower_matmul_groups(graph, matmuls)
     # constants only the replaced nodes read (reshape shapes, ...): onnxruntime would drop them at
     # load with a warning per constant
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read = {i for n in graph.node for i in _reads(n)} | {o.name for o in graph.output}
     del graph.initializer[:]
     graph.initializer.extend(i for i in keep if i.name in read)
+    _toposort(graph)  # the lowered nodes were appended
     if any(n.domain == "com.microsoft" for n in graph.node):
-        _toposort(graph)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = max(op.version, QUANT_OPSET)
-    (workdir / DATA).unlink()  # saving appends to an existing data file
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA,
+    (workdir / _data(file)).unlink()  # saving appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=_data(file),
               size_threshold=1024)
 
 
@@ -621,13 +886,23 @@ def _lower_table(graph, table: str, q: np.ndarray, s: np.ndarray, scheme) -> lis
     return inits
 
 
+def _reads(node) -> list[str]:
+    """A node's inputs and the outer names its subgraphs (an If's branches) read."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            made = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+            names += [i for n in g.node for i in _reads(n) if i not in made]
+    return names
+
+
 def _toposort(graph) -> None:
     ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     ordered, pending = [], list(graph.node)
     while pending:
         rest = []
         for n in pending:
-            if all(i in ready for i in n.input):
+            if all(i in ready for i in _reads(n)):
                 ordered.append(n)
                 ready.update(n.output)
             else:
@@ -664,40 +939,63 @@ def _io(graph) -> dict:
 
 class OnnxSession(BaseSession):
     """The graph driven as onnxruntime-genai drives it: tokens at their own length, an all-ones
-    mask as long as the sequence so far, and each present bound to its past's buffer."""
+    mask as long as the sequence so far, and each present bound to its past's buffer. An artifact
+    with image entry points runs text through its embedding graph first, as genai does."""
 
     pads_prefill = False  # the graph's chunk length is dynamic
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         ort = require("onnxruntime", "onnx")
-        path = folder / manifest.program["file"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and, by default
-        # (accuracy level 4), quantizes the activations again inside it. The graph already carries
-        # the recipe's activation quantization, so the fused kernel must compute in fp32 (level 1):
-        # then it matches PyTorch exactly.
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        try:
-            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
-        self._ort = ort
+        self._ort, self._folder, self._threads = ort, folder, threads
+        self._sess = self._load(manifest.program["file"], quantized=True)
         self.info = session_info(manifest)
+        self._bos = manifest.tokenizer.bos
         self._names = genai_names(manifest.num_layers)
         self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
         self._has_hidden = HIDDEN in {o.name for o in self._sess.get_outputs()}
+        self._embeds = "inputs_embeds" in self._shapes
+        images = manifest.images or {}
+        self._graphs = {role: manifest.entry_points[name]["graph"] for role, name in
+                        images.get("entry_points", {}).items() if name in manifest.entry_points}
+        self._embedding = self._load(self._graphs["token_embedding"]) if self._embeds else None
+        if self._embedding is not None:  # a text step places no image features ([0, hidden], as genai feeds it)
+            self._no_images = np.zeros((0, manifest.hidden_size), np.float32)
+            self._image_token = images["vision"]["image_token_id"]
+        self._vision = None  # loaded on the first image
         self.reset()
+
+    def _load(self, file: str, quantized: bool = False):
+        ort = self._ort
+        path = self._folder / file
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.inter_op_num_threads = 1
+        if quantized:
+            # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits and, by default
+            # (accuracy level 4), quantizes the activations again inside it. The graph already carries
+            # the recipe's activation quantization, so the fused kernel must compute in fp32 (level 1):
+            # then it matches PyTorch exactly.
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
 
     def reset(self) -> None:
         self._cache = {
             n: self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shapes[n], dtype=np.float32)) for n in self._names
         }
 
-    def _step(self, tokens: np.ndarray, pos: int, hidden: bool):
+    def _step(self, tokens: np.ndarray, pos: int, hidden: bool, embeddings: np.ndarray | None = None):
+        """One chunk. An artifact with image entry points takes embeddings and the token ids: by
+        default the text's own, through the embedding graph as genai runs it."""
         b = self._sess.io_binding()
-        b.bind_cpu_input("input_ids", tokens.astype(np.int64))
+        tokens = tokens.astype(np.int64)
+        if self._embeds:
+            if embeddings is None:
+                (embeddings,) = self._embedding.run(None, {"input_ids": tokens, "image_features": self._no_images})
+            b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeddings, np.float32))
+        b.bind_cpu_input("input_ids", tokens)
         b.bind_cpu_input("attention_mask", np.ones((1, pos + tokens.shape[1]), dtype=np.int64))
         b.bind_output("logits", "cpu")  # outputs come back in binding order
         if self._has_hidden:  # every output is bound; only `_hidden` reads this one
@@ -711,6 +1009,21 @@ class OnnxSession(BaseSession):
 
     def _run(self, tokens, pos, n, decode):
         return self._step(tokens, pos, hidden=False)[0]
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        if "vision_encoder" not in self._graphs:
+            raise UnsupportedError("this artifact has no image entry points")
+        if self._vision is None:
+            self._vision = self._load(self._graphs["vision_encoder"])
+        return self._vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0][0]
+
+    def _run_embeddings(self, embeddings: np.ndarray, pos: int, image: bool) -> np.ndarray:
+        """The decoder sees a view by its token ids: image tokens attend both ways; a causal view
+        (image=False) goes in under another id (<bos>'s), as text."""
+        if not self._embeds:
+            raise UnsupportedError("this artifact has no image entry points")
+        ids = np.full((1, len(embeddings)), self._image_token if image else self._bos, np.int64)
+        return self._step(ids, pos, hidden=False, embeddings=embeddings[None])[0]
 
     def _hidden(self, tokens, n):
         if not self._has_hidden:

@@ -16,7 +16,7 @@ from gemma_export.multimodal import image_prompt, prefill, session_prefill
 from gemma_export.verification.metrics import Comparison
 
 PHOTO = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
-FORMATS = ["pte", "tflite"]
+FORMATS = ["onnx", "pte", "tflite"]
 
 
 @pytest.fixture(scope="module")
