@@ -94,6 +94,13 @@ greedy_options = _options(
     click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy tokens to compare."),
     click.option("--prompt", default="The capital of France is", show_default=True, help="Prompt for the greedy run."),
 )
+image_options = _options(
+    click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                 help="For an artifact with image entry points: the image(s) of the image prompts, run as they are "
+                      "and with pan-and-scan [default: a photograph from matplotlib's sample data, widened for "
+                      "pan-and-scan]."),
+    click.option("--no-images", is_flag=True, help="Skip the image prompts."),
+)
 
 
 def _text(text) -> Path:
@@ -336,11 +343,7 @@ def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, 
 @click.option("--locate", is_flag=True, help="Also name the first decoder layer whose hidden state diverges.")
 @click.option("--locate-threshold", type=float, default=None,
               help="Relative error that counts as diverging for --locate [default: 0.01].")
-@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="For an artifact with image entry points: the image(s) of the image prompts, run as they are "
-                   "and with pan-and-scan [default: a photograph from matplotlib's sample data, widened for "
-                   "pan-and-scan].")
-@click.option("--no-images", is_flag=True, help="Skip the image prompts.")
+@image_options
 @threads_option
 @json_option
 @error_boundary
@@ -472,22 +475,25 @@ def evaluate(model, text, positions, recipe, reference, no_reference, random_wei
               help="Teacher-forced positions [default: two sliding windows plus a prefill chunk].")
 @greedy_options
 @reference_option
+@image_options
 @threads_option
 @json_option
 @error_boundary
-def bundle(artifact, out, text, positions, new_tokens, prompt, reference, threads, as_json):
+def bundle(artifact, out, text, positions, new_tokens, prompt, reference, images, no_images, threads, as_json):
     """Write a golden bundle: inputs, reference outputs and an adb runner script for ARTIFACT."""
     from . import api
 
-    plan = BundlePlan(_text(text), positions, new_tokens, prompt, reference=reference, threads=threads)
+    plan = BundlePlan(_text(text), positions, new_tokens, prompt, reference=reference, threads=threads,
+                      images=None if no_images else tuple(images))
     index = api.bundle(artifact, out, plan, _progress())
     if as_json:
         return _echo_json(index)
     calls = index["calls"]
     click.echo(f"{out}: golden bundle for {index['artifact']['format']} artifact {index['artifact']['name']}: "
                f"{index['positions']} positions in {calls['prefill']} prefill + {calls['decode']} decode calls, "
-               f"{index['greedy']['new_tokens']} greedy tokens; run it with {out}/{index['runner']['script']} "
-               f"or gemma-export bundle-run")
+               f"{index['greedy']['new_tokens']} greedy tokens"
+               + (f", {len(index['images']['prompts'])} image prompts" if "images" in index else "")
+               + f"; run it with {out}/{index['runner']['script']} or gemma-export bundle-run")
 
 
 @cli.command("bundle-run")

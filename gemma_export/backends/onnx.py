@@ -465,6 +465,22 @@ def _trace(model, job, workdir: Path, progress, images: int | None = None) -> No
     program.save(str(workdir / FILE), external_data=True)
     del program
     gc.collect()
+    _drop_unused_constants(workdir / FILE)
+
+
+def _drop_unused_constants(path: Path) -> None:
+    """Constants no node reads (the exporter leaves a few): onnxruntime would warn about each at
+    every load."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    read = {i for n in graph.node for i in _reads(n)} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in read]
+    if len(kept) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        onnx.save(model, str(path))
 
 
 def _trace_embedding(model, vc, workdir: Path, progress) -> None:

@@ -11,6 +11,10 @@ A bundle folder holds
   run_on_device.sh  pushes artifact + inputs to an adb-connected phone, runs the format's runner,
                     pulls the outputs back
 
+An artifact with image entry points also gets image prompts (`image{i}_*`): the prompt's token
+ids with the soft tokens in place, its views' pixels, and the reference's greedy tokens to feed
+after it; the runner reports the logits after the prompt and after each of those tokens.
+
 A runner (on a phone, in a simulator, or `run_bundle` here on the desktop) writes the files of
 `OUTPUTS` into an outputs folder; `check_outputs` compares them with the reference outputs and
 asks the judge, with the same rule `verify` applies to the artifact.
@@ -61,6 +65,10 @@ class BundlePlan:
     topk: int = 64
     reference: str | None = None  # None: the model the artifact came from
     threads: int = 2
+    images: tuple | None = ()  # image paths for an artifact with images (() the default photographs, None none)
+
+
+IMAGE_NEW_TOKENS = 8  # tokens an image prompt is followed along (each costs a full row of logits)
 
 
 def call_plan(n: int, prefill_len: int) -> np.ndarray:
@@ -119,6 +127,37 @@ def collect(session, inputs: dict, k: int, ref_indices: np.ndarray | None = None
             "greedy_tokens": np.asarray(greedy, dtype=np.int32)}
 
 
+def run_image_prompt(session, vc, ids: np.ndarray, pixels: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """An image prompt through an artifact's session as a runtime runs it (text in prefill chunks,
+    each view encoded and run as one chunk), then the teacher tokens decoded one by one: the logits
+    after the prompt and after each of them, [len(teacher) + 1, V]."""
+    from ..multimodal import ImagePrompt, session_prefill
+
+    rows = [session_prefill(session, vc, ImagePrompt(tuple(ids.tolist()), pixels, (len(pixels),)))]
+    for i, token in enumerate(teacher.tolist()):
+        rows.append(session.decode(int(token), len(ids) + i))
+    return np.stack(rows).astype(np.float32)
+
+
+def _reference_image_run(ref, vision, prompt, new_tokens: int, stop_ids) -> tuple[np.ndarray, np.ndarray]:
+    """The reference on an image prompt (the whole prompt in one chunk), then greedy: the logits
+    after the prompt and after each greedy token, and those tokens."""
+    from ..multimodal import prefill
+
+    session = ref.session
+    session.reset()
+    logits, session.cache = prefill(session.model, vision, prompt)
+    rows, tokens, pos = [], [], len(prompt.ids)
+    for i in range(new_tokens + 1):
+        rows.append(logits)
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] in stop_ids or i == new_tokens:
+            break
+        logits = session.decode(tokens[-1], pos)
+        pos += 1
+    return np.stack(rows).astype(np.float32), np.asarray(tokens, np.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing a bundle
 # ----------------------------------------------------------------------------------------------
@@ -161,13 +200,17 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
         progress("running the recipe in PyTorch the same way (the relative judgement's baseline)")
         recipe = reference_for(manifest, True, plan.reference, plan.threads)
         baseline = (recipe.description, collect(recipe.session, inputs, plan.topk, inputs["ref_topk_indices"]))
-    index = _index(artifact, manifest, plan, inputs, (ref.description, reference), baseline)
+    images = _image_prompts(manifest, ref, plan, progress)
+    for name, (_, _, arrays, logits, tokens) in images.items():
+        inputs.update(arrays)
+        reference[f"{name}_logits"], reference[f"{name}_tokens"] = logits, tokens
+    index = _index(artifact, manifest, plan, inputs, (ref.description, reference), baseline, images)
     index["stock"] = stock.stock_record(manifest, ref.tokenizer, plan.prompt, reference["greedy_tokens"].tolist())
     with staging(Path(out)) as tmp:
         np.savez(tmp / INPUTS_NPZ, **inputs)
         (tmp / INPUTS_DIR).mkdir()
-        for k in INPUTS:
-            inputs[k].astype("<i4").tofile(tmp / INPUTS_DIR / f"{k}.bin")
+        for k, spec in index["inputs"]["arrays"].items():
+            inputs[k].astype(np.dtype(spec["dtype"]).newbyteorder("<")).tofile(tmp / spec["file"])
         np.savez(tmp / REFERENCE_NPZ, **{k: v for k, v in reference.items() if k != "at_reference"})
         if baseline is not None:
             np.savez(tmp / BASELINE_NPZ, **baseline[1])
@@ -181,8 +224,30 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
     return index
 
 
+def _image_prompts(manifest: Manifest, ref, plan: BundlePlan, progress: Progress) -> dict:
+    """{image{i}: (label, views, input arrays, reference logits, reference tokens)} for an artifact with image
+    entry points (the prompts `verify` runs); empty without them or with `images=None`."""
+    if manifest.images is None or plan.images is None:
+        return {}
+    from .check import image_prompts
+
+    vision = ref.vision() if ref.vision is not None else None
+    if vision is None:
+        raise ArtifactError(f"the reference {ref.description} has no vision encoder for the image prompts")
+    out = {}
+    prompts = image_prompts(manifest, ref.tokenizer, plan.images, plan.prompt, progress)
+    for i, (label, p) in enumerate(prompts.items()):
+        progress(f"running the reference on the {label} prompt ({len(p.ids)} tokens, {sum(p.views)} views)")
+        logits, tokens = _reference_image_run(ref, vision, p, IMAGE_NEW_TOKENS, ref.tokenizer.stop_ids)
+        name = f"image{i}"
+        arrays = {f"{name}_prompt": np.asarray(p.ids, np.int32), f"{name}_pixels": p.pixels.astype(np.float32),
+                  f"{name}_teacher": tokens[:-1]}
+        out[name] = (label, sum(p.views), arrays, logits, tokens)
+    return out
+
+
 def _index(artifact: Path, manifest: Manifest, plan: BundlePlan, inputs: dict, reference: tuple,
-           baseline: tuple | None) -> dict:
+           baseline: tuple | None, images: dict | None = None) -> dict:
     calls = inputs["calls"]
     outputs = reference[1]
     index = {
@@ -200,7 +265,8 @@ def _index(artifact: Path, manifest: Manifest, plan: BundlePlan, inputs: dict, r
         "greedy": {"prompt_tokens": len(inputs["prompt"]), "new_tokens": plan.new_tokens},
         "calls": {"prefill": int((calls[:, 1] > 1).sum()), "decode": int((calls[:, 1] == 1).sum()),
                   "sequence": calls.tolist()},
-        "inputs": {"npz": INPUTS_NPZ, "arrays": {k: _spec(inputs[k], f"{INPUTS_DIR}/{k}.bin") for k in INPUTS}},
+        "inputs": {"npz": INPUTS_NPZ, "arrays": {k: _spec(inputs[k], f"{INPUTS_DIR}/{k}.bin")
+                                                 for k in (*INPUTS, *(k for k in inputs if k not in INPUTS))}},
         "outputs": {k: {"file": f"{k}.bin", "dtype": dt, "shape": list(outputs[k].shape)} for k, dt in OUTPUTS.items()},
         "runner": {"script": SCRIPT, "env": backends.get(manifest.format).runner.env},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -208,6 +274,13 @@ def _index(artifact: Path, manifest: Manifest, plan: BundlePlan, inputs: dict, r
     if baseline is not None:
         index["baseline"] = {"description": baseline[0], "file": BASELINE_NPZ,
                              "arrays": {k: _spec(v, BASELINE_NPZ) for k, v in baseline[1].items()}}
+    if images:
+        index["images"] = {"vision": manifest.images["vision"], "new_tokens": IMAGE_NEW_TOKENS,
+                           "prompts": {name: {"label": label, "views": views, "tokens": len(arrays[f"{name}_prompt"])}
+                                       for name, (label, views, arrays, _, _) in images.items()}}
+        for name, (_, _, _, logits, _) in images.items():
+            index["outputs"][f"{name}_logits"] = {"file": f"{name}_logits.bin", "dtype": "float32",
+                                                  "shape": list(logits.shape)}
     return index
 
 
@@ -273,6 +346,13 @@ def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, th
     opened = open_artifact(artifact, threads, hashes=True)
     inputs = read_inputs(bundle_dir, index)
     outputs = collect(opened.session, inputs, index["topk"], inputs["ref_topk_indices"])
+    if "images" in index:
+        from ..gemma3.vision import VisionConfig
+
+        vc = VisionConfig.from_dict(index["images"]["vision"])
+        for name in index["images"]["prompts"]:
+            outputs[f"{name}_logits"] = run_image_prompt(opened.session, vc, inputs[f"{name}_prompt"],
+                                                         inputs[f"{name}_pixels"], inputs[f"{name}_teacher"])
     out.mkdir(parents=True, exist_ok=True)
     for name, spec in index["outputs"].items():
         outputs[name].astype(np.dtype(spec["dtype"]).newbyteorder("<")).tofile(out / spec["file"])
@@ -365,14 +445,37 @@ def check_outputs(outputs_dir: str | Path, bundle_dir: str | Path | None = None,
         base = _read_arrays(bundle_dir, BASELINE_NPZ, index["baseline"]["arrays"], "a bundle")
         recipe = {label: c.summary() for label, c in _comparisons(index, ref, base).items()}
     g_ref, g_test = ref["greedy_tokens"].tolist(), test["greedy_tokens"].tolist()
-    verdict = judge(rule, summaries, recipe, greedy=(g_ref, g_test))
+    images = _image_summaries(index, ref, test)
+    greedy = {None: (g_ref, g_test)}
+    if images and not rule.relative:  # a quantized artifact's image prompts are reported, not judged (as verify)
+        greedy.update({label: (s["greedy_reference"], s["greedy_test"]) for label, s in images.items()})
+        verdict = judge(rule, {**summaries, **images}, recipe, greedy=greedy)
+    else:
+        verdict = judge(rule, summaries, recipe, greedy=greedy)
     equal = next((i for i, (a, b) in enumerate(zip(g_ref, g_test)) if a != b), min(len(g_ref), len(g_test)))
     topk, full = summaries.values()
-    return Checked({"outputs": str(outputs_dir), "bundle": str(bundle_dir), "format": index["artifact"]["format"],
-                    "artifact": index["artifact"]["name"], "reference": index["reference"]["description"],
-                    "rule": rule.to_dict(), **verdict.to_dict(), "topk": {"k": index["topk"], **topk},
-                    "full_logits": full, "greedy_tokens": len(g_ref), "greedy_equal_prefix": equal,
-                    "greedy_equal": g_ref == g_test, "greedy_reference": g_ref, "greedy_test": g_test}, verdict)
+    report = {"outputs": str(outputs_dir), "bundle": str(bundle_dir), "format": index["artifact"]["format"],
+              "artifact": index["artifact"]["name"], "reference": index["reference"]["description"],
+              "rule": rule.to_dict(), **verdict.to_dict(), "topk": {"k": index["topk"], **topk},
+              "full_logits": full, "greedy_tokens": len(g_ref), "greedy_equal_prefix": equal,
+              "greedy_equal": g_ref == g_test, "greedy_reference": g_ref, "greedy_test": g_test}
+    if images:
+        report["images"] = {**images, "judged": not rule.relative}
+    return Checked(report, verdict)
+
+
+def _image_summaries(index: dict, ref: dict, test: dict) -> dict:
+    """Each image prompt's logits after the prompt and along the reference's greedy tokens, by label;
+    the artifact's greedy tokens are its argmax at those positions (teacher-forced, as verify)."""
+    out = {}
+    for name, p in index.get("images", {}).get("prompts", {}).items():
+        want, got = ref[f"{name}_logits"], test[f"{name}_logits"]
+        c = Comparison()
+        c.add(want, got)
+        out[p["label"]] = {**c.summary(), "views": p["views"], "prompt_tokens": p["tokens"],
+                           "greedy_reference": ref[f"{name}_tokens"].tolist(),
+                           "greedy_test": np.argmax(got, axis=-1).astype(int).tolist()}
+    return out
 
 
 def _check_stock(outputs_dir: Path, bundle_dir: Path, index: dict) -> Checked:
@@ -432,7 +535,7 @@ _SCRIPT = r"""#!/bin/sh
 #     topk_indices.bin     int32   [N, K]  their vocabulary ids
 #     at_reference.bin     float32 [N, K]  its logits at ref_topk_indices
 #     full_logits.bin      float32 [F, V]  all V={vocab} logits at each of full_positions
-#     greedy_tokens.bin    int32   [G]     the greedy tokens
+#     greedy_tokens.bin    int32   [G]     the greedy tokens{images}
 #   and exits 0.
 #
 # Exit status: 0 outputs pulled; 2 no adb, no device or no runner; 1 wrong artifact; otherwise
@@ -489,6 +592,24 @@ echo "run_on_device.sh: outputs in $OUT; check them with: gemma-export verify --
 """
 
 
+def _image_note(index: dict) -> str:
+    """The runner's duties for the image prompts of a bundle that has them."""
+    if "images" not in index:
+        return ""
+    v = index["images"]["vision"]
+    lines = ["", "# and, for each image prompt i in " + " ".join(index["images"]["prompts"]) + ", on an emptied cache:",
+             "#   reads   image{i}_prompt.bin  int32 [Q]  token ids, each view's image soft tokens (id "
+             f"{v['image_token_id']}) in place",
+             f"#           image{{i}}_pixels.bin  float32 [views, 3, {v['image_size']}, {v['image_size']}]  each view's "
+             "preprocessed pixels, in order",
+             "#           image{i}_teacher.bin int32 [G]  tokens to decode after the prompt",
+             "#   runs the prompt's text in prefill chunks and each view (a run of image tokens) as one chunk of",
+             "#   its vision encoder's embeddings, its tokens seeing each other (the manifest's images block)",
+             "#   writes  image{i}_logits.bin  float32 [G + 1, V]  the logits after the prompt and after each",
+             "#                                teacher token decoded at the next position"]
+    return "\n".join(lines)
+
+
 def runner_script(index: dict, bundle_sha: str) -> str:
     a = index["artifact"]
     files = sorted(a["files"])
@@ -499,5 +620,6 @@ def runner_script(index: dict, bundle_sha: str) -> str:
         fmt=a["format"], name=a["name"], env=runner.env, hint=runner.description.replace("\n", "\n#" + " " * 21),
         n=index["positions"], c=len(index["calls"]["sequence"]), k=index["topk"], prefill_len=a["prefill_len"],
         vocab=a["vocab_size"], manifest_sha=a["manifest_sha256"], bundle_sha=bundle_sha, files=" ".join(files),
-        inputs=" ".join(INPUTS), outputs=" ".join(OUTPUTS),
+        inputs=" ".join(index["inputs"]["arrays"]), outputs=" ".join(index["outputs"]),
+        images=_image_note(index),
     )

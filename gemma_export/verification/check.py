@@ -128,8 +128,10 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     return Verified(report, res, test, ids, manifest.window, verdict)
 
 
-def _image_parity(manifest, ref: Opened, test: Opened, plan: VerifyPlan, progress: Progress) -> dict:
-    """Image prompts through the artifact against its reference, by label."""
+def image_prompts(manifest, tokenizer, images: tuple, prompt: str, progress: Progress = quiet) -> dict:
+    """The labelled image prompts an artifact with images is checked on: `images` (paths) in one
+    prompt and again with pan-and-scan; without any, matplotlib's photograph of Grace Hopper, and the
+    same widened to 1900x300 so that pan-and-scan crops it (4 crops)."""
     import matplotlib
 
     from ..gemma3.vision import VisionConfig  # torch
@@ -138,23 +140,27 @@ def _image_parity(manifest, ref: Opened, test: Opened, plan: VerifyPlan, progres
     vc = VisionConfig.from_dict(manifest.images["vision"])
     settings = ImageSettings.from_dict(manifest.images["preprocessing"])
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    files = list(plan.images) or [str(photo)]
-    vision = ref.vision() if ref.vision is not None else None
-    if vision is None:
-        raise ArtifactError(f"the reference {ref.description} has no vision encoder to compare the image entry "
-                            "points with")
+    files = list(images) or [str(photo)]
     out = {}
     for label, pan in (("image+text", False), ("pan-and-scan", True)):
         shown = files
-        if pan and not plan.images:  # the photograph widened, so that pan-and-scan crops it (4 crops)
+        if pan and not images:
             from PIL import Image
 
             shown = [Image.open(photo).convert("RGB").resize((1900, 300))]
         progress(f"image prompt ({label}, {len(shown)} image(s))")
-        p = image_prompt(test.tokenizer, vc, settings.replace(pan_and_scan=pan), plan.prompt, shown, chat=True)
-        out[label] = image_parity(ref.session, vision, test.session, p, plan.new_tokens,
-                                  test.tokenizer.stop_ids).summary()
+        out[label] = image_prompt(tokenizer, vc, settings.replace(pan_and_scan=pan), prompt, shown, chat=True)
     return out
+
+
+def _image_parity(manifest, ref: Opened, test: Opened, plan: VerifyPlan, progress: Progress) -> dict:
+    """Image prompts through the artifact against its reference, by label."""
+    vision = ref.vision() if ref.vision is not None else None
+    if vision is None:
+        raise ArtifactError(f"the reference {ref.description} has no vision encoder to compare the image entry "
+                            "points with")
+    return {label: image_parity(ref.session, vision, test.session, p, plan.new_tokens, test.tokenizer.stop_ids).summary()
+            for label, p in image_prompts(manifest, test.tokenizer, plan.images, plan.prompt, progress).items()}
 
 
 @dataclass

@@ -38,6 +38,15 @@ def summary_lines(report: dict) -> list[str]:
     overridden = [f"{c['metric']} {c['op']} {c['limit']:g}" for c in report.get("checks", []) if c["source"] == "override"]
     if overridden:
         out.append("threshold overrides applied: " + ", ".join(overridden))
+    out += image_lines(report)
+    if "locate" in report:
+        out += locate_lines(report["locate"])
+    return out
+
+
+def image_lines(report: dict) -> list[str]:
+    """A line per image prompt of a report (verify's or a bundle check's), and whether they were judged."""
+    out = []
     images = report.get("images", {})
     for label, s in images.items():
         if isinstance(s, dict):
@@ -47,8 +56,6 @@ def summary_lines(report: dict) -> list[str]:
                        f"greedy {len(s['greedy_test'])} tokens {same}")
     if images and not images.get("judged"):
         out.append("image prompts reported, not judged (a quantized artifact is judged against fp32 on text)")
-    if "locate" in report:
-        out += locate_lines(report["locate"])
     return out
 
 
@@ -74,7 +81,7 @@ def outputs_lines(checked: dict) -> list[str]:
             ("full_logits positions", f["positions"]), ("mean_kl (full)", f["mean_kl"]),
             ("max_abs_diff (full)", f["max_abs_diff"]), ("greedy_equal_prefix", checked["greedy_equal_prefix"]),
             ("greedy_tokens", checked["greedy_tokens"])]
-    return _value_lines(rows) + [f"judged {checked['judged']}"]
+    return _value_lines(rows) + image_lines(checked) + [f"judged {checked['judged']}"]
 
 
 def build_table(build: Build) -> str:

@@ -284,3 +284,44 @@ def test_stock_desktop_round_trip_and_a_wrong_text_fails(bundle, artifact, tmp_p
     (out / "stock_output.txt").write_text(text[: len(text) // 2])  # the tool stopped early
     check = run("verify", "--outputs", out)
     assert check.exit_code == 3 and "does not contain the reference's" in check.output, check.output
+
+
+@pytest.fixture(scope="module")
+def image_bundle(artifacts, tmp_path_factory):
+    """A bundle of the tiny image artifact: its text as above, plus the image prompts verify runs."""
+    root = tmp_path_factory.mktemp("image-bundle")
+    artifact = artifacts.copy("onnx", root / "onnx-images", images=True)
+    res = run("bundle", artifact, "--out", root / "golden", "--new-tokens", NEW)
+    assert res.exit_code == 0, res.output
+    assert "2 image prompts" in res.output
+    out = root / "outputs"
+    res = run("bundle-run", root / "golden", "--artifact", artifact, "--out", out)
+    assert res.exit_code == 0, res.output
+    return root / "golden", out
+
+
+def test_image_prompts_round_trip_and_a_changed_view_fails(image_bundle, tmp_path):
+    bundle, outputs = image_bundle
+    index = json.loads((bundle / "index.json").read_text())
+    prompts = index["images"]["prompts"]
+    assert [p["label"] for p in prompts.values()] == ["image+text", "pan-and-scan"]
+    assert [p["views"] for p in prompts.values()] == [1, 5]
+    pixels = read_inputs(bundle, index)["image1_pixels"]
+    assert pixels.dtype == np.float32 and pixels.shape == (5, 3, 56, 56)
+    script = (bundle / "run_on_device.sh").read_text()  # pushes the image inputs, pulls their logits, says how
+    assert "image0_prompt image0_pixels image0_teacher" in script and " image1_logits\"" in script
+    assert "image{i}_logits.bin  float32 [G + 1, V]" in script
+    res = run("verify", "--outputs", outputs, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["images"]["judged"] and {c["label"] for c in report["checks"]} >= {"image+text", "pan-and-scan"}
+    assert report["images"]["pan-and-scan"]["greedy_test"] == report["images"]["pan-and-scan"]["greedy_reference"]
+    # the logits of the pan-and-scan prompt from a run that lost a view's bidirectional attention
+    copy = tmp_path / "outputs"
+    shutil.copytree(outputs, copy)
+    spec = index["outputs"]["image1_logits"]
+    logits = np.fromfile(copy / spec["file"], np.float32).reshape(spec["shape"])
+    logits[0] = np.roll(logits[0], 1)
+    logits.tofile(copy / spec["file"])
+    res = run("verify", "--outputs", copy)
+    assert res.exit_code == 3 and "pan-and-scan" in res.output, res.output
