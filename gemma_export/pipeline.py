@@ -118,7 +118,7 @@ def _export(job: ExportJob, progress: Progress, record: Path | None) -> list[Man
     cfg = read_config(job.model.source)
     vision = read_vision_config(job.model.source, job.model.mmproj) if job.images else None
     images = [t.format for t, b in targets if getattr(b, "images", False)] if vision is not None else []
-    disk = sum(artifact_bytes(cfg, recipe, t.format) for t, _ in targets)
+    disk = sum(artifact_bytes(cfg, recipe, t.format, t.format in images) for t, _ in targets)
     disk += int(len(images) * resources.vision_gib(vision) * resources.GIB) if images else 0  # the float tower
     needs = resources.estimate(cfg, recipe, [t.format for t, _ in targets], disk, vision)
     progress(f"{needs.describe()}; {resources.describe_available()}")

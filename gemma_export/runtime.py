@@ -114,8 +114,8 @@ def open_artifact(folder: str | Path, threads: int = 2, hashes: bool = False) ->
     manifest = read_manifest(folder)
     check_files(folder, manifest, hashes=hashes)
     tok = Tokenizer(folder / manifest.tokenizer.file)
-    # checkpoints pad the vocabulary up to a multiple of 64 (the 4B: 262,208 rows for 262,145 tokens)
-    if not 0 <= manifest.vocab_size - tok.vocab_size < 64:
+    # a vocabulary may hold up to 64 rows past the tokenizer (the 4B's 262,208: image tokens and padding)
+    if not 0 <= manifest.vocab_size - tok.vocab_size <= 64:
         raise ArtifactError(f"{folder}: tokenizer {manifest.tokenizer.file} has {tok.vocab_size} tokens, "
                             f"the model's vocabulary {manifest.vocab_size}; it is not this model's tokenizer")
     session = backends.get(manifest.format).open(folder, manifest, threads)

@@ -16,14 +16,16 @@ def kv_cache_bytes(cfg: Gemma3Config, context: int, window_sized: bool, dtype: s
     return int(total)
 
 
-def artifact_bytes(cfg: Gemma3Config, recipe, fmt: str) -> int:
+def artifact_bytes(cfg: Gemma3Config, recipe, fmt: str, images: bool = False) -> int:
     """A generous estimate of the disk an export to `fmt` needs, staging copies included (checked
     against free space before any work): the weights at the recipe's widest scheme, the TFLite
-    model written once more into its LiteRT-LM bundle, and the tokenizer."""
+    model written once more into its LiteRT-LM bundle, and the tokenizer. With `images`, an ONNX
+    folder's embedding graph holds the token table once more (the vision tower is counted apart)."""
     bits = max((r.scheme.bits for r in recipe.rules if r.scheme is not None), default=32)
-    weights = cfg.param_counts()["total"] * (bits / 8 + (0.07 if bits < 8 else 0.0))
+    per_weight = bits / 8 + (0.07 if bits < 8 else 0.0)
     copies = 2.0 if fmt == "tflite" else 1.2
-    return int(weights * copies) + 40 * 2**20
+    table = cfg.vocab_size * cfg.hidden_size * per_weight if images and fmt == "onnx" else 0
+    return int(cfg.param_counts()["total"] * per_weight * copies + table) + 40 * 2**20
 
 
 def report(cfg: Gemma3Config, context: int, kv_dtype: str = "float32") -> dict:

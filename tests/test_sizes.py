@@ -1,7 +1,8 @@
 """Figures computed from a config alone: parameters, weight bytes, window-sized KV cache bytes."""
 
 from gemma_export.gemma3.config import preset
-from gemma_export.sizes import format_report, kv_cache_bytes, report
+from gemma_export.quant.recipes import resolve
+from gemma_export.sizes import artifact_bytes, format_report, kv_cache_bytes, report
 
 
 def test_window_cache_is_under_30_percent_for_1b_at_4096():
@@ -14,3 +15,10 @@ def test_window_cache_is_under_30_percent_for_1b_at_4096():
 def test_text_report_names_the_layer_pattern():
     text = format_report(report(preset("gemma3-4b"), 131_072))
     assert "34 (29 local, window 1024; 5 global)" in text and "window-sized" in text
+
+
+def test_an_onnx_image_export_needs_disk_for_the_embedding_graphs_table():
+    cfg, recipe = preset("gemma3-4b"), resolve("int4-b32-rtn")
+    extra = artifact_bytes(cfg, recipe, "onnx", images=True) - artifact_bytes(cfg, recipe, "onnx")
+    assert abs(extra - 262_208 * 2560 * (0.5 + 0.07)) <= 2  # the int4 table with its scales
+    assert artifact_bytes(cfg, recipe, "pte", images=True) == artifact_bytes(cfg, recipe, "pte")

@@ -152,16 +152,19 @@ PRESETS: dict[str, Gemma3Config] = {
         name="gemma3-4b", hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8,
         num_kv_heads=4, head_dim=256, sliding_window=1024, max_position_embeddings=131_072,
         rope_global_scaling=8.0,
+        vocab_size=262_208,  # the text vocabulary and the image tokens
     ),
     "gemma3-12b": Gemma3Config(
         name="gemma3-12b", hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16,
         num_kv_heads=8, head_dim=256, sliding_window=1024, max_position_embeddings=131_072,
         rope_global_scaling=8.0,
+        vocab_size=262_208,  # the text vocabulary and the image tokens
     ),
     "gemma3-27b": Gemma3Config(
         name="gemma3-27b", hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32,
         num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168.0, sliding_window=1024,
         max_position_embeddings=131_072, rope_global_scaling=8.0,
+        vocab_size=262_208,  # the text vocabulary and the image tokens
     ),
     # Tests: one local and one global layer, a window far smaller than the test sequences,
     # the real vocabulary so the real tokenizer works with it, and one KV head like 270M/1B.

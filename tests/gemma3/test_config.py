@@ -21,6 +21,7 @@ def test_presets_have_published_sizes(name, params):
 def test_4b_is_published_config():
     c = preset("gemma3-4b")
     assert (c.sliding_window, c.rope_global_scaling, c.num_kv_heads, c.max_position_embeddings) == (1024, 8.0, 4, 131072)
+    assert c.vocab_size == 262_208  # its image tokens are rows of the table
 
 
 def test_config_round_trips_and_validates():
