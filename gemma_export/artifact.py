@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import tempfile
@@ -377,14 +378,16 @@ def staging(out: Path, force: bool = False):
     except BaseException as e:
         with _signals_held():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and (full := disk_full(e)):
+        if isinstance(e, Exception) and (full := disk_full(e, out.parent)):
             raise ArtifactError(f"{out}: {full} while writing; nothing was left at {out}") from None
         raise
 
 
-def disk_full(e: BaseException) -> str | None:
+def disk_full(e: BaseException, where: Path | None = None) -> str | None:
     """'no space left on the device' / 'file size limit reached' when an exception (or one it was
-    raised from: exporters wrap OSErrors) comes from a full disk or quota, else None."""
+    raised from: exporters wrap OSErrors) comes from a full disk or quota, else None. numpy's
+    tofile drops the errno ("problem writing element N to file"): then the file size limit and
+    the free space at `where` tell."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -397,6 +400,11 @@ def disk_full(e: BaseException) -> str | None:
             return "no space left on the device"
         if "File too large" in text:
             return "file size limit reached"
+        if "problem writing element" in text and where is not None:
+            if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+                return "file size limit reached"
+            if shutil.disk_usage(where).free < 2**20:
+                return "no space left on the device"
         e = e.__cause__ or e.__context__
     return None
 

@@ -37,6 +37,7 @@ from ..loading import Tokenizer
 from ..runtime import open_artifact, reference_for
 from ..session import generate
 from . import stock
+from .check import image_prompts
 from .judge import Rule, Verdict, judge
 from .metrics import Comparison
 
@@ -229,8 +230,6 @@ def _image_prompts(manifest: Manifest, ref, plan: BundlePlan, progress: Progress
     entry points (the prompts `verify` runs); empty without them or with `images=None`."""
     if manifest.images is None or plan.images is None:
         return {}
-    from .check import image_prompts
-
     vision = ref.vision() if ref.vision is not None else None
     if vision is None:
         raise ArtifactError(f"the reference {ref.description} has no vision encoder for the image prompts")
