@@ -40,6 +40,7 @@ from . import stock
 from .check import image_prompts
 from .judge import Rule, Verdict, judge
 from .metrics import Comparison
+from .parity import image_run, reference_image_run
 
 BUNDLE_VERSION = 2
 INDEX = "index.json"
@@ -128,37 +129,6 @@ def collect(session, inputs: dict, k: int, ref_indices: np.ndarray | None = None
             "greedy_tokens": np.asarray(greedy, dtype=np.int32)}
 
 
-def run_image_prompt(session, vc, ids: np.ndarray, pixels: np.ndarray, teacher: np.ndarray) -> np.ndarray:
-    """An image prompt through an artifact's session as a runtime runs it (text in prefill chunks,
-    each view encoded and run as one chunk), then the teacher tokens decoded one by one: the logits
-    after the prompt and after each of them, [len(teacher) + 1, V]."""
-    from ..multimodal import ImagePrompt, session_prefill
-
-    rows = [session_prefill(session, vc, ImagePrompt(tuple(ids.tolist()), pixels, (len(pixels),)))]
-    for i, token in enumerate(teacher.tolist()):
-        rows.append(session.decode(int(token), len(ids) + i))
-    return np.stack(rows).astype(np.float32)
-
-
-def _reference_image_run(ref, vision, prompt, new_tokens: int, stop_ids) -> tuple[np.ndarray, np.ndarray]:
-    """The reference on an image prompt (the whole prompt in one chunk), then greedy: the logits
-    after the prompt and after each greedy token, and those tokens."""
-    from ..multimodal import prefill
-
-    session = ref.session
-    session.reset()
-    logits, session.cache = prefill(session.model, vision, prompt)
-    rows, tokens, pos = [], [], len(prompt.ids)
-    for i in range(new_tokens + 1):
-        rows.append(logits)
-        tokens.append(int(np.argmax(logits)))
-        if tokens[-1] in stop_ids or i == new_tokens:
-            break
-        logits = session.decode(tokens[-1], pos)
-        pos += 1
-    return np.stack(rows).astype(np.float32), np.asarray(tokens, np.int32)
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing a bundle
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +207,7 @@ def _image_prompts(manifest: Manifest, ref, plan: BundlePlan, progress: Progress
     prompts = image_prompts(manifest, ref.tokenizer, plan.images, plan.prompt, progress)
     for i, (label, p) in enumerate(prompts.items()):
         progress(f"running the reference on the {label} prompt ({len(p.ids)} tokens, {sum(p.views)} views)")
-        logits, tokens = _reference_image_run(ref, vision, p, IMAGE_NEW_TOKENS, ref.tokenizer.stop_ids)
+        logits, tokens = reference_image_run(ref.session, vision, p, IMAGE_NEW_TOKENS, ref.tokenizer.stop_ids)
         name = f"image{i}"
         arrays = {f"{name}_prompt": np.asarray(p.ids, np.int32), f"{name}_pixels": p.pixels.astype(np.float32),
                   f"{name}_teacher": tokens[:-1]}
@@ -347,11 +317,13 @@ def run_bundle(bundle_dir: str | Path, artifact: str | Path, out: str | Path, th
     outputs = collect(opened.session, inputs, index["topk"], inputs["ref_topk_indices"])
     if "images" in index:
         from ..gemma3.vision import VisionConfig
+        from ..multimodal import ImagePrompt
 
         vc = VisionConfig.from_dict(index["images"]["vision"])
         for name in index["images"]["prompts"]:
-            outputs[f"{name}_logits"] = run_image_prompt(opened.session, vc, inputs[f"{name}_prompt"],
-                                                         inputs[f"{name}_pixels"], inputs[f"{name}_teacher"])
+            ids, pixels = tuple(inputs[f"{name}_prompt"].tolist()), inputs[f"{name}_pixels"]
+            outputs[f"{name}_logits"] = image_run(opened.session, vc, ImagePrompt(ids, pixels, (len(pixels),)),
+                                                  inputs[f"{name}_teacher"].tolist())
     out.mkdir(parents=True, exist_ok=True)
     for name, spec in index["outputs"].items():
         outputs[name].astype(np.dtype(spec["dtype"]).newbyteorder("<")).tofile(out / spec["file"])

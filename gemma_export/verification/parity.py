@@ -175,22 +175,43 @@ class ImageParity:
                 "greedy_reference": self.greedy_reference, "greedy_test": self.greedy_test}
 
 
-def image_parity(reference, vision, test: Session, prompt, new_tokens: int, stop_ids: Sequence[int]) -> ImageParity:
+def reference_image_run(reference, vision, prompt, new_tokens: int, stop_ids: Sequence[int]
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """`reference` a TorchSession, `vision` its model's encoder, `prompt` a multimodal.ImagePrompt:
-    the reference runs the prompt in one chunk, the artifact view by view as a runtime does."""
-    from ..multimodal import prefill, session_prefill
+    the whole prompt in one chunk, then greedy. Returns the logits after the prompt and after each
+    greedy token [n, V], and those tokens [n] (n <= new_tokens + 1; a stop token ends it)."""
+    from ..multimodal import prefill
 
-    c = Comparison()
     reference.reset()
-    ref_logits, reference.cache = prefill(reference.model, vision, prompt)
-    test_logits = session_prefill(test, vision.cfg, prompt)
-    pos, greedy_ref, greedy_test = len(prompt.ids), [], []
+    logits, reference.cache = prefill(reference.model, vision, prompt)
+    rows, tokens, pos = [], [], len(prompt.ids)
     for i in range(new_tokens + 1):
-        c.add(ref_logits[None], test_logits[None])
-        greedy_ref.append(int(np.argmax(ref_logits)))
-        greedy_test.append(int(np.argmax(test_logits)))
-        if greedy_ref[-1] in stop_ids or i == new_tokens:
+        rows.append(logits)
+        tokens.append(int(np.argmax(logits)))
+        if tokens[-1] in stop_ids or i == new_tokens:
             break
-        ref_logits, test_logits = reference.decode(greedy_ref[-1], pos), test.decode(greedy_ref[-1], pos)
+        logits = reference.decode(tokens[-1], pos)
         pos += 1
-    return ImageParity(sum(prompt.views), len(prompt.ids), c, greedy_ref, greedy_test)
+    return np.stack(rows).astype(np.float32), np.asarray(tokens, np.int32)
+
+
+def image_run(test: Session, vc, prompt, teacher: Sequence[int]) -> np.ndarray:
+    """An image prompt through an artifact's session as a runtime runs it (text in prefill chunks,
+    each view encoded and run as one chunk), then `teacher` decoded token by token: the logits
+    after the prompt and after each of them, [len(teacher) + 1, V]."""
+    from ..multimodal import session_prefill
+
+    rows = [session_prefill(test, vc, prompt)]
+    for i, token in enumerate(teacher):
+        rows.append(test.decode(int(token), len(prompt.ids) + i))
+    return np.stack(rows).astype(np.float32)
+
+
+def image_parity(reference, vision, test: Session, prompt, new_tokens: int, stop_ids: Sequence[int]) -> ImageParity:
+    """The reference runs the prompt in one chunk and then greedy; the artifact runs it view by view
+    as a runtime does, then the reference's greedy tokens."""
+    want, tokens = reference_image_run(reference, vision, prompt, new_tokens, stop_ids)
+    got = image_run(test, vision.cfg, prompt, tokens[:-1].tolist())
+    c = Comparison()
+    c.add(want, got)
+    return ImageParity(sum(prompt.views), len(prompt.ids), c, tokens.tolist(), np.argmax(got, -1).tolist())
