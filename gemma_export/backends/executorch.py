@@ -599,8 +599,8 @@ class PteSession(BaseSession):
         pool = require("executorch.extension.pybindings.portable_lib", "pte")
         # XNNPACK's kernels run on ExecuTorch's process-wide pool, which otherwise has one thread
         # per core whatever --threads says; a process runs one session at a time
-        if threads > 0 and pool._threadpool_get_thread_count() != threads:
-            with quiet.native_info_lines():  # it logs the cpu probing and the reset itself
+        with quiet.native_info_lines():  # the pool's first use logs its cpu probing, a reset logs itself
+            if threads > 0 and pool._threadpool_get_thread_count() != threads:
                 pool._unsafe_reset_threadpool(threads)
         path = folder / manifest.program["file"]
         data = manifest.program.get("external_data")
