@@ -4,8 +4,13 @@ One method, `forward(tokens int64 [1, T], input_pos int64 [1])` -> logits [1, T,
 prefill chunks (T up to the prefill length, a dynamic dimension) and decode (T = 1), and the
 constant methods the runner reads (`get_max_seq_len`, `get_eos_ids`, ...) describe it, so
 `TextLLMRunner` / `llama_main` run the artifact as they are. The KV cache lives inside the program
-as mutable buffers (`MemoryPlanningPass(share_mutable_buffers=True)` lets `reset` and the debug
-method share them), each sized per layer type exactly as in the PyTorch model.
+as mutable buffers shared by every method (`MemoryPlanningPass(share_mutable_buffers=True)`), laid
+out [1, S, kv heads, head_dim] as ExecuTorch's LLM kernels want them, and updated in place by
+those kernels (`llama::update_cache`, the ops llama_main is built with): a global layer writes
+each position once at its own slot and attends only over the positions in use
+(`llama::custom_sdpa` from `input_pos`), so a step's cost follows the conversation, not the
+context; a local layer is a ring of window + chunk - 1 slots, written at position mod size and
+attended through a mask of the positions its slots hold.
 
 Quantized layers are written as torchao's choose-qparams / quantize / dequantize pattern, which
 XNNPACK runs as integer GEMMs on the codes (its own dynamic int8 activations). The tied token
@@ -31,7 +36,7 @@ from .. import quiet
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
-from ..gemma3.model import plain_forms
+from ..gemma3.model import NEG_INF, plain_forms
 from ..quant.algorithms import qrange
 from ..quant.modules import QEmbedding, QLinear, TiedQHead
 from ..quant.packing import pack_int4, unpack_int4
@@ -73,6 +78,7 @@ class PteBackend:
                      for n, (q, _, scheme) in quantized_state(model).items()]
         if _to_xnnpack_pattern(model):
             progress("quantized layers written as torchao's pattern for XNNPACK's integer kernels")
+        lengths = tuple(shape[1] for shape in cache_shapes(model, _chunk(model, job, vision))[::2])
         programs, io = _export_methods(model, job, progress, vision)
         metadata = runner_metadata(model, job, vocab)
         del model  # the exported programs hold the weights now; nothing else should
@@ -81,10 +87,10 @@ class PteBackend:
         return Exported(
             entry_points=io,
             program={"file": FILE, "external_data": f"{DATA_TAG}.ptd", "backend": "XnnpackPartitioner",
-                     "kv_cache": "mutable buffers in the program", "runner_metadata": metadata,
+                     "kv_cache": "mutable buffers in the program, updated in place (llama::update_cache)", "runner_metadata": metadata,
                      "debug_entry_point": HIDDEN if job.debug_outputs else None, "reset_method": RESET,
                      "quantized_weights": quantized},
-            versions=versions("executorch", "torchao"),
+            versions=versions("executorch", "torchao"), cache_lengths=lengths,
             images=None if vision is None else (vision.cfg, {"vision_encoder": VISION, "token_embedding": EMBED,
                                                              "text_decoder": DECODER, "image_chunk": IMAGE_CHUNK}))
 
@@ -300,13 +306,82 @@ def _to_xnnpack_pattern(model) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def cache_shapes(model, chunk: int) -> list[tuple[int, ...]]:
+    """The program's flat cache shapes [k0, v0, k1, v1, ...], each [1, S, kv heads, head_dim]:
+    S = the context on global layers; on local layers a ring of window + chunk - 1 slots (a chunk
+    of up to `chunk` tokens is written before it attends, and must not overwrite a key its first
+    token still needs), never more than the context."""
+    cfg, ctx = model.cfg, model.max_context
+    shapes = []
+    for i in range(cfg.num_layers):
+        n = ctx if cfg.is_global(i) else min(cfg.sliding_window + chunk - 1, ctx)
+        shapes += [(1, n, cfg.num_kv_heads, cfg.head_dim)] * 2
+    return shapes
+
+
 class _Cache(nn.Module):
-    def __init__(self, model, images: bool = False):
+    def __init__(self, model, chunk: int, images: bool = False):
         super().__init__()
-        for name, shape in zip(cache_names(model.cfg.num_layers), model.cache_shapes()):
+        for name, shape in zip(cache_names(model.cfg.num_layers), cache_shapes(model, chunk)):
             self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
         if images:  # 1 while text_decoder runs an image view (its tokens see each other), else 0
             self.register_buffer("image_chunk", torch.zeros(1, dtype=torch.int32))
+
+
+class CacheOpsAttention:
+    """The program's attention (`Gemma3.decode`'s `attention` hook) for an unpadded chunk of t
+    tokens at input_pos (int64 [1]), on ExecuTorch's LLM kernels, the caches updated in place.
+
+    Global layers: `update_cache` writes the chunk at its positions, `custom_sdpa` attends causally
+    over positions 0 .. input_pos + t - 1 only. Local layers: `update_cache_with_indices` writes
+    position p at slot p mod S; slot s then holds position end - 1 - ((end - 1 - s) mod S) (end =
+    input_pos + t; negative: not written in this sequence), and `custom_sdpa` attends through the
+    mask of what each query may see there (a stale slot from an earlier sequence is never read,
+    so no reset is needed between sequences). With `image` (a flag [1], 1 when the chunk is one
+    image view) the chunk's tokens also see each other's later tokens, as Gemma 3's views do."""
+
+    def __init__(self, cfg, input_pos: torch.Tensor, t: int, image: torch.Tensor | None = None):
+        self.cfg, self.t, self.image = cfg, t, image
+        self.input_pos = input_pos
+        self.start = input_pos[0].item()
+        torch._check(self.start >= 0)
+        self.q_pos = input_pos + torch.arange(t, dtype=input_pos.dtype)
+        self.rings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _ring(self, size: int):
+        """Write slots [1, t] and the additive mask [t, size] of a local ring of `size` slots."""
+        if size not in self.rings:
+            end = self.input_pos + self.t
+            slots = torch.arange(size, dtype=self.input_pos.dtype)
+            # the dividend kept >= 0: ExecuTorch's portable remainder takes the dividend's sign
+            k_pos = end - 1 - torch.remainder(end - 1 - slots + size, size)
+            diff = self.q_pos[:, None] - k_pos[None, :]
+            ok = (k_pos[None, :] >= 0) & (diff >= 0) & (diff < self.cfg.sliding_window)
+            if self.image is not None:
+                ok = ok | ((self.image > 0) & (k_pos >= self.input_pos))[None, :]
+            self.rings[size] = (torch.remainder(self.q_pos, size).reshape(1, self.t),
+                                torch.where(ok, 0.0, NEG_INF).to(torch.float32))
+        return self.rings[size]
+
+    def __call__(self, q, k, v, k_cache, v_cache, is_global, scale):
+        cfg, t = self.cfg, self.t
+        q = q.view(1, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(1, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(1, t, cfg.num_kv_heads, cfg.head_dim)
+        sdpa = torch.ops.llama.custom_sdpa
+        if is_global:
+            torch.ops.llama.update_cache(k, k_cache, self.start)
+            torch.ops.llama.update_cache(v, v_cache, self.start)
+            out = sdpa(q, k_cache, v_cache, self.start, None, 0.0, True, scale)
+            if self.image is not None:  # an image view: every token sees the whole chunk
+                whole = sdpa(q, k_cache, v_cache, self.start, None, 0.0, False, scale)
+                out = out + self.image.to(out.dtype) * (whole - out)
+        else:
+            slots, mask = self._ring(k_cache.shape[1])
+            torch.ops.llama.update_cache_with_indices(k, k_cache, 0, slots)
+            torch.ops.llama.update_cache_with_indices(v, v_cache, 0, slots)
+            out = sdpa(q, k_cache, v_cache, 0, mask, 0.0, False, scale)
+        return out.reshape(1, t, cfg.q_dim), k_cache, v_cache
 
 
 class _Forward(nn.Module):
@@ -320,12 +395,12 @@ class _Forward(nn.Module):
         self.names = cache_names(model.cfg.num_layers)
 
     def forward(self, tokens, input_pos):
+        t = tokens.shape[1]
         tokens, pos = tokens.to(torch.int32), input_pos.to(torch.int32)
-        length = torch.full((1,), tokens.shape[1], dtype=torch.int32)
+        length = torch.full((1,), t, dtype=torch.int32)
         caches = [getattr(self.cache, n) for n in self.names]
-        logits, new = self.model.step(tokens, pos, length, caches)
-        for buf, value in zip(caches, new):
-            buf.copy_(value)
+        logits, _ = self.model.step(tokens, pos, length, caches,
+                                    attention=CacheOpsAttention(self.model.cfg, input_pos, t))
         return logits
 
 
@@ -356,11 +431,9 @@ class _TextDecoder(nn.Module):
         t = embeddings.shape[1]
         pos = input_pos.to(torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
-        groups = (self.cache.image_chunk - 1).expand(t)  # view 0 for every token, or -1: text
         caches = [getattr(self.cache, n) for n in self.names]
-        logits, new = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, groups=groups)
-        for buf, value in zip(caches, new):
-            buf.copy_(value)
+        attention = CacheOpsAttention(self.model.cfg, input_pos, t, image=self.cache.image_chunk)
+        logits, _ = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, attention=attention)
         self.cache.image_chunk.copy_(torch.zeros_like(self.cache.image_chunk))
         return logits
 
@@ -406,7 +479,8 @@ class _Hidden(nn.Module):
 
 def _export_methods(model, job, progress, vision=None) -> tuple[dict, dict]:
     """torch.export of every method (non-strict: strict tracing copies every weight)."""
-    cache = _Cache(model, images=vision is not None)
+    require("executorch.extension.llm.custom_ops.custom_ops", "pte")  # the cache kernels' export forms
+    cache = _Cache(model, _chunk(model, job, vision), images=vision is not None)
     t = job.prefill_len
     chunk = torch.export.Dim("chunk", min=1, max=t)
     inputs = {"tokens": torch.zeros(1, t, dtype=torch.int64), "input_pos": torch.zeros(1, dtype=torch.int64)}
@@ -424,6 +498,11 @@ def _export_methods(model, job, progress, vision=None) -> tuple[dict, dict]:
     if vision is not None:
         programs.update(_image_methods(model, vision, cache, job, progress, io))
     return programs, io
+
+
+def _chunk(model, job, vision) -> int:
+    """The longest chunk any method takes: the prefill length, or one image view."""
+    return max(job.prefill_len, vision.cfg.tokens_per_image) if vision is not None else job.prefill_len
 
 
 def _export_vision(vision, pixels):
@@ -596,6 +675,7 @@ class PteSession(BaseSession):
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         runtime = require("executorch.runtime", "pte")
+        require("executorch.extension.llm.custom_ops.custom_ops", "pte")  # registers the cache kernels
         pool = require("executorch.extension.pybindings.portable_lib", "pte")
         # XNNPACK's kernels run on ExecuTorch's process-wide pool, which otherwise has one thread
         # per core whatever --threads says; a process runs one session at a time

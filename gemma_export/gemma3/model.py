@@ -8,7 +8,9 @@ The cache is a *sliding* cache: slot s of a cache of length S always holds posit
 `pos - S + s` (slots before position 0 are empty and masked). A step attends over the
 concatenation [cache, new keys] and keeps its last S entries (`length + arange(S)`), so only
 `length` valid tokens of a padded chunk enter the cache. No scatter at a dynamic index, no
-modulo: the same graph converts to every format, and positions can run past the window forever.
+modulo: the same graph converts anywhere, and positions can run past the window forever. It is the
+reference; the exported programs replace it through `decode`'s `attention` hook by their runtime's
+in-place cache kernels.
 """
 
 from __future__ import annotations
