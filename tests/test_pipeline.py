@@ -154,6 +154,8 @@ def test_the_same_export_gives_the_same_bytes_in_every_format(artifacts, tmp_pat
     pipeline.export(ExportJob.each(TINY, FORMATS, tmp_path / "b", prefill_len=T, images=False), record=record)
     for fmt in FORMATS:
         a, b = tree(artifacts.get(fmt)), tree(tmp_path / "b" / fmt)
+        ma, mb = (json.loads((root / "manifest.json").read_text()) for root in (artifacts.get(fmt), tmp_path / "b" / fmt))
+        assert ma == mb, (fmt, {k: (ma.get(k), mb.get(k)) for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)})
         assert a == b and len(a) >= 3, fmt
         assert {mode for _, mode in a.values()} <= {0o777 & ~mask, 0o666 & ~mask}
         assert (tmp_path / "b" / fmt).stat().st_mode & 0o777 == 0o777 & ~mask
