@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m benchmarks.vision
 	$(PY) -m benchmarks.vision_export --model gemma3-4b
 	$(PY) -m benchmarks.image_parity
+	$(PY) -m benchmarks.context
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
