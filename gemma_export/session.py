@@ -33,6 +33,8 @@ class Session(Protocol):
 
     def prefill(self, tokens: Sequence[int], pos: int) -> np.ndarray: ...  # [n, V]
 
+    def prefill_last(self, tokens: Sequence[int], pos: int) -> np.ndarray: ...  # [V]: the last token's
+
     def decode(self, token: int, pos: int) -> np.ndarray: ...  # [V]
 
     def hidden_states(self, tokens: Sequence[int]) -> np.ndarray: ...  # [L + 1, n, hidden], at position 0
@@ -101,6 +103,16 @@ class BaseSession:
         n = len(tokens)
         check_room(self.info, pos, n)
         return np.asarray(self._run(self._chunk(tokens), pos, n, False))[:n]
+
+    def prefill_last(self, tokens: Sequence[int], pos: int) -> np.ndarray:
+        """A prefill chunk as a runner runs it, for the last token's logits [V] only (a runtime
+        whose graph computes the head for that token alone overrides `_run_last`)."""
+        n = len(tokens)
+        check_room(self.info, pos, n)
+        return np.asarray(self._run_last(self._chunk(tokens), pos, n))
+
+    def _run_last(self, tokens: np.ndarray, pos: int, n: int) -> np.ndarray:
+        return self._run(tokens, pos, n, False)[n - 1]
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         check_room(self.info, pos, 1)
@@ -192,10 +204,10 @@ def generate(session: Session, prompt: Sequence[int], max_new_tokens: int,
     if not prompt:
         raise ConfigError("the prompt is empty")
     session.reset()
-    logits = None
-    for _, logits in feed(session, prompt):
-        pass
-    yield from continue_from(session, logits[-1], len(prompt), max_new_tokens, stop_ids, sampling)
+    t = session.info.prefill_len
+    for i in range(0, len(prompt), t):  # the runner's prefill: only the last token's logits are used
+        logits = session.prefill_last(prompt[i:i + t], i)
+    yield from continue_from(session, logits, len(prompt), max_new_tokens, stop_ids, sampling)
 
 
 def continue_from(session: Session, logits: np.ndarray, pos: int, max_new_tokens: int,

@@ -1,9 +1,12 @@
 """ExecuTorch (.pte): the program ExecuTorch's LLM runner drives, lowered to XNNPACK.
 
-One method, `forward(tokens int64 [1, T], input_pos int64 [1])` -> logits [1, T, V], serves
-prefill chunks (T up to the prefill length, a dynamic dimension) and decode (T = 1), and the
-constant methods the runner reads (`get_max_seq_len`, `get_eos_ids`, ...) describe it, so
-`TextLLMRunner` / `llama_main` run the artifact as they are. The KV cache lives inside the program
+One method, `forward(tokens int64 [1, T], input_pos int64 [1])` -> the last token's logits
+[1, 1, V], serves prefill chunks (T up to the prefill length, a dynamic dimension) and decode
+(T = 1), and the constant methods the runner reads (`get_max_seq_len`, `get_eos_ids`, ...)
+describe it, so `TextLLMRunner` / `llama_main` run the artifact as they are. Like ExecuTorch's own
+LLM exports, a prefill chunk computes the head (a 262K-row matrix) for its last token only: the
+runner samples from nothing else. `score` (a debug method, on the same caches) returns every
+position's logits, which teacher-forced verification needs. The KV cache lives inside the program
 as mutable buffers shared by every method (`MemoryPlanningPass(share_mutable_buffers=True)`), laid
 out [1, S, kv heads, head_dim] as ExecuTorch's LLM kernels want them, and updated in place by
 those kernels (`llama::update_cache`, the ops llama_main is built with): a global layer writes
@@ -48,6 +51,7 @@ from .base import Exported, Lowering, Runner, Stock, require, session_info
 FILE = "model.pte"
 DATA_TAG = "model"  # -> model.ptd: the token table, shared by the lookup and the head
 FORWARD = "forward"
+SCORE = "score"  # debug: forward with every position's logits [1, T, V]
 HIDDEN = "hidden"
 RESET = "reset"  # zeroes the KV cache (optional: a freshly loaded program starts valid)
 # image prompts, named as ExecuTorch's MultimodalRunner calls them
@@ -385,13 +389,14 @@ class CacheOpsAttention:
 
 
 class _Forward(nn.Module):
-    """The LLM runner's entry point: `forward(tokens int64 [1, T], input_pos int64 [1])` -> logits
-    [1, T, V], T from 1 (decode) to the prefill length, over the shared cache buffers. ExecuTorch's
-    runner feeds int64; XNNPACK takes int32, so the cast is the program's first op."""
+    """The LLM runner's entry point: `forward(tokens int64 [1, T], input_pos int64 [1])` -> the
+    last token's logits [1, 1, V] (every token's, [1, T, V], with `all_logits`: the debug `score`),
+    T from 1 (decode) to the prefill length, over the shared cache buffers. ExecuTorch's runner
+    feeds int64; XNNPACK takes int32, so the cast is the program's first op."""
 
-    def __init__(self, model, cache: _Cache):
+    def __init__(self, model, cache: _Cache, all_logits: bool = False):
         super().__init__()
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.all_logits = model, cache, all_logits
         self.names = cache_names(model.cfg.num_layers)
 
     def forward(self, tokens, input_pos):
@@ -399,7 +404,7 @@ class _Forward(nn.Module):
         tokens, pos = tokens.to(torch.int32), input_pos.to(torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
         caches = [getattr(self.cache, n) for n in self.names]
-        logits, _ = self.model.step(tokens, pos, length, caches,
+        logits, _ = self.model.step(tokens, pos, length, caches, all_logits=self.all_logits,
                                     attention=CacheOpsAttention(self.model.cfg, input_pos, t))
         return logits
 
@@ -489,8 +494,13 @@ def _export_methods(model, job, progress, vision=None) -> tuple[dict, dict]:
         programs = {FORWARD: torch.export.export(_Forward(model, cache), tuple(inputs.values()),
                                                  dynamic_shapes=({1: chunk}, None), strict=False)}
         programs[RESET] = torch.export.export(_Reset(cache), (torch.zeros(1, dtype=torch.int32),), strict=False)
-    io = {FORWARD: {"chunk": f"1..{t}", **describe_io(inputs, sample_outputs(model, t, with_cache=False))}}
+    io = {FORWARD: {"chunk": f"1..{t}", **describe_io(inputs, sample_outputs(model, 1, with_cache=False))}}
     if job.debug_outputs:
+        progress(f"torch.export {SCORE} (debug, T = 1..{t})")
+        with torch.no_grad():
+            programs[SCORE] = torch.export.export(_Forward(model, cache, all_logits=True), tuple(inputs.values()),
+                                                  dynamic_shapes=({1: chunk}, None), strict=False)
+        io[SCORE] = {"chunk": f"1..{t}", **describe_io(inputs, sample_outputs(model, t, with_cache=False))}
         progress(f"torch.export {HIDDEN} (debug, T={t})")
         tokens, length = torch.zeros(1, t, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
         with torch.no_grad():
@@ -669,9 +679,12 @@ def read_named_data(folder: Path, manifest: Manifest) -> dict[str, bytes]:
 
 class PteSession(BaseSession):
     """The program driven exactly as ExecuTorch's LLM runner drives it: `forward` with int64 tokens
-    at their own length (no padding) and the position of the first."""
+    at their own length (no padding) and the position of the first. A prefill that wants every
+    position's logits runs `score` on the same caches; an artifact without it (--no-debug-outputs)
+    runs the chunk's tokens through `forward` one at a time, the same numbers step by step."""
 
     pads_prefill = False
+    etdump = False  # record every operator's time (benchmarks.profile reads it)
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         runtime = require("executorch.runtime", "pte")
@@ -686,8 +699,8 @@ class PteSession(BaseSession):
         data = manifest.program.get("external_data")
         try:
             with quiet.native_info_lines():
-                self._program = runtime.Runtime.get().load_program(str(path),
-                                                                   data_path=str(folder / data) if data else None)
+                self._program = runtime.Runtime.get().load_program(str(path), data_path=str(folder / data) if data else None,
+                                                                   enable_etdump=self.etdump)
                 self._methods = {m: self._program.load_method(m) for m in (FORWARD, RESET)}
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
@@ -698,8 +711,16 @@ class PteSession(BaseSession):
         self._methods[RESET].execute([torch.zeros(1, dtype=torch.int32)])
 
     def _run(self, tokens, pos, n, decode):
+        if decode:
+            return self._run_last(tokens, pos, 1)[None]
+        if SCORE not in self._program.method_names:
+            return np.stack([self._run_last(tokens[:, i:i + 1], pos + i, 1) for i in range(n)])
         args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
-        return self._methods[FORWARD].execute(args)[0][0].numpy()
+        return self._method(SCORE).execute(args)[0][0].numpy()
+
+    def _run_last(self, tokens, pos, n):
+        args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
+        return self._methods[FORWARD].execute(args)[0][0, -1].numpy()
 
     def _method(self, name: str):
         if name not in self._methods:

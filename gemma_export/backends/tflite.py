@@ -527,6 +527,8 @@ class TfliteSession(BaseSession):
         scored = [sig for sig in (self._score, DECODE) if sig in self._signatures]
         self._io = {sig: ({k: cm.create_input_buffer_by_name(sig, k) for k in ("tokens", "input_pos")},
                           cm.create_output_buffer_by_name(sig, "logits")) for sig in scored}
+        self._prefill = prefill_name(t)
+        self._prefill_in = {k: cm.create_input_buffer_by_name(self._prefill, k) for k in ("tokens", "input_pos")}
         self.reset()
 
     def reset(self) -> None:
@@ -545,6 +547,16 @@ class TfliteSession(BaseSession):
         self._cm.run_by_name(sig, {**ins, **self._cache}, {"logits": logits, **self._cache})
         t, v = tokens.shape[1], self.info.vocab_size
         return logits.read(t * v, np.float32).reshape(t, v)
+
+    def _run_last(self, tokens, pos, n):
+        """As LiteRT-LM runs a prompt: prefill_<T> (caches only, no head) over all but the last
+        token, then decode on the last for its logits."""
+        if n > 1:
+            chunk = tokens.copy()
+            chunk[:, n - 1:] = 0  # padding: token 0 at position 0
+            _write_step(self._prefill_in, chunk, pos, n - 1)
+            self._cm.run_by_name(self._prefill, {**self._prefill_in, **self._cache}, dict(self._cache))
+        return self._run(tokens[:, n - 1:n], pos + n - 1, 1, True)[0]
 
     def _section(self, name: str):
         """A vision section of the bundle as its own compiled model (loaded on first use)."""

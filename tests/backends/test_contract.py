@@ -68,6 +68,26 @@ def test_fp32_artifact_matches_pytorch_past_the_window(artifacts, fmt, tiny):
     assert verdict.passed, (verdict.failures, res.summary())
 
 
+
+@pytest.mark.parametrize("fmt", FP32)
+def test_a_runners_prefill_gives_the_last_logits_of_a_scored_prefill(artifacts, fmt, tiny):
+    """prefill_last runs a chunk as the runtime's LLM runner does (pte: forward computes the head
+    for the last token only; tflite: prefill_<T> without logits, then decode), on the same caches:
+    chunk after chunk past the window, its logits are the scored prefill's last row."""
+    ids = random_ids(3 * T + 5, seed=7)
+    scored, last = open_artifact(artifacts.get(fmt)).session, open_artifact(artifacts.get(fmt)).session
+    reference = TorchSession(tiny, prefill_len=T)
+    for s in (scored, last, reference):
+        s.reset()
+    for pos in range(0, len(ids), T):
+        chunk = ids[pos:pos + T]
+        want = scored.prefill(chunk, pos)[-1]
+        got = last.prefill_last(chunk, pos)
+        assert got.shape == want.shape == (tiny.cfg.vocab_size,)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, reference.prefill(chunk, pos)[-1], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(last.decode(ids[0], len(ids)), scored.decode(ids[0], len(ids)), atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("fmt", STOCK)
 @pytest.mark.parametrize("words", [6, 60])  # one prefill chunk; many chunks, far past the window
 def test_the_runtimes_own_llm_api_generates_the_pytorch_greedy_text(artifacts, tiny, fmt, words):
