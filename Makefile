@@ -35,8 +35,13 @@ test-fast: install
 
 # optimum-executorch (the ExecuTorch peer's exporter) without its pins: it asks for transformers
 # 5.0.0rc1 and the base optimum package, whose two imports benchmarks/peers.py provides
+# llama.cpp (the speed peer) built from source: its native build dies in the AMX kernel on these
+# CPUs, so the instruction sets are named (the same flags as benchmarks/llamacpp.py's BUILD_FLAGS)
+LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF
+
 bench: install
 	$(PY) -m pip install -q --no-deps -c constraints.txt optimum-executorch
+	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PY) -m pip install -q -c constraints.txt llama-cpp-python
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stock
 	$(PY) -m benchmarks.runtimes
@@ -46,6 +51,7 @@ bench: install
 	$(PY) -m benchmarks.vision_export --model gemma3-4b
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
+	$(PY) -m benchmarks.profile
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

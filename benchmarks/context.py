@@ -37,17 +37,17 @@ def measure(folder: Path, positions, tokens: int, threads: int) -> dict:
     s = open_artifact(folder, threads).session
     ids = np.random.default_rng(0).integers(10, 200_000, size=max(positions)).tolist()
     s.reset()
-    s.prefill(ids[: s.info.prefill_len], 0)  # warm-up
+    s.prefill_last(ids[: s.info.prefill_len], 0)  # warm-up
     s.reset()
     pos, rows = 0, []
     for target in positions:
         t0 = time.perf_counter()
         while pos < target:  # prefill up to the checkpoint, in the artifact's chunks
             chunk = ids[pos:min(target, pos + s.info.prefill_len)]
-            logits = s.prefill(chunk, pos)
+            logits = s.prefill_last(chunk, pos)
             pos += len(chunk)
         prefill_s = time.perf_counter() - t0
-        tok, steps = int(np.argmax(logits[-1])), []
+        tok, steps = int(np.argmax(logits)), []
         for _ in range(tokens):
             t1 = time.perf_counter()
             logits = s.decode(tok, pos)

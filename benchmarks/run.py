@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from gemma_export.loading import bundled_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "out" / "bench"
@@ -158,10 +160,17 @@ def bench_parity(formats, recipe="fp32") -> list[dict]:
 
 
 def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=2, repeats=5) -> list[dict]:
+    """Our artifacts between two runs of llama.cpp on the same ids (its speed drifts with the
+    machine's): each row's ratios are against the faster of llama.cpp's two medians."""
     import numpy as np
 
+    from benchmarks import llamacpp
     from gemma_export.runtime import open_artifact
 
+    ids = np.random.default_rng(0).integers(10, 200_000, size=prompt_len).tolist()
+    peer = [llamacpp.speed(ids, new_tokens, threads, repeats) | {"measured": "before"}]
+    print(f"  {peer[0]}", flush=True)
+    bandwidth = read_bandwidth_gbs(threads)
     rows = []
     for fmt in formats:
         if unsupported(fmt, recipe):
@@ -169,9 +178,8 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
         out = artifact_dir("270m", fmt, recipe)
         opened = open_artifact(out, threads)
         s = opened.session
-        ids = np.random.default_rng(0).integers(10, 200_000, size=prompt_len).tolist()
         s.reset()
-        s.prefill(ids[: s.info.prefill_len], 0)  # warm-up
+        s.prefill_last(ids[: s.info.prefill_len], 0)  # warm-up
         prefill, decode = [], []
         for _ in range(repeats):  # one prefill is a fraction of a second: take the median of a few runs
             s.reset()
@@ -180,10 +188,10 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
             logits = None
             while pos < prompt_len:
                 chunk = ids[pos:pos + s.info.prefill_len]
-                logits = s.prefill(chunk, pos)
+                logits = s.prefill_last(chunk, pos)
                 pos += len(chunk)
             t1 = time.perf_counter()
-            tok = int(np.argmax(logits[-1]))
+            tok = int(np.argmax(logits))
             for _ in range(new_tokens):
                 tok = int(np.argmax(s.decode(tok, pos)))
                 pos += 1
@@ -195,9 +203,43 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
                "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),
                "time_to_first_token_s": round(prompt_len / float(np.median(prefill)), 3),
                "prefill_tok_s_runs": [round(v, 1) for v in prefill], "decode_tok_s_runs": [round(v, 1) for v in decode]}
+        read = bytes_read_per_token(out)
+        row |= {"weight_bytes_read_per_token": read,
+                "bandwidth_fraction": round(read * row["decode_tok_s"] / (bandwidth * 1e9), 3)}
         print(f"  {row}", flush=True)
         rows.append(row)
-    return rows
+    peer.append(llamacpp.speed(ids, new_tokens, threads, repeats) | {"measured": "after"})
+    print(f"  {peer[1]}", flush=True)
+    best = {k: max(p[k] for p in peer) for k in ("prefill_tok_s", "decode_tok_s")}
+    for row in rows:
+        row["vs_llamacpp"] = {k.removesuffix("_tok_s"): round(row[k] / best[k], 2) for k in best}
+    for p in peer:
+        p["model"] = "llama.cpp"  # its own key in the results file: one row per measurement
+        p["format"] = f"llama.cpp ({p['measured']})"
+        p["weight_bytes_read_per_token"] = bundled_gguf().stat().st_size
+        p["bandwidth_fraction"] = round(p["weight_bytes_read_per_token"] * p["decode_tok_s"] / (bandwidth * 1e9), 3)
+    return [{"format": "machine", "recipe": recipe, "read_bandwidth_gbs": bandwidth, "threads": threads}] + peer + rows
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Memory read bandwidth with `threads` threads: a 1 GiB fp32 sum, best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t0)
+    return round(x.numel() * 4 / best / 1e9, 1)
+
+
+def bytes_read_per_token(folder: Path) -> int:
+    """Bytes of weights one decode step reads: the artifact's files without the tokenizer. Every
+    format keeps the tied table once and the head reads all of it (the embedding gathers one row)."""
+    m = json.loads((folder / "manifest.json").read_text())
+    return sum(f["bytes"] for name, f in m["files"].items() if "tokenizer" not in name)
 
 
 def bench_eval(formats, recipe="fp32", positions=1024) -> list[dict]:

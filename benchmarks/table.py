@@ -14,6 +14,8 @@ def _rows(kind: str) -> dict:
     out = {}
     for path in sorted(RESULTS.glob(f"{kind}-*.json")):
         for r in json.loads(path.read_text()).get("results", []):
+            if r.get("format") == "machine" or r.get("model") == "llama.cpp":  # speed: the run's context rows
+                continue
             model = "270m" if kind != "export" else r.get("model", "270m")  # eval/speed: 270M only
             out[(model, r["format"], r["recipe"])] = r
     return out
@@ -39,6 +41,25 @@ def table(model: str = "270m") -> str:
     return "\n".join(lines)
 
 
+def side_by_side() -> str:
+    """Each speed run's rows against llama.cpp measured in the same run (before and after ours)."""
+    lines = ["| recipe | format | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | "
+             "weight bytes / token | bandwidth used |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path in sorted(RESULTS.glob("speed-*.json")):
+        rows = json.loads(path.read_text()).get("results", [])
+        machine = next((r for r in rows if r.get("format") == "machine"), None)
+        if machine is None:  # a run from before llama.cpp was measured beside ours
+            continue
+        for r in rows[1:]:
+            vs = r.get("vs_llamacpp", {})
+            lines.append(f"| {r['recipe']} | {r['format']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                         f"{vs.get('prefill', '-')} | {vs.get('decode', '-')} | "
+                         f"{r['weight_bytes_read_per_token'] / 2**20:.0f} MiB | {100 * r['bandwidth_fraction']:.0f}% |")
+        lines.append(f"| | machine | read bandwidth {machine['read_bandwidth_gbs']} GB/s, {machine['threads']} threads "
+                     f"({path.name}) ||||||")
+    return "\n".join(lines)
+
+
 def sizes(model: str = "1b") -> str:
     from gemma_export.gemma3.config import PRESETS
 
@@ -56,5 +77,7 @@ def sizes(model: str = "1b") -> str:
 if __name__ == "__main__":
     print("Real 270M:\n")
     print(table("270m"))
+    print("\nSide by side with llama.cpp (real 270M):\n")
+    print(side_by_side())
     print("\n1B (random weights, sizes):\n")
     print(sizes("1b"))

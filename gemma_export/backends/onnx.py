@@ -981,9 +981,15 @@ class OnnxSession(BaseSession):
         self.reset()
 
     def _load(self, file: str, quantized: bool = False):
-        ort = self._ort
         path = self._folder / file
-        opts = ort.SessionOptions()
+        try:
+            return self._ort.InferenceSession(str(path), self._options(quantized), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
+
+    def _options(self, quantized: bool):
+        """The session options of every graph (a profiler adds its own to these)."""
+        opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
         if quantized:
@@ -992,10 +998,7 @@ class OnnxSession(BaseSession):
             # the recipe's activation quantization, so the fused kernel must compute in fp32 (level 1):
             # then it matches PyTorch exactly.
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ArtifactError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0]})") from None
+        return opts
 
     def reset(self) -> None:
         self._cache = {

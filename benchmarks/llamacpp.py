@@ -1,0 +1,66 @@
+"""llama.cpp as the speed peer: the bundled GGUF (Q4_K_M) through llama-cpp-python.
+
+The same loop as our sessions in `benchmarks.run --only speed`: the same prompt ids prefilled in
+one batch, then greedy decode one token at a time (argmax of the logits in numpy on both sides),
+on the same number of threads. llama-cpp-python is built from source by `make bench`
+(the flags are in the Makefile: the native build dies in its AMX kernel on these CPUs).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gemma_export.errors import UnsupportedError
+from gemma_export.loading import bundled_gguf
+
+BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+               "-DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF")
+
+
+def load(threads: int, context: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UnsupportedError("llama-cpp-python is not installed: `make bench` builds it "
+                               f'(CMAKE_ARGS="{BUILD_FLAGS}" pip install llama-cpp-python)') from None
+    return Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=context, n_ubatch=context,
+                 n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+
+
+def _last_logits(llm) -> np.ndarray:
+    """The last evaluated token's logits, read in place (Llama.scores is filled only with
+    logits_all, which would make llama.cpp compute the head for every prompt token)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def speed(ids: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
+    """Median prefill and decode tokens/s over `repeats` runs, and the greedy tokens of the last."""
+    llm = load(threads, len(ids) + new_tokens + 8)
+    llm.reset()
+    llm.eval(ids)  # warm-up
+    prefill, decode, tokens = [], [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(_last_logits(llm)))
+        tokens = [tok]
+        for _ in range(new_tokens):
+            llm.eval([tok])
+            tok = int(np.argmax(_last_logits(llm)))
+            tokens.append(tok)
+        t2 = time.perf_counter()
+        prefill.append(len(ids) / (t1 - t0))
+        decode.append(new_tokens / (t2 - t1))
+    import llama_cpp
+
+    return {"format": "llama.cpp", "recipe": "Q4_K_M (bundled GGUF)", "runtime": f"llama-cpp-python {llama_cpp.__version__}",
+            "threads": threads, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+            "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),
+            "prefill_tok_s_runs": [round(v, 1) for v in prefill], "decode_tok_s_runs": [round(v, 1) for v in decode],
+            "greedy_tokens": tokens[:16], "note": "llama.cpp's own Q4_K_M codes: its tokens need not equal ours"}
