@@ -19,13 +19,13 @@ BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -D
                "-DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF")
 
 
-def load(threads: int, context: int):
+def load(threads: int, context: int, batch: int = 512):
     try:
         from llama_cpp import Llama
     except ImportError:
         raise UnsupportedError("llama-cpp-python is not installed: `make bench` builds it "
                                f'(CMAKE_ARGS="{BUILD_FLAGS}" pip install llama-cpp-python)') from None
-    return Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=context, n_ubatch=context,
+    return Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=batch, n_ubatch=batch,
                  n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
 
 
@@ -37,9 +37,10 @@ def _last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def speed(ids: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
-    """Median prefill and decode tokens/s over `repeats` runs, and the greedy tokens of the last."""
-    llm = load(threads, len(ids) + new_tokens + 8)
+def speed(ids: list[int], new_tokens: int, threads: int, repeats: int, context: int) -> dict:
+    """Median prefill and decode tokens/s over `repeats` runs, and the greedy tokens of the last.
+    `context`: the cache it allocates, as our artifacts' (it attends over the cells in use)."""
+    llm = load(threads, context, max(512, len(ids)))
     llm.reset()
     llm.eval(ids)  # warm-up
     prefill, decode, tokens = [], [], []
@@ -60,7 +61,7 @@ def speed(ids: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
     import llama_cpp
 
     return {"format": "llama.cpp", "recipe": "Q4_K_M (bundled GGUF)", "runtime": f"llama-cpp-python {llama_cpp.__version__}",
-            "threads": threads, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+            "threads": threads, "context": context, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
             "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),
             "prefill_tok_s_runs": [round(v, 1) for v in prefill], "decode_tok_s_runs": [round(v, 1) for v in decode],
             "greedy_tokens": tokens[:16], "note": "llama.cpp's own Q4_K_M codes: its tokens need not equal ours"}

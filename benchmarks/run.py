@@ -168,7 +168,10 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
     from gemma_export.runtime import open_artifact
 
     ids = np.random.default_rng(0).integers(10, 200_000, size=prompt_len).tolist()
-    peer = [llamacpp.speed(ids, new_tokens, threads, repeats) | {"measured": "before"}]
+    # llama.cpp gets the context our artifacts were exported with
+    context = max(json.loads((artifact_dir("270m", f, recipe) / "manifest.json").read_text())["max_context"]
+                  for f in formats if not unsupported(f, recipe))
+    peer = [llamacpp.speed(ids, new_tokens, threads, repeats, context) | {"measured": "before"}]
     print(f"  {peer[0]}", flush=True)
     bandwidth = read_bandwidth_gbs(threads)
     rows = []
@@ -208,7 +211,7 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
                 "bandwidth_fraction": round(read * row["decode_tok_s"] / (bandwidth * 1e9), 3)}
         print(f"  {row}", flush=True)
         rows.append(row)
-    peer.append(llamacpp.speed(ids, new_tokens, threads, repeats) | {"measured": "after"})
+    peer.append(llamacpp.speed(ids, new_tokens, threads, repeats, context) | {"measured": "after"})
     print(f"  {peer[1]}", flush=True)
     best = {k: max(p[k] for p in peer) for k in ("prefill_tok_s", "decode_tok_s")}
     for row in rows:
@@ -236,10 +239,28 @@ def read_bandwidth_gbs(threads: int) -> float:
 
 
 def bytes_read_per_token(folder: Path) -> int:
-    """Bytes of weights one decode step reads: the artifact's files without the tokenizer. Every
-    format keeps the tied table once and the head reads all of it (the embedding gathers one row)."""
+    """Bytes of weights one decode step reads: the artifact's files without the tokenizer, less
+    any copy of a table that is only gathered from (one row per token). The head reads the whole
+    tied table; an ONNX graph may keep a second, row-major copy for its Gather."""
     m = json.loads((folder / "manifest.json").read_text())
-    return sum(f["bytes"] for name, f in m["files"].items() if "tokenizer" not in name)
+    total = sum(f["bytes"] for name, f in m["files"].items() if "tokenizer" not in name)
+    return total - sum(_gathered_only_bytes(folder / name) for name in m["files"] if name.endswith(".onnx"))
+
+
+def _gathered_only_bytes(graph: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    uses: dict[str, set] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, i))
+    size = 0
+    for init in model.graph.initializer:
+        if uses.get(init.name) == {("Gather", 0)}:
+            ext = {e.key: e.value for e in init.external_data}
+            size += int(ext["length"]) if "length" in ext else len(init.raw_data)
+    return size
 
 
 def bench_eval(formats, recipe="fp32", positions=1024) -> list[dict]:
