@@ -52,6 +52,7 @@ bench: install
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
 	$(PY) -m benchmarks.profile
+	$(PY) -m benchmarks.plot
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
