@@ -12,6 +12,11 @@ import time
 
 import numpy as np
 
+try:
+    import llama_cpp
+except ImportError:  # built by `make bench`; load() says how
+    llama_cpp = None
+
 from gemma_export.errors import UnsupportedError
 from gemma_export.loading import bundled_gguf
 
@@ -20,20 +25,16 @@ BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -D
 
 
 def load(threads: int, context: int, batch: int = 512):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    if llama_cpp is None:
         raise UnsupportedError("llama-cpp-python is not installed: `make bench` builds it "
-                               f'(CMAKE_ARGS="{BUILD_FLAGS}" pip install llama-cpp-python)') from None
-    return Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=batch, n_ubatch=batch,
+                               f'(CMAKE_ARGS="{BUILD_FLAGS}" pip install llama-cpp-python)')
+    return llama_cpp.Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=batch, n_ubatch=batch,
                  n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
 
 
 def _last_logits(llm) -> np.ndarray:
     """The last evaluated token's logits, read in place (Llama.scores is filled only with
     logits_all, which would make llama.cpp compute the head for every prompt token)."""
-    import llama_cpp
-
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
@@ -58,8 +59,6 @@ def speed(ids: list[int], new_tokens: int, threads: int, repeats: int, context: 
         t2 = time.perf_counter()
         prefill.append(len(ids) / (t1 - t0))
         decode.append(new_tokens / (t2 - t1))
-    import llama_cpp
-
     return {"format": "llama.cpp", "recipe": "Q4_K_M (bundled GGUF)", "runtime": f"llama-cpp-python {llama_cpp.__version__}",
             "threads": threads, "context": context, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
             "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),

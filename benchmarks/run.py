@@ -206,9 +206,7 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
                "prefill_tok_s": round(float(np.median(prefill)), 1), "decode_tok_s": round(float(np.median(decode)), 1),
                "time_to_first_token_s": round(prompt_len / float(np.median(prefill)), 3),
                "prefill_tok_s_runs": [round(v, 1) for v in prefill], "decode_tok_s_runs": [round(v, 1) for v in decode]}
-        read = bytes_read_per_token(out)
-        row |= {"weight_bytes_read_per_token": read,
-                "bandwidth_fraction": round(read * row["decode_tok_s"] / (bandwidth * 1e9), 3)}
+        row |= bandwidth_used(bytes_read_per_token(out), row["decode_tok_s"], bandwidth)
         print(f"  {row}", flush=True)
         rows.append(row)
     peer.append(llamacpp.speed(ids, new_tokens, threads, repeats, context) | {"measured": "after"})
@@ -219,9 +217,14 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
     for p in peer:
         p["model"] = "llama.cpp"  # its own key in the results file: one row per measurement
         p["format"] = f"llama.cpp ({p['measured']})"
-        p["weight_bytes_read_per_token"] = bundled_gguf().stat().st_size
-        p["bandwidth_fraction"] = round(p["weight_bytes_read_per_token"] * p["decode_tok_s"] / (bandwidth * 1e9), 3)
+        p |= bandwidth_used(bundled_gguf().stat().st_size, p["decode_tok_s"], bandwidth)
     return [{"format": "machine", "recipe": recipe, "read_bandwidth_gbs": bandwidth, "threads": threads}] + peer + rows
+
+
+def bandwidth_used(read_per_token: int, decode_tok_s: float, bandwidth_gbs: float) -> dict:
+    """Weight bytes a decode step reads, and their rate as a share of the measured read bandwidth."""
+    return {"weight_bytes_read_per_token": read_per_token,
+            "bandwidth_fraction": round(read_per_token * decode_tok_s / (bandwidth_gbs * 1e9), 3)}
 
 
 def read_bandwidth_gbs(threads: int) -> float:

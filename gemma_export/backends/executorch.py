@@ -677,6 +677,11 @@ def read_named_data(folder: Path, manifest: Manifest) -> dict[str, bytes]:
     return out
 
 
+def _step_args(tokens: np.ndarray, pos: int) -> list[torch.Tensor]:
+    """forward's / score's inputs as the LLM runner passes them: int64 tokens [1, T], input_pos [1]."""
+    return [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
+
+
 class PteSession(BaseSession):
     """The program driven exactly as ExecuTorch's LLM runner drives it: `forward` with int64 tokens
     at their own length (no padding) and the position of the first. A prefill that wants every
@@ -702,6 +707,7 @@ class PteSession(BaseSession):
                 self._program = runtime.Runtime.get().load_program(str(path), data_path=str(folder / data) if data else None,
                                                                    enable_etdump=self.etdump)
                 self._methods = {m: self._program.load_method(m) for m in (FORWARD, RESET)}
+                self._scores = SCORE in self._program.method_names
         except Exception as e:
             raise ArtifactError(f"{path}: ExecuTorch could not load the program ({e})") from None
         self.info = session_info(manifest)
@@ -713,14 +719,12 @@ class PteSession(BaseSession):
     def _run(self, tokens, pos, n, decode):
         if decode:
             return self._run_last(tokens, pos, 1)[None]
-        if SCORE not in self._program.method_names:
+        if not self._scores:
             return np.stack([self._run_last(tokens[:, i:i + 1], pos + i, 1) for i in range(n)])
-        args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
-        return self._method(SCORE).execute(args)[0][0].numpy()
+        return self._method(SCORE).execute(_step_args(tokens, pos))[0][0].numpy()
 
     def _run_last(self, tokens, pos, n):
-        args = [torch.from_numpy(tokens).to(torch.int64), torch.tensor([pos], dtype=torch.int64)]
-        return self._methods[FORWARD].execute(args)[0][0, -1].numpy()
+        return self._methods[FORWARD].execute(_step_args(tokens, pos))[0][0, -1].numpy()
 
     def _method(self, name: str):
         if name not in self._methods:
