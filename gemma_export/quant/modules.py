@@ -46,7 +46,12 @@ def quantize_activations(x: torch.Tensor, activations: str, act_scale: torch.Ten
 
 def quantized_linear(x, q, scale, scheme: Scheme, act_scale=None, zero=None):
     """x @ ((codes - zero) x scales)^T with the scheme's activation quantization."""
-    return F.linear(quantize_activations(x, scheme.activations, act_scale), dequantize(q, scale, zero).to(x.dtype))
+    return dense_linear(x, dequantize(q, scale, zero), scheme, act_scale)
+
+
+def dense_linear(x, w, scheme: Scheme, act_scale=None):
+    """`quantized_linear` with the weights already dequantized."""
+    return F.linear(quantize_activations(x, scheme.activations, act_scale), w.to(x.dtype))
 
 
 def _zero_point(scale: torch.Tensor, scheme: Scheme, zero: torch.Tensor | None) -> torch.Tensor:
@@ -80,6 +85,18 @@ class QLinear(nn.Module):
 
     def forward(self, x):
         return quantized_linear(x, self.qweight, self.scale, self.scheme, self.act_scale, self.zero)
+
+
+class DequantizedLinear(nn.Module):
+    """A QLinear whose weights are dequantized once, for running it on many inputs in a row (the
+    calibration walk); the same numbers as the QLinear's forward."""
+
+    def __init__(self, linear: QLinear):
+        super().__init__()
+        self.linear, self.weight = linear, linear.weight_float()
+
+    def forward(self, x):
+        return dense_linear(x, self.weight, self.linear.scheme, self.linear.act_scale)
 
 
 class QEmbedding(nn.Module):

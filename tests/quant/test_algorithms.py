@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from gemma_export.quant.algorithms import dequantize, gptq, qrange, quantize_with, rtn_scales, search_scales
+from gemma_export.errors import ConfigError
+from gemma_export.quant.algorithms import (dequantize, gptq, inverse_factor, qrange, quantize_with, rtn_scales,
+                                           search_scales)
 
 
 def test_rtn_codes_are_in_range_and_zero_rows_get_a_nonzero_scale():
@@ -47,3 +49,17 @@ def test_scale_search_lowers_the_weighted_rounding_error_per_block():
     assert block_err(found).sum() < 0.85 * block_err(rtn).sum()
     # the weighting matters: searching without it does worse on the weighted objective
     assert block_err(found).sum() < block_err(search_scales(w, 4, 32)).sum()
+
+
+@pytest.mark.parametrize("n", [40, 600])  # 600: the triangular inverse splits into halves
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
+    """GPTQ's error weights: one factorisation gives what factorise, invert, factorise gave."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / n + 0.01 * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    got = inverse_factor(h)
+    assert got.dtype == torch.float32 and torch.equal(got, got.triu())
+    assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-4
+    with pytest.raises(ConfigError, match="not positive definite"):
+        inverse_factor(-h)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from gemma_export.quant import calibrate
 from gemma_export.quant.calibrate import LayerInputs, calibration_set, collect_absmax, smooth_
+from gemma_export.quant.quantize import quantize_
 from gemma_export.quant.recipes import PRESETS
 from gemma_export.session import TorchSession
 from helpers import logits
@@ -68,3 +70,40 @@ def test_input_ranges_do_not_depend_on_running_the_head(tiny):
     with_head = collect_absmax(tiny, ["layers.1.mlp.down_proj", "lm_head"], calib, 16)
     assert torch.equal(alone["layers.1.mlp.down_proj"], with_head["layers.1.mlp.down_proj"])
     assert with_head["lm_head"].shape == (tiny.cfg.hidden_size,) and with_head["lm_head"].max() > 0
+
+
+def test_layer_hessians_are_the_input_products_of_each_linear(tiny, monkeypatch):
+    """Per linear, 2/N sum x x^T over the calibration tokens: shared by q/k/v and gate/up, summed
+    by blocks for wide inputs (a small block here) and with the layer cut short after the last
+    linear, all equal to the products of inputs recorded from the layer's plain forward."""
+    monkeypatch.setattr(calibrate, "GRAM_BLOCK", 8)
+    calib = _calib(3, 16)
+    walk = LayerInputs(tiny, calib)
+    layer = tiny.layers[0]
+    names = [f"layers.0.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    seen = {n: [] for n in names}
+    handles = [tiny.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    for x in walk.xs:
+        layer(x, *walk.args[0])
+    for h in handles:
+        h.remove()
+    got = walk.hessians(names)
+    assert tiny.get_submodule("layers.0.mlp.down_proj").in_features > 2 * 8
+    for n in names:
+        x = torch.cat(seen[n]).double()
+        torch.testing.assert_close(got[n].double(), 2 * x.T @ x / len(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_walk_runs_quantized_layers_as_their_forward_does(tiny):
+    """advance() dequantizes each layer's weights once for all samples: the stored outputs equal
+    the quantized layer's own forward, and the layer gets its QLinears back."""
+    m = copy.deepcopy(tiny)
+    quantize_(m, PRESETS["int4-b32-rtn"])
+    walk = LayerInputs(m, _calib(2, 16))
+    want = [m.layers[0](x, *walk.args[0])[0] for x in walk.xs]
+    kinds = [type(mod) for mod in m.layers[0].modules()]
+    walk.advance()
+    assert [type(mod) for mod in m.layers[0].modules()] == kinds
+    for a, b in zip(walk.xs, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
