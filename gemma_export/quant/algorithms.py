@@ -90,10 +90,9 @@ def inverse_factor(h: torch.Tensor) -> torch.Tensor:
 
     With J the reversal permutation and J h J = L L^T, h = R R^T for the upper triangular R = J L J,
     so h^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J: one Cholesky and one triangular inverse instead
-    of factorise, invert and factorise again. Computed in float64 (a float32 factor moved the real
-    270M's calibrated KL from 0.201 to 0.216; float32 sums of the Hessian itself did not), returned
-    in float32 for the column loop (one run each: not a proof, a precaution that costs about a second per
-    decoder layer of the 1B).
+    of factorise, invert and factorise again. The factor is computed in float64 (in an A/B run on the
+    real 270M a float32 factor raised the calibrated model's KL, float32 Hessian sums did not; see
+    the README) and returned in float32 for the column loop.
     """
     l, info = torch.linalg.cholesky_ex(h.double().flip(0, 1))
     if info.item() != 0:
