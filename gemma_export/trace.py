@@ -128,3 +128,12 @@ def float_twin(model, activation_ops=True) -> dict:
         setattr(model, family.HEAD, head)
         codes[f"{family.TABLE}.weight"] = (emb.qweight, emb.scale, emb.scheme, emb.zero)
     return codes
+
+
+def release_weights(model) -> None:
+    """Empty every parameter and buffer of a model whose format now holds its own copy of them (a
+    backend's model is its only reference: see pipeline.convert), so the eager float weights do
+    not sit in memory through the format's later stages. The model cannot run afterwards."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype)

@@ -162,7 +162,7 @@ def session_info(manifest: Manifest) -> SessionInfo:
 
 
 def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32)).hexdigest()  # no bytes copy
 
 
 def match_weights(codes: dict, stored: Iterable[tuple[str, np.ndarray]], transposed: bool = False) -> dict:

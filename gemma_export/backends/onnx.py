@@ -34,7 +34,7 @@ from ..gemma3.model import NEG_INF, plain_forms, rotate_half
 from ..gemma3.vision import image_groups
 from ..quant.packing import pack_int4, unpack_int4
 from ..session import BaseSession
-from ..trace import HIDDEN, cache_names, float_twin
+from ..trace import HIDDEN, cache_names, float_twin, release_weights
 from .base import Exported, Lowering, Runner, Stock, match_weights, require, session_info
 
 FILE = "model.onnx"
@@ -316,6 +316,7 @@ class OnnxBackend:
             _trace_vision(vision, workdir, progress)
             graphs.update({EMBEDDING: EMBEDDING_FILE, VISION: VISION_FILE})
         _write_genai_config(workdir, model.cfg, job, vocab, None if vision is None else vision.cfg)
+        release_weights(model)  # the graphs hold them now, on disk; `codes` keeps the quantized ones
         opset = OPSET
         if codes:
             progress(f"replacing {len(codes)} weights by DequantizeLinear of their integer codes")
@@ -643,14 +644,16 @@ def _lower_codes(workdir: Path, codes: dict, file: str = FILE) -> None:
     are matched by their exact float values (codes x scales), so either layout is found.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     if not codes:
         return
     path = workdir / file
-    model = onnx.load(str(path))  # with external data
+    # weights stay on disk: the float ones being replaced are only hashed, one at a time, from the file
+    model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    floats = ((i.name, numpy_helper.to_array(i)) for i in graph.initializer
+    floats = ((i.name, _stored_array(i, workdir)) for i in graph.initializer
               if i.data_type == TensorProto.FLOAT and len(i.dims) == 2)
     hits = match_weights(codes, floats, transposed=True)
     keep, matmuls = [], []
@@ -675,8 +678,14 @@ def _lower_codes(workdir: Path, codes: dict, file: str = FILE) -> None:
     # constants only the replaced nodes read (reshape shapes, ...): onnxruntime would drop them at
     # load with a warning per constant
     read = {i for n in graph.node for i in _reads(n)} | {o.name for o in graph.output}
+    kept = [i for i in keep if i.name in read]
+    for init in kept:  # what stays is read into memory before its file is replaced
+        if uses_external_data(init):
+            load_external_data_for_tensor(init, str(workdir))
+            init.data_location = TensorProto.DEFAULT
+            del init.external_data[:]
     del graph.initializer[:]
-    graph.initializer.extend(i for i in keep if i.name in read)
+    graph.initializer.extend(kept)
     _toposort(graph)  # the lowered nodes were appended
     if any(n.domain == "com.microsoft" for n in graph.node):
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
@@ -687,6 +696,18 @@ def _lower_codes(workdir: Path, codes: dict, file: str = FILE) -> None:
     (workdir / _data(file)).unlink()  # saving appends to an existing data file
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=_data(file),
               size_threshold=1024)
+
+
+def _stored_array(init, workdir: Path) -> np.ndarray:
+    """An fp32 initializer's values, mapped from its external data file when it has one."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if not uses_external_data(init):
+        return numpy_helper.to_array(init)
+    where = {e.key: e.value for e in init.external_data}
+    return np.memmap(workdir / where["location"], dtype=np.float32, mode="r", offset=int(where.get("offset", 0)),
+                     shape=tuple(init.dims))
 
 
 def _dequantize_linear(graph, weight: str, layout: str, q: np.ndarray, s: np.ndarray, scheme) -> list:

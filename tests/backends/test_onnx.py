@@ -3,6 +3,7 @@
 import pytest
 
 from gemma_export import pipeline
+from gemma_export.backends import onnx as onnx_backend
 from gemma_export.errors import UnsupportedError
 from gemma_export.quant.modules import QLinear
 from gemma_export.quant.recipes import Calibration, QuantRecipe, Rule, Scheme, Thresholds
@@ -53,8 +54,13 @@ def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path
 
 
 @pytest.mark.slow
-def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny):
-    """Static int8/int16 activations (calibrated per-tensor scales) from a recipe file, through ONNX."""
+def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny, monkeypatch):
+    """Static int8/int16 activations (calibrated per-tensor scales) from a recipe file, through ONNX;
+    the traced float weights are released before the codes replace them (lowering reads the graph's
+    weights from its file, not from memory)."""
+    released = []
+    release = onnx_backend.release_weights
+    monkeypatch.setattr(onnx_backend, "release_weights", lambda m: (release(m), released.append(m)))
     rules = (Rule("embed_tokens", Scheme(8, activations="int16-static")),
              Rule("layers.*", Scheme(8, "block", 32, activations="int8-static")))
     path = tmp_path / "static.toml"
@@ -62,6 +68,7 @@ def test_onnx_lowers_a_static_activation_recipe_file(tmp_path, quantized_tiny):
     path.write_text(QuantRecipe("static-test", rules, calibration=Calibration(samples=8, seq_len=64)).to_toml())
     out = tmp_path / "art"
     pipeline.export(pipeline.ExportJob.single(TINY, "onnx", out, recipe=str(path), prefill_len=T, debug_outputs=False))
+    assert len(released) == 1 and all(t.numel() == 0 for t in released[0].parameters())
     eager = quantized_tiny(str(path))
     assert all(float(m.act_scale) > 0 for m in eager.modules() if isinstance(m, QLinear))
     c = teacher_forced(TorchSession(eager, prefill_len=T), open_artifact(out).session, random_ids(60, seed=3))
