@@ -80,9 +80,13 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
     """(codes - zero) x scales; `zero` (float, per block) only for asymmetric source codes."""
-    block = q.shape[1] // scale.shape[1]
-    c = q.float() if zero is None else q.float() - zero.repeat_interleave(block, dim=1)
-    return c * scale.repeat_interleave(block, dim=1)
+    out, nb = scale.shape
+    # one float copy of the codes, scaled in place by blocks: no weight-sized temporaries besides
+    # it (the tied table of the larger models is a GiB in float)
+    c = q.float().reshape(out, nb, q.shape[1] // nb)
+    if zero is not None:
+        c.sub_(zero.float()[..., None])
+    return c.mul_(scale.float()[..., None]).reshape(q.shape)
 
 
 def inverse_factor(h: torch.Tensor) -> torch.Tensor:
