@@ -32,6 +32,7 @@ class RMSNorm(nn.Module):
     """Gemma's RMSNorm: the stored weight w is applied as (1 + w), computed in fp32."""
 
     plain = False  # the textbook form instead (see plain_forms)
+    fused = False  # one rms_norm op (see npu_forms)
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,6 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if self.fused:
+            return F.rms_norm(xf, (xf.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
         if self.plain:
             y = xf * torch.reciprocal(torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))  # onnxscript's form
             return (y * (1.0 + self.weight.float())).to(x.dtype)
@@ -87,6 +90,24 @@ def plain_forms(model: nn.Module):
     finally:
         for m in mods:
             del m.plain
+
+
+@contextlib.contextmanager
+def npu_forms(model: nn.Module, mask_value: float):
+    """The forms NPU compilers take while tracing: each RMSNorm as one rms_norm op (ONNX
+    RMSNormalization, which the Hexagon compiler maps to its own; its textbook Sqrt and Reciprocal
+    quantized to 16 bits came out wrong on the HTP emulator), and masks of `mask_value` instead of
+    -1e30, so that scores plus mask keep a range a static per-tensor scale can resolve."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.fused = True
+    model.mask_value = mask_value
+    try:
+        yield model
+    finally:
+        for m in norms:
+            del m.fused
+        del model.mask_value
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: float) -> torch.Tensor:
@@ -172,6 +193,8 @@ class Gemma3(nn.Module):
     prefill and decode entry points are this step at T = prefill length and T = 1.
     """
 
+    mask_value = NEG_INF  # what a masked score gets (see npu_forms)
+
     def __init__(self, cfg: Gemma3Config, max_context: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -240,7 +263,7 @@ class Gemma3(nn.Module):
         if groups is not None:
             same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
             ok = ok | torch.cat((torch.zeros(t, cache_len, dtype=torch.bool), same), dim=1)
-        mask = torch.where(ok, 0.0, NEG_INF)
+        mask = torch.where(ok, 0.0, self.mask_value)
         return mask.repeat(rep, 1) if rep > 1 else mask
 
     def embed(self, tokens):
