@@ -175,10 +175,10 @@ def parse_formats(value: str) -> tuple[str, ...]:
     """`onnx`, `onnx,pte` or `all` -> the formats, in the order given (runtime names such as
     `ort-genai` or `litertlm` name their format)."""
     names = backends.NAMES if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if backends.ALIASES.get(n, n) not in backends.NAMES]
+    bad = [n for n in names if backends.ALIASES.get(n, n) not in backends.REGISTRY]
     if bad or not names:
         raise click.BadParameter(f"{', '.join(bad) or repr(value)} is not a format; choose from "
-                                 f"{', '.join(backends.NAMES)} (comma-separated) or all; "
+                                 f"{', '.join(backends.REGISTRY)} (comma-separated) or all (= {', '.join(backends.NAMES)}); "
                                  f"{', '.join(f'{a} = {n}' for a, n in backends.ALIASES.items())}")
     names = tuple(backends.canonical(n) for n in names)
     if len(set(names)) < len(names):
@@ -278,7 +278,8 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @click.option("--format", "fmt", required=True, callback=lambda ctx, param, v: parse_formats(v),
               help="Artifact format: pte (ExecuTorch's LLM runner), onnx (an onnxruntime-genai model "
                    "folder; also ort-genai) or tflite (also litertlm); several comma-separated, or all "
-                   "(quantized and calibrated once, one artifact per format under --out).")
+                   "(quantized and calibrated once, one artifact per format under --out); or the NPU target "
+                   "qnn (Qualcomm Hexagon: QDQ graphs compiled per --soc).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
@@ -295,13 +296,15 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
                    "encoder, embeddings into the decoder), with the preprocessing settings in the manifest.")
 @click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
               help="llama.cpp's Gemma 3 vision file (mmproj GGUF) for a GGUF text MODEL.")
+@click.option("--soc", "socs", multiple=True, default=("SM8650",), show_default=True,
+              help="For --format qnn: the Snapdragon SoC to compile for (SM8550, SM8650, SM8750); repeat for several.")
 @model_options
 @runtime_options
 @threads_option
 @json_option
 @error_boundary
-def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, mmproj, random_weights, weights_seed,
-           max_context, prefill_len, threads, as_json):
+def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, mmproj, socs, random_weights,
+           weights_seed, max_context, prefill_len, threads, as_json):
     """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
     import torch
 
@@ -311,7 +314,8 @@ def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, 
     t0 = time.perf_counter()
     manifests = api.export(_spec(model, random_weights, weights_seed, mmproj=mmproj), fmt, out,
                            _progress(memory=True), recipe=recipe, prefill_len=prefill_len, max_context=max_context,
-                           debug_outputs=debug_outputs, force=force, record=build_record, images=images)
+                           debug_outputs=debug_outputs, force=force, record=build_record, images=images,
+                           socs=tuple(socs))
     if as_json:  # one format: its manifest; several: a list of them, in --format order
         dicts = [m.to_dict() for m in manifests]
         return _echo_json(dicts[0] if len(fmt) == 1 else dicts)

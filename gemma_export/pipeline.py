@@ -66,6 +66,7 @@ class ExportJob:
     # image entry points (vision encoder, embeddings into the decoder) for a model with a vision
     # encoder; False writes the text decoder only
     images: bool = True
+    socs: tuple[str, ...] = ("SM8650",)  # the SoCs an NPU target compiles for
 
     def __post_init__(self):
         if not self.targets:
@@ -90,7 +91,8 @@ class ExportJob:
     def settings(self) -> dict:
         """What the manifest records of the job (the targets are the artifacts themselves)."""
         return {"recipe": self.recipe, "prefill_len": self.prefill_len, "max_context": self.max_context,
-                "debug_outputs": self.debug_outputs, "images": self.images}
+                "debug_outputs": self.debug_outputs, "images": self.images,
+                **({"socs": list(self.socs)} if any(t.format in backends.TARGETS for t in self.targets) else {})}
 
 
 @dataclass
@@ -160,8 +162,10 @@ def check(job: ExportJob):
     job = replace(job, model=replace(job.model, max_context=job.max_context))
     job = replace(job, targets=tuple(replace(t, format=backends.canonical(t.format)) for t in job.targets))
     targets = [(t, backends.get(t.format)) for t in job.targets]
-    for target, _ in targets:
+    for target, backend in targets:
         backends.check_support(target.format, recipe)
+        if hasattr(backend, "check"):  # what else a target needs of the job (an NPU target: its SoCs)
+            backend.check(job)
     if recipe.uses_source:  # one rule per tensor with its type's scheme, judged by each format again
         if job.model.random_weights:
             raise ConfigError(f"recipe {recipe.name} keeps a checkpoint's codes; random weights have none")

@@ -42,11 +42,17 @@ CONVERT = {
     ("tflite", True): Footprint(0.81, 5.71, 2.32),
     ("pte", False): Footprint(0.56, 6.29, 2.55),
     ("pte", True): Footprint(0.71, 3.79, 1.28),
+    # qnn float: not measured yet, taken from the ONNX float export (the same tracing); quantized:
+    # one measured row (270M a16w8), peaking in onnxruntime's QDQ quantizer, which holds several
+    # copies of the float graph (the head's own table included) at once
+    ("qnn", False): Footprint(0.79, 1.00, 1.06),
+    ("qnn", True): Footprint(0.59, 9.20, 9.20),
 }
 # a vision tower's image entry points, converted with the decoder (fp32 tower GiB multiples),
 # fitted to `benchmarks.vision_export` (the 4B tower alone, one process per format; its fixed part
 # is the runtime's, already in CONVERT); a format without image entry points holds the tower only
-VISION = {"tflite": Footprint(1.06, 0.0, 3.6), "pte": Footprint(0.56, 0.0, 7.3), "onnx": Footprint(0.0, 0.0, 1.0)}
+VISION = {"tflite": Footprint(1.06, 0.0, 3.6), "pte": Footprint(0.56, 0.0, 7.3), "onnx": Footprint(0.0, 0.0, 1.0),
+          "qnn": Footprint(0.0, 0.0, 1.0)}
 
 # the budgeted recipe's sensitivity pass (a Fisher buffer the size of the weights, and gradients)
 SENSITIVITY = Footprint(1.46, 5.58, 4.34)

@@ -23,7 +23,8 @@ def artifact_bytes(cfg: Gemma3Config, recipe, fmt: str, images: bool = False) ->
     folder's embedding graph holds the token table once more (the vision tower is counted apart)."""
     bits = max((r.scheme.bits for r in recipe.rules if r.scheme is not None), default=32)
     per_weight = bits / 8 + (0.07 if bits < 8 else 0.0)
-    copies = 2.0 if fmt == "tflite" else 1.2
+    # qnn: a prefill and a decode graph, each as QDQ source and as a context binary per SoC (two)
+    copies = {"tflite": 2.0, "qnn": 6.0}.get(fmt, 1.2)
     table = cfg.vocab_size * cfg.hidden_size * per_weight if images and fmt == "onnx" else 0
     return int(cfg.param_counts()["total"] * per_weight * copies + table) + 40 * 2**20
 

@@ -16,8 +16,11 @@ REGISTRY = {
     "pte": "gemma_export.backends.executorch",
     "onnx": "gemma_export.backends.onnx",
     "tflite": "gemma_export.backends.tflite",
+    "qnn": "gemma_export.backends.qnn",
 }
-NAMES = tuple(REGISTRY)
+# the formats for a CPU (what `--format all` exports); the rest are NPU targets, named one by one
+NAMES = ("pte", "onnx", "tflite")
+TARGETS = tuple(n for n in REGISTRY if n not in NAMES)
 # the runtime each format's folder is made for, accepted as the format's name
 ALIASES = {"ort-genai": "onnx", "litertlm": "tflite", "executorch": "pte"}
 

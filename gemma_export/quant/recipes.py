@@ -243,6 +243,11 @@ def _source(name: str, activations: str, thresholds: Thresholds, description: st
     return QuantRecipe(name, (Rule(EMBED, keep), Rule(LINEARS, keep)), thresholds=thresholds, description=description)
 
 
+def _static(name: str, activations: str, description: str) -> QuantRecipe:
+    scheme = Scheme(8, activations=activations)
+    return QuantRecipe(name, (Rule(EMBED, scheme), Rule(LINEARS, scheme)), thresholds=_LOOSE4, description=description)
+
+
 # A quantized artifact is verified against the same recipe applied in PyTorch (same codes), so
 # these thresholds measure the lowering, not the quantization; `eval` measures the quantization.
 # They judge recipes with float activations (int8-weights). Where the runtime quantizes
@@ -281,6 +286,10 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     _int4(128, "rtn", "round-to-nearest int4 block-128 (baseline)", _LOOSE4),
     # the budget for the 1B; the upgrade is the scheme every format lowers beside int4
     _mixed(0.62),
+    # NPUs (format qnn): static per-tensor activation ranges. In PyTorch only each linear's input
+    # is quantized; the QDQ graph quantizes every activation, so the judge's bounds are loose
+    _static("a16w8", "int16-static", "int8 weights per channel, static 16-bit activations (NPUs)"),
+    _static("a8w8", "int8-static", "int8 weights per channel, static 8-bit activations (NPUs)"),
 )}
 
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .. import backends
 from ..artifact import find_artifacts, is_artifact, read_manifest
 from ..errors import ArtifactError
 from ..gemma3.images import ImageSettings
@@ -25,6 +26,7 @@ from .parity import (LOCATE_THRESHOLD, ParityResult, image_parity, locate, parit
 
 # the summary keys reported for the comparisons against fp32 in a relative judgement
 _FP32_KEYS = ("positions", "top1_agreement", "mean_kl", "perplexity_reference", "perplexity_test")
+_SIM_KEYS = ("positions", "top1_agreement", "mean_kl", "max_kl", "min_cosine", "max_abs_diff")
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     ids = test.tokenizer.encode(Path(plan.text).read_text())[:plan.positions]
     # where the runtime rounds activations its own way, artifact and recipe are judged against fp32
     fp32 = refs.session_for(manifest, quantized=False).session if rule.relative else None
+    # an NPU target's recipe without its compiler: a mismatch there is the compiler's, not the recipe's
+    backend = backends.get(manifest.format)
+    simulated = backend.simulated(folder, manifest, plan.threads) if hasattr(backend, "simulated") else None
     res = parity(ref.session, test.session, ids, test.tokenizer.encode(plan.prompt), plan.new_tokens,
-                 test.tokenizer.stop_ids, fp32=fp32, progress=progress)
+                 test.tokenizer.stop_ids, fp32=fp32, progress=progress, simulated=simulated)
     images = {}
     if manifest.images is not None and plan.images is not None:
         images = _image_parity(manifest, ref, test, plan, progress)
@@ -119,6 +124,8 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
               "greedy_reference": res.greedy_reference, "greedy_test": res.greedy_test}
     if against is not None:
         report["against_fp32"] = against
+    if res.against_simulated is not None:  # reported beside the judged comparison
+        report["against_simulated"] = {k: v for k, v in res.against_simulated.summary().items() if k in _SIM_KEYS}
     if images:
         # a quantized artifact's image prompts are reported against the recipe in PyTorch, not judged
         report["images"] = {**images, "judged": not rule.relative}

@@ -28,6 +28,8 @@ class ParityResult:
     greedy_test: list[int]
     seconds: dict = field(default_factory=dict)
     against_fp32: dict[str, Comparison] = field(default_factory=dict)  # "reference"/"test" vs fp32
+    # the artifact against its own recipe run without the compiler (an NPU target's QDQ graphs on the CPU)
+    against_simulated: Comparison | None = None
 
     @property
     def greedy_match(self) -> int:
@@ -101,20 +103,26 @@ def perplexity_of(session: Session, ids: Sequence[int], progress: Progress | Non
 
 
 def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequence[int], new_tokens: int,
-           stop_ids: Sequence[int] = (), fp32: Session | None = None, progress: Progress | None = None) -> ParityResult:
+           stop_ids: Sequence[int] = (), fp32: Session | None = None, progress: Progress | None = None,
+           simulated: Session | None = None) -> ParityResult:
     """Teacher-forced comparison over `ids` and greedy generation from `prompt`. With `fp32`, the
-    same pass also compares the fp32 model with the reference and with the test (`against_fp32`)."""
+    same pass also compares the fp32 model with the reference and with the test (`against_fp32`);
+    with `simulated`, that session with the test (`against_simulated`)."""
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
+    sessions = {"reference": reference, "test": test}
+    pairs = [("reference", "test")]
+    if fp32 is not None:
+        sessions["fp32"] = fp32
+        pairs += [("fp32", "test"), ("fp32", "reference")]
+    if simulated is not None:
+        sessions["simulated"] = simulated
+        pairs.append(("simulated", "test"))
     say(f"teacher-forcing {len(ids):,} positions through the reference and the artifact"
-        + (" (and fp32)" if fp32 is not None else ""))
-    if fp32 is None:
-        tf, against = teacher_forced(reference, test, ids, progress=progress), {}
-    else:
-        sessions = {"reference": reference, "test": test, "fp32": fp32}
-        pairs = [("reference", "test"), ("fp32", "test"), ("fp32", "reference")]
-        comps = teacher_forced_many(sessions, pairs, ids, schedule_for(test.info.prefill_len), progress)
-        tf, against = comps[pairs[0]], {"test": comps[pairs[1]], "reference": comps[pairs[2]]}
+        + "".join(f" (and {n})" for n in list(sessions)[2:]))
+    comps = teacher_forced_many(sessions, pairs, ids, schedule_for(test.info.prefill_len), progress)
+    tf = comps[pairs[0]]
+    against = {"test": comps[pairs[1]], "reference": comps[pairs[2]]} if fp32 is not None else {}
     t1 = time.perf_counter()
     fig = running(tf)
     say(f"teacher-forced {tf.n:,} positions in {t1 - t0:.1f} s: top-1 {fig['top1']:.2%}, mean KL {fig['mean_kl']:.3g}")
@@ -123,7 +131,7 @@ def parity(reference: Session, test: Session, ids: Sequence[int], prompt: Sequen
     test_gen = list(generate(test, prompt, new_tokens, stop_ids))
     t2 = time.perf_counter()
     return ParityResult(tf, ref_gen, test_gen, {"teacher_forced": round(t1 - t0, 2), "greedy": round(t2 - t1, 2)},
-                        against)
+                        against, comps.get(("simulated", "test")))
 
 
 # Relative L2 error of a layer's output above which `locate` calls it diverged (fp32 artifacts

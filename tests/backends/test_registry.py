@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_export.backends import NAMES, REGISTRY, get, supported_presets
+from gemma_export.backends import NAMES, REGISTRY, TARGETS, get, supported_presets
 from gemma_export.backends.base import Lowering, match_weights
 from gemma_export.errors import ConfigError, ExportError
 from gemma_export.quant.algorithms import quantize_with, rtn_scales
@@ -12,8 +12,8 @@ from gemma_export.quant.recipes import PRESETS, QuantRecipe, Rule, Scheme
 
 
 def test_every_backend_implements_the_protocol():
-    assert NAMES == tuple(REGISTRY) == ("pte", "onnx", "tflite")
-    for name in NAMES:
+    assert NAMES == ("pte", "onnx", "tflite") and TARGETS == ("qnn",) and tuple(REGISTRY) == NAMES + TARGETS
+    for name in REGISTRY:
         b = get(name)
         assert b.name == name and isinstance(b.lowering, Lowering)
         assert b.runner.env.startswith("GEMMA_") and b.runner.description
@@ -29,6 +29,7 @@ def test_every_format_lowers_fp32_and_the_table_agrees_with_the_check():
         for name in supported_presets(fmt):
             assert get(fmt).lowering.refusal(PRESETS[name]) is None
     assert set(supported_presets("onnx")) == set(PRESETS)
+    assert supported_presets("qnn") == ["fp32", "a16w8", "a8w8"]  # NPUs: static activations or none
 
 
 def test_lowering_refusals_name_the_rule():

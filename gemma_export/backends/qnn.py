@@ -1,0 +1,459 @@
+"""qnn: Qualcomm Hexagon (HTP) NPU artifacts, compiled ahead of time for named Snapdragon SoCs.
+
+What an NPU takes, and so what this target writes:
+- static shapes: a prefill graph of exactly `prefill_len` tokens and a decode graph of one token,
+  the KV caches passed in and out as tensors (the model's sliding caches: window-sized local
+  layers, the context for global ones);
+- static activation quantization: onnxruntime's QDQ quantizer calibrates a per-tensor range for
+  every activation on the recipe's calibration text (the bundled multilingual corpus), at the
+  recipe's activation width (16 bits for `a16w8`, 8 for `a8w8`); weights are int8 per channel,
+  the recipe's own codes (re-quantizing our dequantized weights at max|w|/127 gives them back,
+  which `read_codes` lets the bit-exact test check); a float recipe runs in fp16 on the HTP;
+- a graph compiled for one SoC: onnxruntime's QNN execution provider, with CPU fallback
+  disabled, compiles each graph into a QNN context binary and an EPContext model that points at
+  it (`<graph>_<SOC>.onnx` + `<graph>_<SOC>_qnn.bin`), one pair per graph and SoC.
+
+The QDQ graphs stay in the artifact: they are the recipe simulated exactly on the CPU (the same
+quantize/dequantize steps as float operators), so `verify` can tell a quantization loss from a
+compiler's. Everything runs here on the x86-64 HTP emulator that the onnxruntime-qnn wheel bundles.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, ExportError, UnsupportedError
+from ..gemma3 import family
+from ..gemma3.model import npu_forms
+from ..quant.calibrate import calibration_set
+from ..quant.recipes import resolve
+from ..session import BaseSession
+from ..loading.tokenizer import Tokenizer
+from ..trace import DECODE, PREFILL, CacheIO, cache_names, describe_io, float_twin, release_weights, sample_inputs
+from .base import Exported, Lowering, Runner, match_weights, require, session_info
+
+OPSET = 23  # RMSNormalization
+MASK = -100.0  # a masked score's offset: exp(-100) is 0 in fp16 and fp32, and the range stays resolvable
+GRAPHS = {PREFILL: "prefill.onnx", DECODE: "decode.onnx"}
+CALIBRATION_SEQUENCES = 8  # of the recipe's calibration set, evenly spread over its languages
+CALIBRATION_DECODES = 16  # decode steps calibrated per sequence, after its first prefill chunk
+
+
+@dataclass(frozen=True)
+class Soc:
+    """A Snapdragon SoC as QNN's HTP backend names it: the HTP architecture and the SoC model id."""
+
+    name: str
+    htp_arch: str
+    soc_model: str
+
+    def options(self, backend_path: str) -> dict:
+        return {"backend_path": backend_path, "htp_arch": self.htp_arch, "soc_model": self.soc_model}
+
+
+SOCS = {s.name: s for s in (Soc("SM8550", "73", "43"), Soc("SM8650", "75", "57"), Soc("SM8750", "79", "69"))}
+
+
+def soc(name: str) -> Soc:
+    try:
+        return SOCS[name.upper()]
+    except KeyError:
+        raise UnsupportedError(f"unknown SoC {name!r}; the qnn target compiles for {', '.join(SOCS)}") from None
+
+
+def compiled_file(graph: str, soc_name: str) -> str:
+    return f"{Path(graph).stem}_{soc_name}.onnx"
+
+
+def _binary(ctx: str) -> str:
+    return f"{Path(ctx).stem}_qnn.bin"  # the name onnxruntime gives the context binary beside its EPContext model
+
+
+# ----------------------------------------------------------------------------------------------
+# The emulator
+# ----------------------------------------------------------------------------------------------
+
+_REGISTERED = []
+
+
+def _qnn(backend: str = "qnn"):
+    """onnxruntime with the QNN execution provider registered; returns (ort, devices, HTP library)."""
+    ort = require("onnxruntime", backend)
+    qnn = require("onnxruntime_qnn", backend)
+    library = qnn.get_library_path()
+    if not _REGISTERED:
+        ort.register_execution_provider_library("QNNExecutionProvider", library)
+        _REGISTERED.append(library)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devices:
+        raise UnsupportedError("onnxruntime-qnn is installed but offers no QNN device")
+    return ort, devices, os.path.join(os.path.dirname(library), "libQnnHtp.so")
+
+
+def htp_session(path: Path, chip: Soc, fallback: bool = False, context: Path | None = None):
+    """An onnxruntime session whose graph runs on the emulated HTP of `chip`; with `context`, the
+    compiled EPContext model is written there. Without `fallback`, a node the HTP cannot take
+    fails the session instead of running on the CPU."""
+    ort, devices, htp = _qnn()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not fallback:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context is not None:
+        so.add_session_config_entry("ep.context_enable", "1")
+        so.add_session_config_entry("ep.context_file_path", str(context))
+        so.add_session_config_entry("ep.context_embed_mode", "0")
+    so.add_provider_for_devices(devices, chip.options(htp))
+    return ort.InferenceSession(str(path), sess_options=so)
+
+
+def cpu_session(path: Path, threads: int = 0):
+    ort = require("onnxruntime", "qnn")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+class QnnBackend:
+    name = "qnn"
+    # int8 weights per channel under static activations (a float recipe runs in fp16 on the HTP);
+    # every linear and the table are quantized together, as onnxruntime's QDQ quantizer does
+    lowering = Lowering(frozenset({(8, "channel")}), frozenset({"int8-static", "int16-static"}), complete=True)
+    runner = Runner("GEMMA_QNN_RUNNER",
+                    "onnxruntime for Android built with the QNN execution provider (libonnxruntime.so,\n"
+                    "libQnnHtp.so and the HTP skel library of the phone's SoC), loading the EPContext model\n"
+                    "<graph>_<SOC>.onnx, which names its context binary beside it; or the QNN SDK's\n"
+                    "qnn-net-run with --retrieve_context on <graph>_<SOC>_qnn.bin")
+    images = False
+
+    def check(self, job) -> None:
+        """Refuse an unknown SoC or a missing emulator before any work."""
+        if not job.socs:
+            raise UnsupportedError("format qnn needs at least one --soc")
+        for name in job.socs:
+            soc(name)
+        _qnn(self.name)
+
+    def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
+        chips = [soc(n) for n in job.socs]
+        codes = float_twin(model, activation_ops=False)  # the QDQ graph quantizes activations itself
+        _untie(model)
+        schemes = {s.activations for _, _, s, _ in codes.values()}
+        if len(schemes) > 1:
+            raise UnsupportedError(f"format qnn takes one activation width for the whole graph, the recipe has {sorted(schemes)}")
+        activations = schemes.pop() if schemes else "float"
+        entry_points, report = {}, {"socs": {}}
+        with tempfile.TemporaryDirectory(dir=workdir.parent, prefix=".qnn-float-") as tmp:
+            floats = {}
+            for entry, file in GRAPHS.items():
+                decode = entry == DECODE
+                t = 1 if decode else job.prefill_len
+                progress(f"tracing the {entry} graph ({t} token{'s' if t > 1 else ''}, static shapes, opset {OPSET})")
+                floats[entry] = Path(tmp) / file
+                entry_points[entry] = {"graph": file, **_trace(model, t, decode, floats[entry])}
+            if activations == "float":
+                release_weights(model)
+                for entry, file in GRAPHS.items():
+                    _move_graph(floats[entry], workdir / file)
+                calibration = None
+            else:
+                bits = 16 if activations == "int16-static" else 8
+                recipe = resolve(job.recipe)
+                data, digest = calibration_set(recipe, Tokenizer(vocab.path), model.max_context)
+                sequences = data[::max(1, len(data) // CALIBRATION_SEQUENCES)][:CALIBRATION_SEQUENCES]
+                for entry, file in GRAPHS.items():
+                    progress(f"quantizing the {entry} graph: a{bits}w8 QDQ, activation ranges from "
+                             f"{len(sequences)} calibration sequences (min/max)")
+                    feeds = _Feeds(model, sequences, job.prefill_len, entry == DECODE)
+                    _quantize(floats[entry], workdir / file, feeds, bits, codes)
+                    _check_codes(workdir / file, codes)
+                release_weights(model)
+                calibration = {"method": "minmax", "sequences": len(sequences), "decode_steps": CALIBRATION_DECODES,
+                               "set_sha256": digest, "activation_bits": bits, "weights": "int8 symmetric per channel"}
+        for chip in chips:
+            report["socs"][chip.name] = {}
+            for entry, file in GRAPHS.items():
+                progress(f"compiling the {entry} graph for {chip.name} (HTP v{chip.htp_arch}, CPU fallback disabled)")
+                report["socs"][chip.name][entry] = _compile(workdir / file, workdir, chip)
+        program = {"file": GRAPHS[DECODE], "external_data": GRAPHS[DECODE] + ".data", "opset": OPSET,
+                   "graphs": dict(GRAPHS), "socs": [c.name for c in chips], "mask_value": MASK,
+                   "precision": "fp16" if activations == "float" else f"a{16 if activations == 'int16-static' else 8}w8",
+                   "calibration": calibration, "compile": report}
+        ort = require("onnxruntime", self.name)
+        return Exported(entry_points, program, {"onnxruntime": ort.__version__, "onnxruntime-qnn": _qnn_version()})
+
+    def open(self, folder: Path, manifest, threads: int) -> "QnnSession":
+        return QnnSession(folder, manifest)
+
+    def simulated(self, folder: Path, manifest, threads: int) -> "QnnSession":
+        """The QDQ graphs on onnxruntime's CPU provider: the recipe as the NPU should compute it,
+        without the compiler (verify reports the artifact against it)."""
+        return QnnSession(folder, manifest, simulated=True, threads=threads)
+
+    def read_codes(self, folder: Path, manifest) -> list[np.ndarray]:
+        onnx = require("onnx", self.name)
+        from onnx import numpy_helper
+
+        out = []
+        for file in manifest.program["graphs"].values():
+            graph = onnx.load(str(folder / file)).graph
+            dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+            out += [numpy_helper.to_array(i) for i in graph.initializer
+                    if i.name in dequantized and i.data_type == onnx.TensorProto.INT8]
+        return out
+
+    def declared_io(self, folder: Path, manifest) -> dict[str, dict]:
+        onnx = require("onnx", self.name)
+        out = {}
+        for entry, file in manifest.program["graphs"].items():
+            graph = onnx.load(str(folder / file), load_external_data=False).graph
+            out[entry] = {"inputs": [_value_info(v) for v in graph.input],
+                          "outputs": [_value_info(v) for v in graph.output]}
+        return out
+
+    def stock_generate(self, folder: Path, manifest, text: str, max_new_tokens: int):
+        raise UnsupportedError("format qnn has no stock LLM runtime here: its context binaries run on a phone's "
+                               "HTP (or this machine's emulator, through `gemma-export verify`)")
+
+
+def _qnn_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime-qnn")
+
+
+_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16"}
+
+
+def _value_info(v) -> dict:
+    t = v.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+    return {"name": v.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))}
+
+
+def _trace(model, t: int, decode: bool, path: Path) -> dict:
+    """One static-shape step graph with the caches as inputs and outputs: its described I/O."""
+    step = CacheIO(model, decode)
+    inputs = sample_inputs(model, t, decode)
+    with npu_forms(model, MASK), torch.no_grad():
+        outputs = step(**inputs)
+        program = torch.onnx.export(step, (), kwargs=inputs, input_names=list(inputs), output_names=list(outputs),
+                                    dynamo=True, opset_version=OPSET, optimize=True, verbose=False)
+    program.save(str(path), external_data=True)
+    return describe_io(inputs, outputs)
+
+
+def _untie(model) -> None:
+    """The head gets its own copy of the tied table: the HTP takes a per-channel int8 weight in a
+    MatMul (the head keeps the recipe's codes) but not a per-row gather, so the gathered table is
+    left to the QDQ quantizer (16 bits per tensor under a16w8)."""
+    head, table = getattr(model, family.HEAD), getattr(model, family.TABLE)
+    if head.weight is table.weight:
+        head.weight = torch.nn.Parameter(table.weight.detach().clone(), requires_grad=False)
+
+
+def _move_graph(src: Path, dst: Path) -> None:
+    shutil.move(src, dst)
+    shutil.move(src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data"))
+
+
+class _Feeds:
+    """onnxruntime's calibration reader: graph inputs made on demand by running the PyTorch model
+    through the calibration sequences (prefill chunks; for the decode graph, decode steps after
+    the first chunk), so one step's caches are in memory at a time."""
+
+    def __init__(self, model, sequences: list[list[int]], prefill_len: int, decode: bool):
+        self._it = self._steps(model, sequences, prefill_len, decode)
+        first = [min(prefill_len, len(ids)) for ids in sequences]
+        self._count = (sum(min(len(ids), f + CALIBRATION_DECODES) - f for ids, f in zip(sequences, first)) if decode
+                       else sum(-(-len(ids) // prefill_len) for ids in sequences))
+        self._left = self._count
+
+    # onnxruntime's strided calibration takes feeds in slices and merges each slice's ranges
+    # (its merge-as-you-go option drops them: onnxruntime 1.32)
+    def __len__(self) -> int:
+        return self._count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._left = end_index - start_index
+
+    def get_next(self):
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        return next(self._it, None)
+
+    @staticmethod
+    def _steps(model, sequences, prefill_len: int, decode: bool):
+        names = cache_names(model.cfg.num_layers)
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        for ids in sequences:
+            caches, pos, first = model.new_cache(), 0, min(prefill_len, len(ids))
+            end = min(len(ids), first + CALIBRATION_DECODES) if decode else len(ids)
+            while pos < end:
+                n = 1 if pos >= first and decode else min(prefill_len, len(ids) - pos)
+                tokens = torch.zeros(1, 1 if n == 1 and decode else prefill_len, dtype=torch.int32)
+                tokens[0, :n] = i32(ids[pos:pos + n])
+                if decode == (tokens.shape[1] == 1):  # a step this graph runs
+                    feed = {"tokens": tokens.numpy(), "pos": i32([pos]).numpy()}
+                    if not decode:
+                        feed["length"] = i32([n]).numpy()
+                    yield {**feed, **{k: c.numpy() for k, c in zip(names, caches)}}
+                with torch.no_grad():
+                    _, caches = model.step(tokens, i32([pos]), i32([n]), caches)
+                pos += n
+
+
+def _quantize(src: Path, dst: Path, feeds, bits: int, codes: dict) -> None:
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    config = get_qnn_qdq_config(str(src), feeds, activation_type=QuantType.QUInt16 if bits == 16 else QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, per_channel=True, weight_symmetric=True, stride=1,
+                                init_overrides=_weight_overrides(src, codes))
+    config.use_external_data_format = True
+    quantize(str(src), str(dst), config)
+
+
+def _weight_overrides(src: Path, codes: dict) -> dict:
+    """The recipe's own scales for each weight initializer, found by value (codes x scales), so the
+    QDQ quantizer rounds each weight back to exactly its codes; the tied table, which the graph
+    gathers from and transposes for the head, would otherwise be quantized as an activation."""
+    onnx = require("onnx", "qnn")
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(str(src)).graph
+    stored = ((i.name, numpy_helper.to_array(i)) for i in graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
+    overrides = {}
+    for tensor, (name, layout) in match_weights(codes, stored, transposed=True).items():
+        if layout == "oi":  # the gathered table (a MatMul weight is stored [in, out])
+            continue
+        scales = codes[name][1].reshape(-1).numpy().astype(np.float32)  # one per output channel
+        overrides[tensor] = [{"axis": 1, "scale": s, "zero_point": np.int8(0), "quant_type": QuantType.QInt8}
+                             for s in scales]
+    return overrides
+
+
+def _check_codes(graph: Path, codes: dict) -> None:
+    """Each of the recipe's code arrays is stored in the QDQ graph (as is or transposed): onnxruntime
+    re-derives int8 codes from the dequantized weights, which gives ours back only for max|w|/127
+    scales; any other recipe would be silently re-rounded."""
+    import hashlib
+
+    onnx = require("onnx", "qnn")
+    from onnx import numpy_helper
+
+    held = set()
+    for init in onnx.load(str(graph)).graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8:
+            q = numpy_helper.to_array(init)
+            held |= {hashlib.sha256(np.ascontiguousarray(a)).hexdigest() for a in (q, q.T)}
+    for name, (q, _, _, _) in codes.items():
+        if hashlib.sha256(np.ascontiguousarray(q.numpy())).hexdigest() not in held:
+            raise ExportError(f"qnn: the QDQ quantizer did not keep the recipe's codes of {name} "
+                              "(only round-to-nearest int8 per channel survives its re-quantization)")
+
+
+def _compile(graph: Path, workdir: Path, chip: Soc) -> dict:
+    """Compile one graph for one SoC (EPContext model + context binary in workdir) and say what ran where."""
+    onnx = require("onnx", "qnn")
+    ctx = workdir / compiled_file(graph.name, chip.name)
+    nodes = len(onnx.load(str(graph), load_external_data=False).graph.node)
+    t0 = time.perf_counter()
+    try:
+        htp_session(graph, chip, context=ctx)
+    except Exception as e:  # noqa: BLE001 - the provider's own message says little; find the nodes
+        ctx.unlink(missing_ok=True)
+        (workdir / _binary(ctx.name)).unlink(missing_ok=True)
+        raise ExportError(f"qnn: the {graph.stem} graph does not compile whole for {chip.name}: "
+                          f"{_fallen_back(graph, workdir, chip) or str(e).splitlines()[0]}") from None
+    seconds = time.perf_counter() - t0
+    binary = workdir / _binary(ctx.name)
+    if not ctx.is_file() or not binary.is_file():
+        raise ExportError(f"qnn: compiling the {graph.stem} graph for {chip.name} wrote no context binary")
+    left = [n.op_type for n in onnx.load(str(ctx)).graph.node if n.op_type != "EPContext"]
+    if left:
+        raise ExportError(f"qnn: {len(left)} nodes of the {graph.stem} graph stayed off the HTP ({', '.join(sorted(set(left)))})")
+    return {"file": ctx.name, "binary": binary.name, "binary_bytes": binary.stat().st_size,
+            "nodes": nodes, "nodes_on_npu": nodes, "seconds": round(seconds, 2)}
+
+
+def _fallen_back(graph: Path, workdir: Path, chip: Soc) -> str | None:
+    """Which nodes the HTP refuses: compile again with CPU fallback and list what stayed outside
+    (every node, when the provider took none and so wrote no EPContext model)."""
+    onnx = require("onnx", "qnn")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        ctx = Path(tmp) / "probe.onnx"
+        try:
+            htp_session(graph, chip, fallback=True, context=ctx)
+        except Exception:  # noqa: BLE001 - then the provider's own message is all there is
+            return None
+        nodes = onnx.load(str(ctx if ctx.is_file() else graph), load_external_data=False).graph.node
+        left = [f"{n.op_type} {n.name}" for n in nodes if n.op_type != "EPContext"]
+    if not left:
+        return None
+    return f"{len(left)} nodes would fall back to the CPU: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Session
+# ----------------------------------------------------------------------------------------------
+
+
+class QnnSession(BaseSession):
+    """The compiled graphs of one SoC on the HTP emulator (CPU fallback disabled), or with
+    `simulated` the QDQ graphs on onnxruntime's CPU provider: the recipe without the compiler."""
+
+    def __init__(self, folder: Path, manifest, soc_name: str | None = None, simulated: bool = False, threads: int = 0):
+        folder = Path(folder)
+        self.info = session_info(manifest)
+        socs = manifest.program["socs"]
+        self.soc = None if simulated else (soc_name or socs[0]).upper()
+        if self.soc is not None and self.soc not in socs:
+            raise ArtifactError(f"{folder} is compiled for {', '.join(socs)}, not {self.soc}")
+        graphs = manifest.program["graphs"]
+        if simulated:
+            self._sessions = {e: cpu_session(folder / f, threads) for e, f in graphs.items()}
+        else:
+            chip = soc(self.soc)
+            self._sessions = {e: htp_session(folder / compiled_file(f, chip.name), chip) for e, f in graphs.items()}
+        inputs = {i["name"]: i for i in manifest.entry_points[DECODE]["inputs"]}
+        self._names = cache_names(manifest.num_layers)
+        self._shapes = [tuple(inputs[n]["shape"]) for n in self._names]
+        self._outputs = ["logits", *(f"{n}_out" for n in self._names)]
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache = [np.zeros(s, dtype=np.float32) for s in self._shapes]
+
+    def _run(self, tokens, pos, n, decode):
+        feed = {"tokens": tokens, "pos": np.array([pos], dtype=np.int32), **dict(zip(self._names, self._cache))}
+        if not decode:
+            feed["length"] = np.array([n], dtype=np.int32)
+        out = self._sessions[DECODE if decode else PREFILL].run(self._outputs, feed)
+        self._cache = out[1:]
+        return out[0][0]
+
+    def _hidden(self, tokens, n):
+        raise UnsupportedError("qnn artifacts have no hidden-state entry point (the NPU graphs hold the decoder "
+                               "as compiled); locate a divergence on the same recipe exported to onnx")
+
+
+BACKEND = QnnBackend()

@@ -1,0 +1,98 @@
+"""The qnn target on the tiny model: both graphs compiled whole for the HTP, the recipe's codes in
+the QDQ graphs, and on the emulated HTP the compiled graphs against the same QDQ graphs on the CPU
+(what the compiler changed) and against PyTorch (what the recipe changed)."""
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gemma_export import pipeline
+from gemma_export.artifact import read_manifest
+from gemma_export.backends import get, qnn
+from gemma_export.errors import ExportError, UnsupportedError
+from gemma_export.quant.quantize import quantized_state
+from gemma_export.session import TorchSession
+from gemma_export.trace import DECODE, PREFILL
+from gemma_export.verification.parity import teacher_forced_many
+from helpers import CTX, T, TINY, cli, random_ids
+
+A16W8 = ("qnn", "a16w8")
+
+
+def test_a16w8_compiles_every_node_of_both_graphs_for_the_htp(artifacts):
+    out = artifacts.get(*A16W8, debug=False)
+    m = read_manifest(out)
+    assert m.format == "qnn" and m.recipe_name == "a16w8" and m.job["socs"] == ["SM8650"]
+    assert m.program["precision"] == "a16w8" and m.program["calibration"]["activation_bits"] == 16
+    compiled = m.program["compile"]["socs"]["SM8650"]
+    for entry in (PREFILL, DECODE):
+        report = compiled[entry]
+        assert report["nodes_on_npu"] == report["nodes"] > 100
+        assert (out / report["binary"]).stat().st_size == report["binary_bytes"] > 0
+        ctx = onnx.load(str(out / report["file"]))
+        assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
+    # static shapes: a full prefill chunk and one decode token; caches in and out at window / context
+    io = {e: {i["name"]: i["shape"] for i in m.entry_points[e]["inputs"]} for e in (PREFILL, DECODE)}
+    assert io[PREFILL]["tokens"] == [1, T] and io[DECODE]["tokens"] == [1, 1] and "length" not in io[DECODE]
+    assert io[DECODE]["k_cache_0"][2] == 16 and io[DECODE]["k_cache_1"][2] == CTX
+
+
+def test_the_qdq_graphs_hold_the_pytorch_codes(artifacts, quantized_tiny):
+    out = artifacts.get(*A16W8, debug=False)
+    stored = get("qnn").read_codes(out, read_manifest(out))
+    ours = {n: q.numpy() for n, (q, _, _) in quantized_state(quantized_tiny("a16w8")).items()}
+    assert len(ours) == 15
+    for name, q in ours.items():
+        assert any(np.array_equal(s, q) or np.array_equal(s, q.T) for s in stored), name
+
+
+def test_the_emulated_htp_computes_what_the_qdq_graph_does(artifacts, quantized_tiny):
+    out = artifacts.get(*A16W8, debug=False)
+    m = read_manifest(out)
+    sessions = {"torch": TorchSession(quantized_tiny("a16w8"), prefill_len=T),
+                "simulated": qnn.QnnSession(out, m, simulated=True), "htp": qnn.QnnSession(out, m)}
+    # prefill chunks, partial chunks and decode steps, past the window of 16
+    got = teacher_forced_many(sessions, [("simulated", "htp"), ("torch", "htp")], random_ids(48, seed=2),
+                              [T, 1, 1, 5])
+    compiler, recipe = got[("simulated", "htp")].summary(), got[("torch", "htp")].summary()
+    # the compiler changes fp16-rounding amounts; quantizing every activation (PyTorch quantizes
+    # only each linear's input) changes more (measured: KL 7e-6 and 3e-4, min cosine 0.9992 and 0.80)
+    assert compiler["mean_kl"] < 1e-4 and compiler["min_cosine"] > 0.99, compiler
+    assert recipe["mean_kl"] < 5e-3 and recipe["mean_kl"] > compiler["mean_kl"], recipe
+
+
+def test_a_node_the_htp_cannot_take_is_named(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    nodes = [helper.make_node("Erf", ["x"], ["e"], name="the_erf"), helper.make_node("Relu", ["e"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ExportError, match="does not compile whole for SM8650: 1 nodes would fall back to the CPU: Erf the_erf$"):
+        qnn._compile(path, tmp_path, qnn.soc("SM8650"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]  # nothing half-written
+
+
+def test_an_unknown_soc_is_refused_before_any_work(tmp_path):
+    job = pipeline.ExportJob.single(TINY, "qnn", tmp_path / "out", recipe="a16w8", socs=("SM9999",))
+    with pytest.raises(UnsupportedError, match="unknown SoC 'SM9999'; the qnn target compiles for SM8550"):
+        pipeline.check(job)
+    with pytest.raises(UnsupportedError, match="format qnn does not support recipe 'int8'"):
+        pipeline.check(replace(job, recipe="int8", socs=("SM8650",)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifacts):
+    import json
+
+    out = artifacts.get(*A16W8, debug=False)
+    # the tiny random model's logits are nearly flat: judge by KL, and greedy over a few tokens only
+    result = cli("verify", out, "--positions", 40, "--min-top1", 0.3, "--new-tokens", 4, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    sim = report["against_simulated"]
+    assert sim["positions"] == 40 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
+    assert report["mean_kl"] > sim["mean_kl"]  # PyTorch quantizes only the linears' inputs
