@@ -176,7 +176,8 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
         inputs.update(arrays)
         reference[f"{name}_logits"], reference[f"{name}_tokens"] = logits, tokens
     index = _index(artifact, manifest, plan, inputs, (ref.description, reference), baseline, images)
-    index["stock"] = stock.stock_record(manifest, ref.tokenizer, plan.prompt, reference["greedy_tokens"].tolist())
+    if backends.get(manifest.format).runner.stock_args:  # a target with no stock LLM tool gets no stock script
+        index["stock"] = stock.stock_record(manifest, ref.tokenizer, plan.prompt, reference["greedy_tokens"].tolist())
     with staging(Path(out)) as tmp:
         np.savez(tmp / INPUTS_NPZ, **inputs)
         (tmp / INPUTS_DIR).mkdir()
@@ -186,11 +187,13 @@ def make_bundle(artifact: str | Path, out: str | Path, plan: BundlePlan, progres
         if baseline is not None:
             np.savez(tmp / BASELINE_NPZ, **baseline[1])
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        for name, text in ((SCRIPT, runner_script(index, sha256_file(tmp / INDEX))),
-                           (stock.STOCK_SCRIPT, stock.stock_script(index, sha256_file(tmp / INDEX)))):
+        scripts = [(SCRIPT, runner_script(index, sha256_file(tmp / INDEX)))]
+        if "stock" in index:
+            scripts.append((stock.STOCK_SCRIPT, stock.stock_script(index, sha256_file(tmp / INDEX))))
+            (tmp / stock.STOCK_PROMPT).write_text(index["stock"]["prompt"])
+        for name, text in scripts:
             (tmp / name).write_text(text)
             (tmp / name).chmod(0o755)
-        (tmp / stock.STOCK_PROMPT).write_text(index["stock"]["prompt"])
     progress(f"wrote {out}")
     return index
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import backends
 from ..artifact import read_manifest
+from ..errors import ArtifactError
 from ..gemma3 import family
 from ..loading import Tokenizer
 from ..runtime import reference_for
@@ -110,6 +111,9 @@ def run_stock(bundle_dir: Path, artifact: Path, out: Path, index: dict) -> dict:
     """The desktop twin of the script: the runtime's own Python API generates from the bundle's
     prompt; its text goes where the phone's tool output would."""
     manifest = read_manifest(artifact)
+    if "stock" not in index:
+        raise ArtifactError(f"{bundle_dir}: the {manifest.format} artifact has no stock LLM tool, so its bundle has "
+                            "no stock run")
     st = index["stock"]
     prompt = Path(bundle_dir, st["prompt_file"]).read_text()
     prompt = prompt.removeprefix(family.SPECIAL_TOKENS["bos"])  # stock_generate adds <bos> its runtime's way
