@@ -27,7 +27,7 @@ def _measured():
 def test_the_bench_has_measured_peaks_to_hold_the_estimate_to():
     rows = list(_measured())
     assert {r["model"] for r in rows} == {"270m", "1b"}
-    assert {r["format"] for r in rows} == {"onnx", "tflite", "pte"}
+    assert {r["format"] for r in rows} == {"onnx", "tflite", "pte", "qnn"}
 
 
 @pytest.mark.parametrize("row", list(_measured()),
