@@ -52,6 +52,8 @@ bench: install
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
 	$(PY) -m benchmarks.profile
+	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes a16w8
+	$(PY) -m benchmarks.npu
 	$(PY) -m benchmarks.plot
 
 clean:
