@@ -90,9 +90,9 @@ def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifact
 
     out = artifacts.get(*A16W8, debug=False)
     # the tiny random model's logits are nearly flat: judge by KL, and greedy over a few tokens only
-    result = cli("verify", out, "--positions", 40, "--min-top1", 0.3, "--new-tokens", 4, "--json")
+    result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 4, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     sim = report["against_simulated"]
-    assert sim["positions"] == 40 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
+    assert sim["positions"] == 24 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
     assert report["mean_kl"] > sim["mean_kl"]  # PyTorch quantizes only the linears' inputs
