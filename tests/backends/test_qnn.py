@@ -82,6 +82,8 @@ def test_an_unknown_soc_is_refused_before_any_work(tmp_path):
         pipeline.check(job)
     with pytest.raises(UnsupportedError, match="format qnn does not support recipe 'int8'"):
         pipeline.check(replace(job, recipe="int8", socs=("SM8650",)))
+    with pytest.raises(UnsupportedError, match="recipe 'fp32': cannot lower float weights"):
+        pipeline.check(replace(job, recipe="fp32", socs=("SM8650",)))
     assert not (tmp_path / "out").exists()
 
 
