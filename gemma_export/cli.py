@@ -435,8 +435,8 @@ def matrix(build_file, style):
 @error_boundary
 def recipes(as_json):
     """List the quantization recipes (presets; a .toml file works wherever a name does)."""
-    formats = {f: backends.supported_presets(f) for f in backends.NAMES}
-    rows = [{**r.to_dict(), "formats": [f for f in backends.NAMES if r.name in formats[f]]} for r in RECIPES.values()]
+    formats = {f: backends.supported_presets(f) for f in backends.REGISTRY}
+    rows = [{**r.to_dict(), "formats": [f for f in backends.REGISTRY if r.name in formats[f]]} for r in RECIPES.values()]
     if as_json:
         return _echo_json(rows)
     for r in rows:

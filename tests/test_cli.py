@@ -89,6 +89,7 @@ def test_recipes_lists_presets():
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert set(rows) >= {"fp32", "int8", "int4-b32", "int4-b32-rtn"}
     assert rows["int8-weights"]["formats"] == ["onnx"] and rows["fp32"]["formats"] == ["pte", "onnx", "tflite"]
+    assert rows["a16w8"]["formats"] == ["onnx", "qnn"]
 
 
 def test_eval_quantized_tiny_against_fp32():
