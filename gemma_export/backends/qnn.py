@@ -37,6 +37,7 @@ from ..quant.recipes import resolve
 from ..session import BaseSession
 from ..loading.tokenizer import Tokenizer
 from ..trace import DECODE, PREFILL, CacheIO, cache_names, describe_io, float_twin, release_weights, sample_inputs
+from . import onnx as onnx_format
 from .base import Exported, Lowering, Runner, match_weights, require, session_info
 
 OPSET = 23  # RMSNormalization
@@ -212,13 +213,7 @@ class QnnBackend:
         return out
 
     def declared_io(self, folder: Path, manifest) -> dict[str, dict]:
-        onnx = require("onnx", self.name)
-        out = {}
-        for entry, file in manifest.program["graphs"].items():
-            graph = onnx.load(str(folder / file), load_external_data=False).graph
-            out[entry] = {"inputs": [_value_info(v) for v in graph.input],
-                          "outputs": [_value_info(v) for v in graph.output]}
-        return out
+        return onnx_format.BACKEND.declared_io(folder, manifest)  # ONNX graphs, named per entry point likewise
 
     def stock_generate(self, folder: Path, manifest, text: str, max_new_tokens: int):
         raise UnsupportedError("format qnn has no stock LLM runtime here: its context binaries run on a phone's "
@@ -229,15 +224,6 @@ def _qnn_version() -> str:
     from importlib.metadata import version
 
     return version("onnxruntime-qnn")
-
-
-_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16"}
-
-
-def _value_info(v) -> dict:
-    t = v.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-    return {"name": v.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))}
 
 
 def _trace(model, t: int, decode: bool, path: Path) -> dict:
