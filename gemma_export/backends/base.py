@@ -49,11 +49,12 @@ class Lowering:
     complete: bool = False
     blocks: frozenset = frozenset({32, 64, 128})  # input columns per block scale
     asymmetric: frozenset = frozenset()  # code widths stored with float zero points (source codes)
+    floats: str | None = None  # why an unquantized recipe cannot be lowered (None: it can)
 
     def refusal(self, recipe) -> str | None:
         """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
         if recipe.is_float:
-            return None
+            return self.floats
         rules = recipe.rules
         if recipe.mix is not None:  # a budgeted recipe may give any tensor its upgrade scheme
             rules = (*rules, Rule("(budget upgrade)", recipe.mix.upgrade))

@@ -93,13 +93,12 @@ def plain_forms(model: nn.Module):
 
 
 @contextlib.contextmanager
-def npu_forms(model: nn.Module, mask_value: float, fused_norms: bool = True):
-    """The forms NPU compilers take while tracing: masks of `mask_value` instead of -1e30, so that
-    scores plus mask keep a range a static per-tensor scale can resolve, and with `fused_norms`
-    each RMSNorm as one rms_norm op (ONNX RMSNormalization). On the Hexagon emulator each form is
-    right in one precision only: the textbook Sqrt and Reciprocal quantized to 16 bits computed
-    wrong numbers, and the fused op in fp16 did over a chunk of several tokens."""
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)] if fused_norms else []
+def npu_forms(model: nn.Module, mask_value: float):
+    """The forms NPU compilers take while tracing: each RMSNorm as one rms_norm op (ONNX
+    RMSNormalization, which the Hexagon compiler maps to its own; its textbook Sqrt and Reciprocal
+    quantized to 16 bits came out wrong on the HTP emulator), and masks of `mask_value` instead of
+    -1e30, so that scores plus mask keep a range a static per-tensor scale can resolve."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     for m in norms:
         m.fused = True
     model.mask_value = mask_value
