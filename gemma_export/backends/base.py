@@ -49,12 +49,15 @@ class Lowering:
     complete: bool = False
     blocks: frozenset = frozenset({32, 64, 128})  # input columns per block scale
     asymmetric: frozenset = frozenset()  # code widths stored with float zero points (source codes)
-    floats: str | None = None  # why an unquantized recipe cannot be lowered (None: it can)
+    float_compute: frozenset = frozenset({"fp32"})  # the arithmetic an unquantized recipe can run in
 
     def refusal(self, recipe) -> str | None:
         """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
         if recipe.is_float:
-            return self.floats
+            if recipe.compute_dtype not in self.float_compute:
+                return (f"{recipe.compute_dtype} arithmetic (this format computes floats in "
+                        f"{', '.join(sorted(self.float_compute))})")
+            return None
         rules = recipe.rules
         if recipe.mix is not None:  # a budgeted recipe may give any tensor its upgrade scheme
             rules = (*rules, Rule("(budget upgrade)", recipe.mix.upgrade))

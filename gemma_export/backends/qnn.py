@@ -8,7 +8,8 @@ What an NPU takes, and so what this target writes:
   every activation on the recipe's calibration text (the bundled multilingual corpus), at the
   recipe's activation width (16 bits for `a16w8`, 8 for `a8w8`); weights are int8 per channel,
   the recipe's own codes (re-quantizing our dequantized weights at max|w|/127 gives them back,
-  which `read_codes` lets the bit-exact test check); float graphs are refused for now (see lowering);
+  which `read_codes` lets the bit-exact test check); the `fp16` recipe runs the float graph in fp16
+  on the HTP, traced with the residual stream scaled down and overflow-safe norms (npu_forms);
 - a graph compiled for one SoC: onnxruntime's QNN execution provider, with CPU fallback
   disabled, compiles each graph into a QNN context binary and an EPContext model that points at
   it (`<graph>_<SOC>.onnx` + `<graph>_<SOC>_qnn.bin`), one pair per graph and SoC.
@@ -132,12 +133,9 @@ def cpu_session(path: Path, threads: int = 0):
 class QnnBackend:
     name = "qnn"
     # int8 weights per channel under static activations; every linear and the table are quantized
-    # together, as onnxruntime's QDQ quantizer does. Float graphs (fp16 on the HTP) compile whole but
-    # compute wrong numbers on the emulator: the fused RMSNormalization over a chunk in fp16 on the
-    # tiny model, and the real 270M in fp16 whichever norm form (benchmarks/results/npu-270m-fp32.json)
+    # together, as onnxruntime's QDQ quantizer does. Floats run in fp16 on the HTP
     lowering = Lowering(frozenset({(8, "channel")}), frozenset({"int8-static", "int16-static"}), complete=True,
-                        floats="float weights (in fp16 on the HTP the real 270M's logits were wrong on the "
-                               "emulator; use a16w8)")
+                        float_compute=frozenset({"fp16"}))
     runner = Runner("GEMMA_QNN_RUNNER",
                     "onnxruntime for Android built with the QNN execution provider (libonnxruntime.so,\n"
                     "libQnnHtp.so and the HTP skel library of the phone's SoC), loading the EPContext model\n"
@@ -156,31 +154,34 @@ class QnnBackend:
     def export(self, model, job, workdir: Path, progress, vocab, vision=None) -> Exported:
         chips = [soc(n) for n in job.socs]
         codes = float_twin(model, activation_ops=False)  # the QDQ graph quantizes activations itself
-        _untie(model)
+        if codes:
+            _untie(model)
         schemes = {s.activations for _, _, s, _ in codes.values()}
         if len(schemes) > 1:
             raise UnsupportedError(f"format qnn takes one activation width for the whole graph, the recipe has {sorted(schemes)}")
-        bits = 16 if schemes.pop() == "int16-static" else 8  # the lowering admits static activations only
-        entry_points, report = {}, {"socs": {}}
+        # the lowering admits static activations, or floats (fp16 on the HTP: bits None)
+        bits = (16 if schemes.pop() == "int16-static" else 8) if schemes else None
+        entry_points, report, calibration = {}, {"socs": {}}, None
         with tempfile.TemporaryDirectory(dir=workdir.parent, prefix=".qnn-float-") as tmp:
             floats = {}
             for entry, file in GRAPHS.items():
                 decode = entry == DECODE
                 t = 1 if decode else job.prefill_len
                 progress(f"tracing the {entry} graph ({t} token{'s' if t > 1 else ''}, static shapes, opset {OPSET})")
-                floats[entry] = Path(tmp) / file
-                entry_points[entry] = {"graph": file, **_trace(model, t, decode, floats[entry])}
-            data, digest = calibration_set(resolve(job.recipe), Tokenizer(vocab.path), model.max_context)
-            sequences = data[::max(1, len(data) // CALIBRATION_SEQUENCES)][:CALIBRATION_SEQUENCES]
-            for entry, file in GRAPHS.items():
-                progress(f"quantizing the {entry} graph: a{bits}w8 QDQ, activation ranges from "
-                         f"{len(sequences)} calibration sequences (min/max)")
-                feeds = _Feeds(model, sequences, job.prefill_len, entry == DECODE)
-                _quantize(floats[entry], workdir / file, feeds, bits, codes)
-                _check_codes(workdir / file, codes)
+                floats[entry] = workdir / file if bits is None else Path(tmp) / file
+                entry_points[entry] = {"graph": file, **_trace(model, t, decode, floats[entry], fp16=bits is None)}
+            if bits is not None:
+                data, digest = calibration_set(resolve(job.recipe), Tokenizer(vocab.path), model.max_context)
+                sequences = data[::max(1, len(data) // CALIBRATION_SEQUENCES)][:CALIBRATION_SEQUENCES]
+                for entry, file in GRAPHS.items():
+                    progress(f"quantizing the {entry} graph: a{bits}w8 QDQ, activation ranges from "
+                             f"{len(sequences)} calibration sequences (min/max)")
+                    feeds = _Feeds(model, sequences, job.prefill_len, entry == DECODE)
+                    _quantize(floats[entry], workdir / file, feeds, bits, codes)
+                    _check_codes(workdir / file, codes)
+                calibration = {"method": "minmax", "sequences": len(sequences), "decode_steps": CALIBRATION_DECODES,
+                               "set_sha256": digest, "activation_bits": bits, "weights": "int8 symmetric per channel"}
             release_weights(model)
-            calibration = {"method": "minmax", "sequences": len(sequences), "decode_steps": CALIBRATION_DECODES,
-                           "set_sha256": digest, "activation_bits": bits, "weights": "int8 symmetric per channel"}
         for chip in chips:
             report["socs"][chip.name] = {}
             for entry, file in GRAPHS.items():
@@ -188,7 +189,7 @@ class QnnBackend:
                 report["socs"][chip.name][entry] = _compile(workdir / file, workdir, chip)
         program = {"file": GRAPHS[DECODE], "external_data": GRAPHS[DECODE] + ".data", "opset": OPSET,
                    "graphs": dict(GRAPHS), "socs": [c.name for c in chips], "mask_value": MASK,
-                   "precision": f"a{bits}w8",
+                   "precision": "fp16" if bits is None else f"a{bits}w8",
                    "calibration": calibration, "compile": report}
         ort = require("onnxruntime", self.name)
         return Exported(entry_points, program, {"onnxruntime": ort.__version__, "onnxruntime-qnn": _qnn_version()})
@@ -227,11 +228,11 @@ def _qnn_version() -> str:
     return version("onnxruntime-qnn")
 
 
-def _trace(model, t: int, decode: bool, path: Path) -> dict:
+def _trace(model, t: int, decode: bool, path: Path, fp16: bool) -> dict:
     """One static-shape step graph with the caches as inputs and outputs: its described I/O."""
     step = CacheIO(model, decode)
     inputs = sample_inputs(model, t, decode)
-    with npu_forms(model, MASK), torch.no_grad():
+    with npu_forms(model, MASK, fp16), torch.no_grad():
         outputs = step(**inputs)
         program = torch.onnx.export(step, (), kwargs=inputs, input_names=list(inputs), output_names=list(outputs),
                                     dynamo=True, opset_version=OPSET, optimize=True, verbose=False)

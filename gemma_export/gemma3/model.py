@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
 
     plain = False  # the textbook form instead (see plain_forms)
     fused = False  # one rms_norm op (see npu_forms)
+    scaled = False  # each row divided by its largest |x| first (see npu_forms: fp16 squares overflow)
+    gain = 1.0  # times the output (see npu_forms: the norms that write the residual stream)
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -43,6 +45,11 @@ class RMSNorm(nn.Module):
         xf = x.float()
         if self.fused:
             return F.rms_norm(xf, (xf.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
+        if self.scaled:
+            peak = xf.abs().amax(-1, keepdim=True)
+            z = xf / peak
+            y = z * torch.rsqrt((z * z).mean(-1, keepdim=True) + self.eps / (peak * peak))
+            return (y * ((1.0 + self.weight.float()) * self.gain)).to(x.dtype)
         if self.plain:
             y = xf * torch.reciprocal(torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))  # onnxscript's form
             return (y * (1.0 + self.weight.float())).to(x.dtype)
@@ -93,21 +100,55 @@ def plain_forms(model: nn.Module):
 
 
 @contextlib.contextmanager
-def npu_forms(model: nn.Module, mask_value: float):
-    """The forms NPU compilers take while tracing: each RMSNorm as one rms_norm op (ONNX
-    RMSNormalization, which the Hexagon compiler maps to its own; its textbook Sqrt and Reciprocal
-    quantized to 16 bits came out wrong on the HTP emulator), and masks of `mask_value` instead of
-    -1e30, so that scores plus mask keep a range a static per-tensor scale can resolve."""
+def npu_forms(model: nn.Module, mask_value: float, fp16: bool = False):
+    """The forms NPU compilers take while tracing: masks of `mask_value` instead of -1e30, so that
+    scores plus mask keep a range a static per-tensor scale can resolve; RoPE's cos and sin looked
+    up by position in tables of the whole context (a computed angle, position x frequency, gets a
+    static range from the calibrated positions only, and in fp16 it is off by up to 2 radians at
+    position 4096); and each RMSNorm as one
+    rms_norm op (ONNX RMSNormalization, which the Hexagon compiler maps to its own; its textbook
+    Sqrt and Reciprocal quantized to 16 bits came out wrong on the HTP emulator).
+
+    `fp16` is for graphs the NPU computes in fp16, where the real 270M overflows: its residual
+    stream reaches ~1e5 (fp16 stops at 65504), and the squares inside a norm overflow far sooner.
+    So the residual stream is carried divided by RESIDUAL_SCALE (the embedding and the norms that
+    add to the stream scaled down, the norms that read it given eps / scale^2: RMSNorm is scale
+    invariant, so the outputs are the same in exact arithmetic), and each norm divides its row by
+    the row's largest |x| before squaring."""
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     for m in norms:
-        m.fused = True
+        if fp16:
+            m.scaled = True
+        else:
+            m.fused = True
     model.mask_value = mask_value
+    model.rope_lookup = {g: model.rope_tables(g, model.max_context) for g in (False, True)}
+    readers, writers = [], []
+    if fp16:
+        model.residual_scale = RESIDUAL_SCALE
+        readers = [model.norm] + [m for layer in model.layers for m in (layer.input_layernorm, layer.pre_feedforward_layernorm)]
+        writers = [m for layer in model.layers for m in (layer.post_attention_layernorm, layer.post_feedforward_layernorm)]
+        for m in readers:
+            m.eps = m.eps / RESIDUAL_SCALE**2
+        for m in writers:
+            m.gain = 1.0 / RESIDUAL_SCALE
     try:
         yield model
     finally:
         for m in norms:
-            del m.fused
-        del model.mask_value
+            vars(m).pop("fused", None)
+            vars(m).pop("scaled", None)
+        for m in readers:
+            m.eps = m.eps * RESIDUAL_SCALE**2
+        for m in writers:
+            del m.gain
+        del model.mask_value, model.rope_lookup
+        vars(model).pop("residual_scale", None)
+
+
+# a power of two (exact in every float). The real 270M's stream peaks at ~1.04e5, so ~1.6e3 scaled;
+# on the HTP emulator a tiny model's fp16 graph went wrong once its scaled stream passed ~1.6e4
+RESIDUAL_SCALE = 64.0
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: float) -> torch.Tensor:
@@ -194,6 +235,7 @@ class Gemma3(nn.Module):
     """
 
     mask_value = NEG_INF  # what a masked score gets (see npu_forms)
+    residual_scale = 1.0  # the residual stream is carried divided by this (see npu_forms)
 
     def __init__(self, cfg: Gemma3Config, max_context: int | None = None):
         super().__init__()
@@ -239,7 +281,12 @@ class Gemma3(nn.Module):
         return [torch.zeros(s, dtype=dtype) for s in self.cache_shapes()]
 
     # --- the step ------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
+    def _rope(self, positions: torch.Tensor, is_global: bool, dtype):
+        lookup = getattr(self, "rope_lookup", None)  # see npu_forms
+        if lookup is not None:
+            cos, sin = (torch.index_select(t, 0, positions) for t in lookup[is_global])
+            return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
+        inv_freq = self.inv_freq_global if is_global else self.inv_freq_local
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -268,7 +315,8 @@ class Gemma3(nn.Module):
 
     def embed(self, tokens):
         """Token ids [1, T] -> the residual stream entering layer 0, [1, T, hidden]."""
-        return self.embed_tokens(tokens) * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
+        return self.embed_tokens(tokens) * torch.tensor(math.sqrt(self.cfg.hidden_size) / self.residual_scale,
+                                                        dtype=self.dtype)
 
     def decode(self, x, pos, length, caches, all_logits: bool = True, hidden: bool = False, head: bool = True,
                attention=None, groups=None):
@@ -299,8 +347,8 @@ class Gemma3(nn.Module):
             ropes = {False: (None, None), True: (None, None)}
         else:
             ropes = {
-                False: self._rope(q_pos, self.inv_freq_local, dtype),
-                True: self._rope(q_pos, self.inv_freq_global, dtype),
+                False: self._rope(q_pos, False, dtype),
+                True: self._rope(q_pos, True, dtype),
             }
         lengths = self.cache_lengths()
         masks, keeps = {}, {}

@@ -129,6 +129,8 @@ class QuantRecipe:
     description: str = ""
     # a byte budget spent per tensor before quantizing (quant.mixed turns it into one rule per tensor)
     mix: Mix | None = None
+    # the float arithmetic of an unquantized recipe: fp16 is what NPUs compute floats in
+    compute_dtype: str = "fp32"
 
     def scheme_for(self, module_name: str) -> Scheme | None:
         for rule in self.rules:
@@ -141,6 +143,10 @@ class QuantRecipe:
             raise ConfigError(f"recipe {self.name!r}: smoothing must be in [0, 1), got {self.smoothing}")
         if self.mix is not None and (self.uses_source or self.is_float):
             raise ConfigError(f"recipe {self.name!r}: a mix budget needs rounding rules to start from")
+        if self.compute_dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"recipe {self.name!r}: compute_dtype must be fp32 or fp16, got {self.compute_dtype!r}")
+        if self.compute_dtype != "fp32" and not self.is_float:
+            raise ConfigError(f"recipe {self.name!r}: compute_dtype {self.compute_dtype} is for unquantized recipes")
 
     @property
     def is_float(self) -> bool:
@@ -169,6 +175,8 @@ class QuantRecipe:
         d["rules"] = [{"pattern": r.pattern, "scheme": asdict(r.scheme) if r.scheme else "float"} for r in self.rules]
         if self.mix is None:
             del d["mix"]
+        if self.compute_dtype == "fp32":  # the default, left out as in manifests written before it
+            del d["compute_dtype"]
         return d
 
     @classmethod
@@ -184,6 +192,7 @@ class QuantRecipe:
                 thresholds=Thresholds(**d.get("thresholds", {})),
                 description=d.get("description", ""),
                 smoothing=float(d.get("smoothing", 0.0)),
+                compute_dtype=d.get("compute_dtype", "fp32"),
                 mix=None if d.get("mix") is None else Mix(
                     **{**d["mix"], "upgrade": Scheme(**d["mix"]["upgrade"])}),
             )
@@ -195,7 +204,10 @@ class QuantRecipe:
 
     def to_toml(self) -> str:
         lines = [f"name = {json.dumps(self.name)}", f"description = {json.dumps(self.description)}",
-                 f"smoothing = {self.smoothing}", ""]
+                 f"smoothing = {self.smoothing}"]
+        if self.compute_dtype != "fp32":
+            lines.append(f"compute_dtype = {json.dumps(self.compute_dtype)}")
+        lines.append("")
         lines.append("[calibration]")
         lines += [f"{k} = {v}" for k, v in asdict(self.calibration).items()]
         lines += ["", "[thresholds]"]
@@ -258,6 +270,10 @@ _LOOSE4 = Thresholds(min_top1=0.95, max_mean_kl=5e-2)
 PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("fp32", (), thresholds=Thresholds(min_top1=0.999, min_top5=0.99, max_mean_kl=1e-4),
                 description="no quantization"),
+    # NPUs compute floats in half precision (format qnn); fp16 rounding through every layer, so
+    # looser than fp32's limits
+    QuantRecipe("fp16", (), compute_dtype="fp16", thresholds=Thresholds(min_top1=0.95, max_mean_kl=2e-2),
+                description="no quantization, computed in fp16 (NPUs)"),
     # smoothing trades a little perplexity for agreement with fp32 (`python -m benchmarks.ablation`)
     QuantRecipe("int8", (Rule(EMBED, Scheme(8, activations="int8-dynamic")),
                          Rule(LINEARS, Scheme(8, activations="int8-dynamic"))),

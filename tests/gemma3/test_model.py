@@ -74,3 +74,21 @@ def test_embed_then_decode_is_the_step(tiny):
     assert x.shape == (1, 12, tiny.cfg.hidden_size)
     assert torch.equal(whole, halves)
     assert not torch.allclose(whole, shifted)  # the embeddings given are the ones used
+
+
+def test_the_fp16_npu_forms_change_no_output_and_are_undone(tiny):
+    """npu_forms(fp16=True) carries the residual stream divided by RESIDUAL_SCALE and normalises
+    rows scaled by their largest |x|: the same function in exact arithmetic."""
+    from gemma_export.gemma3.model import RESIDUAL_SCALE, npu_forms
+
+    ids = torch.tensor([_ids(12, seed=3)], dtype=torch.int32)
+    pos, length = torch.zeros(1, dtype=torch.int32), torch.tensor([12], dtype=torch.int32)
+    eps = [m.eps for m in tiny.modules() if hasattr(m, "eps")]
+    with torch.no_grad():
+        before, _, states = tiny.step(ids, pos, length, tiny.new_cache(), hidden=True)
+        with npu_forms(tiny, -100.0, fp16=True):
+            forms, _, scaled = tiny.step(ids, pos, length, tiny.new_cache(), hidden=True)
+        after, _ = tiny.step(ids, pos, length, tiny.new_cache())
+    assert torch.allclose(scaled * RESIDUAL_SCALE, states, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(forms, before, rtol=1e-4, atol=1e-5) and not torch.equal(forms, before)
+    assert torch.equal(after, before) and [m.eps for m in tiny.modules() if hasattr(m, "eps")] == eps

@@ -62,3 +62,12 @@ def test_what_a_recipe_asks_of_calibration_and_runtimes():
     static = QuantRecipe("static", (Rule("layers.*", Scheme(8, activations="int8-static")),))
     assert static.needs_calibration and not static.runtime_quantizes_activations
     assert PRESETS["int8"].runtime_quantizes_activations and not PRESETS["int8-weights"].runtime_quantizes_activations
+
+
+def test_compute_dtype_is_for_float_recipes_and_is_validated():
+    assert PRESETS["fp16"].is_float and PRESETS["fp16"].compute_dtype == "fp16"
+    assert "compute_dtype" not in PRESETS["fp32"].to_dict()  # manifests written before it stay as they were
+    with pytest.raises(ConfigError, match="compute_dtype must be fp32 or fp16, got 'bf16'"):
+        QuantRecipe("h", compute_dtype="bf16")
+    with pytest.raises(ConfigError, match="compute_dtype fp16 is for unquantized recipes"):
+        QuantRecipe("h", (Rule("layers.*", Scheme(8)),), compute_dtype="fp16")
