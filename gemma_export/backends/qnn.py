@@ -368,8 +368,12 @@ def _compile(graph: Path, workdir: Path, chip: Soc) -> dict:
     left = [n.op_type for n in onnx.load(str(ctx)).graph.node if n.op_type != "EPContext"]
     if left:
         raise ExportError(f"qnn: {len(left)} nodes of the {graph.stem} graph stayed off the HTP ({', '.join(sorted(set(left)))})")
+    import resource
+
+    # the export process's peak so far (compiling happens in-process, after quantization)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     return {"file": ctx.name, "binary": binary.name, "binary_bytes": binary.stat().st_size,
-            "nodes": nodes, "nodes_on_npu": nodes, "seconds": round(seconds, 2)}
+            "nodes": nodes, "nodes_on_npu": nodes, "seconds": round(seconds, 2), "process_peak_rss_mib": round(peak)}
 
 
 def _fallen_back(graph: Path, workdir: Path, chip: Soc) -> str | None:

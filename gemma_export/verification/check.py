@@ -126,6 +126,8 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
         report["against_fp32"] = against
     if res.against_simulated is not None:  # reported beside the judged comparison
         report["against_simulated"] = {k: v for k, v in res.against_simulated.summary().items() if k in _SIM_KEYS}
+    if "compile" in manifest.program:  # an NPU target's: what ran where, per SoC and graph
+        report["compile"] = {"precision": manifest.program.get("precision"), **manifest.program["compile"]}
     if images:
         # a quantized artifact's image prompts are reported against the recipe in PyTorch, not judged
         report["images"] = {**images, "judged": not rule.relative}

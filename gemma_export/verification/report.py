@@ -149,7 +149,8 @@ def markdown(report: dict, per_position: dict, tokenizer=None) -> str:
           f"| Artifact | `{r['artifact']}` |", f"| Format | {r['format']} |", f"| Recipe | {r.get('recipe', 'fp32')} |",
           f"| Reference | {r['reference']} |", f"| Text | `{r['text']}` ({r['positions']} positions teacher-forced) |",
           f"| Sliding window | {r['window']} |", ""]
-    md += _against_fp32(r) + _bounds(r) + _metrics(r, per_position) + _greedy(r, tokenizer) + _located(r)
+    md += (_against_fp32(r) + _bounds(r) + _metrics(r, per_position) + _npu(r) + _greedy(r, tokenizer)
+           + _located(r))
     md += ["", f"![per-position KL and running top-1 agreement]({PARITY_PNG})", ""]
     return "\n".join(md)
 
@@ -210,6 +211,30 @@ def _greedy(r: dict, tokenizer) -> list[str]:
     if tokenizer is not None:
         md += ["", f"- reference: `{_text(tokenizer, r['greedy_reference'])}`",
                f"- {r['format']}: `{_text(tokenizer, r['greedy_test'])}`"]
+    return md
+
+
+def _npu(r: dict) -> list[str]:
+    """An NPU artifact's compile report, and the same recipe without the compiler."""
+    md = []
+    if "against_simulated" in r:
+        a = r["against_simulated"]
+        md += ["## Against the recipe without the compiler", "",
+               "The artifact's own graphs before compiling, run on the CPU, against the compiled ones: a "
+               "difference here is the NPU compiler's or the NPU's arithmetic, not the recipe's.", "",
+               f"top-1 agreement {a['top1_agreement']:.4f}, mean KL {a['mean_kl']:.4g}, max KL {a['max_kl']:.4g}, "
+               f"min cosine {a['min_cosine']:.4f} over {a['positions']} positions.", ""]
+    if "compile" in r:
+        c = r["compile"]
+        md += ["## Compiled for the NPU", "", f"Precision {c.get('precision')}.", "",
+               "| SoC | graph | nodes | on the NPU | context binary | compile time | process peak RSS |",
+               "|---|---|---:|---:|---:|---:|---:|"]
+        for chip, graphs in c["socs"].items():
+            for g, x in graphs.items():
+                rss = f"{x['process_peak_rss_mib']:,} MiB" if "process_peak_rss_mib" in x else "(not recorded)"
+                md.append(f"| {chip} | {g} | {x['nodes']:,} | {x['nodes_on_npu']:,} | "
+                          f"{x['binary_bytes'] / 2**20:,.1f} MiB | {x['seconds']:.1f} s | {rss} |")
+        md.append("")
     return md
 
 

@@ -90,17 +90,25 @@ def test_an_unknown_soc_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifacts):
+def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifacts, tmp_path):
     import json
 
     out = artifacts.get(*A16W8, debug=False)
     # the tiny random model's logits are nearly flat: judge by KL, and greedy over a few tokens only
-    result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 4, "--json")
+    result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 4, "--json",
+                 "--report", tmp_path / "report")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     sim = report["against_simulated"]
     assert sim["positions"] == 24 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
     assert report["mean_kl"] > sim["mean_kl"]  # PyTorch quantizes only the linears' inputs
+    # the compile report travels with the verdict: per SoC and graph, what ran on the NPU
+    assert report["compile"]["precision"] == "a16w8"
+    prefill = report["compile"]["socs"]["SM8650"][PREFILL]
+    assert prefill["nodes_on_npu"] == prefill["nodes"] and prefill["process_peak_rss_mib"] > 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Against the recipe without the compiler" in md and "## Compiled for the NPU" in md
+    assert f"| SM8650 | {PREFILL} | {prefill['nodes']:,} | {prefill['nodes']:,} |" in md
 
 
 def _one_chunk(session, ids, shapes):
