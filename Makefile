@@ -52,8 +52,9 @@ bench: install
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
 	$(PY) -m benchmarks.profile
-	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes a16w8
-	$(PY) -m benchmarks.npu
+	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes fp16,a16w8
+	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-fp16
+	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-a16w8
 	$(PY) -m benchmarks.plot
 
 clean:
