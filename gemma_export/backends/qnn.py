@@ -45,7 +45,7 @@ OPSET = 23  # RMSNormalization
 MASK = -100.0  # a masked score's offset: exp(-100) is 0 in fp16 and fp32, and the range stays resolvable
 GRAPHS = {PREFILL: "prefill.onnx", DECODE: "decode.onnx"}
 CALIBRATION_SEQUENCES = 8  # of the recipe's calibration set, evenly spread over its languages
-CALIBRATION_DECODES = 16  # decode steps calibrated per sequence, after its first prefill chunk
+CALIBRATION_DECODES = 16  # decode steps calibrated per sequence (see _decode_positions)
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,10 @@ class QnnBackend:
                     feeds = _Feeds(model, sequences, job.prefill_len, entry == DECODE)
                     _quantize(floats[entry], workdir / file, feeds, bits, codes)
                     _check_codes(workdir / file, codes)
-                calibration = {"method": "minmax", "sequences": len(sequences), "decode_steps": CALIBRATION_DECODES,
+                calibration = {"method": "minmax", "sequences": len(sequences),
+                               "tokens": [len(ids) for ids in sequences],
+                               "decode_steps": "after the first prefill chunk and at the end of each sequence, "
+                                               f"{CALIBRATION_DECODES} per sequence",
                                "set_sha256": digest, "activation_bits": bits, "weights": "int8 symmetric per channel"}
             release_weights(model)
         for chip in chips:
@@ -251,13 +254,13 @@ def _untie(model) -> None:
 
 class _Feeds:
     """onnxruntime's calibration reader: graph inputs made on demand by running the PyTorch model
-    through the calibration sequences (prefill chunks; for the decode graph, decode steps after
-    the first chunk), so one step's caches are in memory at a time."""
+    through the calibration sequences (prefill chunks; for the decode graph, decode steps right
+    after the first chunk and at the end of each sequence, so both early and late positions are
+    seen), so one step's caches are in memory at a time."""
 
     def __init__(self, model, sequences: list[list[int]], prefill_len: int, decode: bool):
         self._it = self._steps(model, sequences, prefill_len, decode)
-        first = [min(prefill_len, len(ids)) for ids in sequences]
-        self._count = (sum(min(len(ids), f + CALIBRATION_DECODES) - f for ids, f in zip(sequences, first)) if decode
+        self._count = (sum(len(_decode_positions(len(ids), prefill_len)) for ids in sequences) if decode
                        else sum(-(-len(ids) // prefill_len) for ids in sequences))
         self._left = self._count
 
@@ -280,13 +283,15 @@ class _Feeds:
         names = cache_names(model.cfg.num_layers)
         i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         for ids in sequences:
-            caches, pos, first = model.new_cache(), 0, min(prefill_len, len(ids))
-            end = min(len(ids), first + CALIBRATION_DECODES) if decode else len(ids)
-            while pos < end:
-                n = 1 if pos >= first and decode else min(prefill_len, len(ids) - pos)
-                tokens = torch.zeros(1, 1 if n == 1 and decode else prefill_len, dtype=torch.int32)
+            steps = _decode_positions(len(ids), prefill_len) if decode else []
+            caches, pos = model.new_cache(), 0
+            while pos < len(ids):
+                step = pos in steps
+                later = [p for p in steps if p > pos]
+                n = 1 if step else min(prefill_len, (later[0] if later else len(ids)) - pos)
+                tokens = torch.zeros(1, 1 if step else prefill_len, dtype=torch.int32)
                 tokens[0, :n] = i32(ids[pos:pos + n])
-                if decode == (tokens.shape[1] == 1):  # a step this graph runs
+                if decode == step:  # a step this graph runs
                     feed = {"tokens": tokens.numpy(), "pos": i32([pos]).numpy()}
                     if not decode:
                         feed["length"] = i32([n]).numpy()
@@ -294,6 +299,15 @@ class _Feeds:
                 with torch.no_grad():
                     _, caches = model.step(tokens, i32([pos]), i32([n]), caches)
                 pos += n
+
+
+def _decode_positions(length: int, prefill_len: int) -> list[int]:
+    """Where a calibration sequence of `length` tokens is fed one token at a time: half of
+    CALIBRATION_DECODES right after the first prefill chunk, the rest at its end."""
+    first, early = min(prefill_len, length), CALIBRATION_DECODES // 2
+    head = range(first, min(length, first + early))
+    tail = range(max(first + early, length - (CALIBRATION_DECODES - early)), length)
+    return [*head, *tail]
 
 
 def _quantize(src: Path, dst: Path, feeds, bits: int, codes: dict) -> None:

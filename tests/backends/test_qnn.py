@@ -27,6 +27,7 @@ def test_a16w8_compiles_every_node_of_both_graphs_for_the_htp(artifacts):
     m = read_manifest(out)
     assert m.format == "qnn" and m.recipe_name == "a16w8" and m.job["socs"] == ["SM8650"]
     assert m.program["precision"] == "a16w8" and m.program["calibration"]["activation_bits"] == 16
+    assert m.program["calibration"]["tokens"] == [CTX] * 8  # sequences of the whole (tiny) context
     compiled = m.program["compile"]["socs"]["SM8650"]
     for entry in (PREFILL, DECODE):
         report = compiled[entry]
@@ -94,14 +95,14 @@ def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifact
     import json
 
     out = artifacts.get(*A16W8, debug=False)
-    # the tiny random model's logits are nearly flat: judge by KL, and greedy over a few tokens only
-    result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 4, "--json",
+    # judged by KL with a loose top-1 bound, and no greedy run: the tiny model's near-flat logits
+    # tie, and any rounding change flips its first token
+    result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 0, "--json",
                  "--report", tmp_path / "report")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     sim = report["against_simulated"]
     assert sim["positions"] == 24 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
-    assert report["mean_kl"] > sim["mean_kl"]  # PyTorch quantizes only the linears' inputs
     # the compile report travels with the verdict: per SoC and graph, what ran on the NPU
     assert report["compile"]["precision"] == "a16w8"
     prefill = report["compile"]["socs"]["SM8650"][PREFILL]
@@ -157,3 +158,9 @@ def test_fp16_exports_a_float_graph_the_htp_runs_and_verify_judges(artifacts):
     # against PyTorch in fp32 by the fp16 recipe's limits; the simulated graph is the same float graph on the CPU
     assert report["pass"] and report["mean_kl"] < 1e-4, report  # measured 2.6e-7
     assert report["against_simulated"]["mean_kl"] < 1e-4
+
+
+def test_decode_steps_are_calibrated_early_and_late_in_each_sequence():
+    assert qnn._decode_positions(1024, 128) == [*range(128, 136), *range(1016, 1024)]
+    assert qnn._decode_positions(140, 128) == [*range(128, 140)]  # short: the two halves meet
+    assert qnn._decode_positions(100, 128) == []  # one prefill chunk holds it all
