@@ -22,6 +22,7 @@ compiler's. Everything runs here on the x86-64 HTP emulator that the onnxruntime
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -382,8 +383,6 @@ def _compile(graph: Path, workdir: Path, chip: Soc) -> dict:
     left = [n.op_type for n in onnx.load(str(ctx)).graph.node if n.op_type != "EPContext"]
     if left:
         raise ExportError(f"qnn: {len(left)} nodes of the {graph.stem} graph stayed off the HTP ({', '.join(sorted(set(left)))})")
-    import resource
-
     # the export process's peak so far (compiling happens in-process, after quantization)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     return {"file": ctx.name, "binary": binary.name, "binary_bytes": binary.stat().st_size,

@@ -105,9 +105,9 @@ def npu_forms(model: nn.Module, mask_value: float, fp16: bool = False):
     scores plus mask keep a range a static per-tensor scale can resolve; RoPE's cos and sin looked
     up by position in tables of the whole context (a computed angle, position x frequency, gets a
     static range from the calibrated positions only, and in fp16 it is off by up to 2 radians at
-    position 4096); and each RMSNorm as one
-    rms_norm op (ONNX RMSNormalization, which the Hexagon compiler maps to its own; its textbook
-    Sqrt and Reciprocal quantized to 16 bits came out wrong on the HTP emulator).
+    position 4096); and, for quantized graphs, each RMSNorm as one rms_norm op (ONNX
+    RMSNormalization, which the Hexagon compiler maps to its own; its textbook Sqrt and Reciprocal
+    quantized to 16 bits came out wrong on the HTP emulator).
 
     `fp16` is for graphs the NPU computes in fp16, where the real 270M overflows: its residual
     stream reaches ~1e5 (fp16 stops at 65504), and the squares inside a norm overflow far sooner.
