@@ -8,6 +8,7 @@ those packages load (the CLI calls `silence()` first; library users keep their o
   triggers torch's LeafSpec deprecation notice.
 - torch.onnx lists the torchvision ops it skips (torchvision is not a dependency) and says it will
   not rename dynamic axes (we name every input and output ourselves).
+- The QNN HTP library prints a notice to stdout as it loads (see native_stdout).
 - ExecuTorch warns that a mutated buffer's initial value is not kept unless a pass keeps it: the
   KV cache is kept initialised by exactly that pass (backends/executorch.py).
 """
@@ -39,22 +40,35 @@ def native_info_lines(keep=("ERROR", "FATAL", "E0", "F0")):
     """Hold back what native code prints to the stderr file descriptor inside the block (LiteRT's
     INFO lines about accelerators it registers, ExecuTorch's cpuinfo probing), passing on the lines
     that report an error. Neither runtime has a switch for its log level in its Python API."""
-    sys.stderr.flush()
-    saved = os.dup(2)
     routed = io.StringIO()  # ExecuTorch's bindings route its log to Python's sys.stderr instead
+    with _held(2, keep, routed), contextlib.redirect_stderr(routed):
+        yield
+
+
+@contextlib.contextmanager
+def native_stdout(keep=("ERROR", "FATAL")):
+    """The same for the stdout file descriptor, where `--json` output goes: the QNN HTP library
+    prints a notice about its thread-local configuration there as it loads."""
+    with _held(1, keep):
+        yield
+
+
+@contextlib.contextmanager
+def _held(fd: int, keep, routed: io.StringIO | None = None):
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
     with tempfile.TemporaryFile(mode="w+b") as held:
-        os.dup2(held.fileno(), 2)
+        os.dup2(held.fileno(), fd)
         try:
-            with contextlib.redirect_stderr(routed):
-                yield
+            yield
         finally:
-            os.dup2(saved, 2)
+            os.dup2(saved, fd)
             os.close(saved)
             held.seek(0)
-            for line in [*held.read().decode(errors="replace").splitlines(), *routed.getvalue().splitlines()]:
+            lines = held.read().decode(errors="replace").splitlines()
+            for line in [*lines, *(routed.getvalue().splitlines() if routed else ())]:
                 if line.lstrip().startswith(keep):
                     print(line, file=sys.stderr)
-
 
 
 def at_exit() -> None:

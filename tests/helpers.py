@@ -46,12 +46,12 @@ def resign_file(folder: Path, name: str) -> None:
     (folder / "manifest.json").write_text(json.dumps(m, indent=2))
 
 
-def plant(artifact: Path, weight: np.ndarray, factor: float = 3.0) -> str:
+def plant(artifact: Path, weight: np.ndarray, factor: float = 3.0, files=None) -> str:
     """Plant a fault: scale one weight matrix's raw fp32 bytes (as stored, or transposed) in the
-    model files, then re-sign the manifest. The artifact loads and runs but computes one layer
-    wrong, like a faulty port."""
+    model files (or `files`, named in the artifact), then re-sign the manifest. The artifact loads
+    and runs but computes one layer wrong, like a faulty port."""
     m = read_manifest(artifact)
-    files = [artifact / f for f in (m.program["file"], m.program.get("external_data")) if f]
+    files = [artifact / f for f in (files or (m.program["file"], m.program.get("external_data"))) if f]
     for layout, arr in (("as stored", weight), ("transposed", weight.T)):
         needle = np.ascontiguousarray(arr, dtype=np.float32).tobytes()
         for path in files:

@@ -16,12 +16,16 @@ What an NPU takes, and so what this target writes:
 
 The QDQ graphs stay in the artifact: they are the recipe simulated exactly on the CPU (the same
 quantize/dequantize steps as float operators), so `verify` can tell a quantization loss from a
-compiler's. Everything runs here on the x86-64 HTP emulator that the onnxruntime-qnn wheel bundles.
+compiler's, and `verify --locate` compiles the prefill graph again with the residual stream as extra
+outputs to say at which layer. Everything runs here on the x86-64 HTP emulator that the
+onnxruntime-qnn wheel bundles.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import resource
 import tempfile
 import time
@@ -31,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import quiet
 from ..errors import ArtifactError, ExportError, UnsupportedError
 from ..gemma3 import family
-from ..gemma3.model import npu_forms
+from ..gemma3.model import RESIDUAL_SCALE, npu_forms
 from ..quant.calibrate import calibration_set
 from ..quant.recipes import resolve
 from ..session import BaseSession
@@ -100,12 +105,14 @@ def _qnn(backend: str = "qnn"):
     return ort, devices, os.path.join(os.path.dirname(library), "libQnnHtp.so")
 
 
-def htp_session(path: Path, chip: Soc, fallback: bool = False, context: Path | None = None):
+def htp_session(path, chip: Soc, fallback: bool = False, context: Path | None = None):
     """An onnxruntime session whose graph runs on the emulated HTP of `chip`; with `context`, the
     compiled EPContext model is written there. Without `fallback`, a node the HTP cannot take
-    fails the session instead of running on the CPU."""
+    fails the session instead of running on the CPU. `path` a model file, or (bytes, the folder of
+    its external data)."""
     ort, devices, htp = _qnn()
     so = ort.SessionOptions()
+    path = _model(so, path)
     so.log_severity_level = 3
     if not fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -114,16 +121,27 @@ def htp_session(path: Path, chip: Soc, fallback: bool = False, context: Path | N
         so.add_session_config_entry("ep.context_file_path", str(context))
         so.add_session_config_entry("ep.context_embed_mode", "0")
     so.add_provider_for_devices(devices, chip.options(htp))
-    return ort.InferenceSession(str(path), sess_options=so)
+    with quiet.native_stdout():  # not into --json output
+        return ort.InferenceSession(path, sess_options=so)
 
 
-def cpu_session(path: Path, threads: int = 0):
+def cpu_session(path, threads: int = 0):
     ort = require("onnxruntime", "qnn")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    path = _model(so, path)
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _model(so, path):
+    """What InferenceSession takes for a model file or (bytes, external data folder)."""
+    if isinstance(path, tuple):
+        data, folder = path
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        return data
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +212,7 @@ class QnnBackend:
         program = {"file": GRAPHS[DECODE], "external_data": GRAPHS[DECODE] + ".data", "opset": OPSET,
                    "graphs": dict(GRAPHS), "socs": [c.name for c in chips], "mask_value": MASK,
                    "precision": "fp16" if bits is None else f"a{bits}w8",
+                   "residual_scale": RESIDUAL_SCALE if bits is None else 1.0,
                    "calibration": calibration, "compile": report}
         ort = require("onnxruntime", self.name)
         return Exported(entry_points, program, {"onnxruntime": ort.__version__, "onnxruntime-qnn": _qnn_version()})
@@ -418,6 +437,11 @@ class QnnSession(BaseSession):
     def __init__(self, folder: Path, manifest, soc_name: str | None = None, simulated: bool = False, threads: int = 0):
         folder = Path(folder)
         self.info = session_info(manifest)
+        self._folder, self._manifest, self._threads, self._debug = folder, manifest, threads, None
+        self._graphs = manifest.program["graphs"]
+        precision = manifest.program.get("precision")
+        # artifacts written before the scale was recorded: fp16 ones carried it all the same
+        self._residual_scale = manifest.program.get("residual_scale", RESIDUAL_SCALE if precision == "fp16" else 1.0)
         socs = manifest.program["socs"]
         self.soc = None if simulated else (soc_name or socs[0]).upper()
         if self.soc is not None and self.soc not in socs:
@@ -446,8 +470,64 @@ class QnnSession(BaseSession):
         return out[0][0]
 
     def _hidden(self, tokens, n):
-        raise UnsupportedError("qnn artifacts have no hidden-state entry point (the NPU graphs hold the decoder "
-                               "as compiled); locate a divergence on the same recipe exported to onnx")
+        """The prefill graph with the residual stream after the embedding and after each layer as
+        extra outputs, built from the artifact's QDQ (or float) graph on first use and compiled on the
+        same HTP (CPU fallback disabled), or run on the CPU for the simulated session."""
+        if self._debug is None:
+            self._debug = _debug_session(self._folder / self._graphs[PREFILL], self._manifest,
+                                         None if self.soc is None else soc(self.soc), self._threads)
+        session, names = self._debug
+        feed = {"tokens": tokens, "pos": np.array([0], dtype=np.int32), "length": np.array([n], dtype=np.int32),
+                **{k: np.zeros(s, dtype=np.float32) for k, s in zip(self._names, self._shapes)}}
+        states = session.run(names, feed)
+        return np.stack([s[0] for s in states]) * self._residual_scale
+
+
+def stream_tensors(graph) -> list[str]:
+    """The residual stream's tensors in a traced step graph: the stream entering layer 0 and after
+    each layer, found by the exporter's name scopes (the two adds directly under each decoder
+    layer, `x = x + ...`). In a QDQ graph, each one's dequantized copy: the value the NPU holds."""
+    adds: dict[int, list] = {}
+    for node in graph.node:
+        if node.op_type != "Add":
+            continue
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), [])
+        match = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", scopes[1]) if len(scopes) == 3 else None
+        if match:
+            adds.setdefault(int(match.group(1)), []).append(node)
+    if not adds or sorted(adds) != list(range(len(adds))) or any(len(a) != 2 for a in adds.values()):
+        raise ArtifactError("the graph's residual adds are not where the exporter names them "
+                            f"(found {[len(adds[k]) for k in sorted(adds)]} per layer): cannot read its hidden states")
+    consumers = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+
+    def held(name: str) -> str:  # X -> QuantizeLinear -> DequantizeLinear: the dequantized X
+        q = next((n for n in consumers.get(name, ()) if n.op_type == "QuantizeLinear"), None)
+        dq = q and next((n for n in consumers.get(q.output[0], ()) if n.op_type == "DequantizeLinear"), None)
+        return dq.output[0] if dq else name
+
+    # layer 0's `x + post_attention_layernorm(h)`: its x is the embedding (already dequantized in QDQ)
+    return [held(adds[0][0].input[0]), *(held(adds[k][1].output[0]) for k in sorted(adds))]
+
+
+def _debug_session(graph: Path, manifest, chip: Soc | None, threads: int):
+    """(session, output names) for `graph` with the residual stream as extra outputs."""
+    onnx = require("onnx", "qnn")
+    from onnx import helper
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    names = stream_tensors(proto.graph)
+    if len(names) != manifest.num_layers + 1:
+        raise ArtifactError(f"{graph.name} has residual adds for {len(names) - 1} layers, the model {manifest.num_layers}")
+    shape = [1, manifest.prefill_len, manifest.hidden_size]
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in names if n not in have)
+    # from bytes, its weights read from the artifact's folder: nothing is written anywhere
+    model = (proto.SerializeToString(), graph.parent)
+    session = cpu_session(model, threads) if chip is None else htp_session(model, chip)
+    return session, names
 
 
 BACKEND = QnnBackend()

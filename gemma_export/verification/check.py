@@ -134,6 +134,9 @@ def verify_artifact(folder: str | Path, plan: VerifyPlan, refs: References | Non
     if plan.locate:
         progress("locating the first diverging layer")
         report["locate"] = locate(ref.session, test.session, ids, plan.locate_threshold or LOCATE_THRESHOLD)
+        if simulated is not None:  # the same layers against the recipe without the compiler
+            report["locate_against_simulated"] = locate(simulated, test.session, ids,
+                                                        plan.locate_threshold or LOCATE_THRESHOLD)
     return Verified(report, res, test, ids, manifest.window, verdict)
 
 

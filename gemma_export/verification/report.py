@@ -41,6 +41,8 @@ def summary_lines(report: dict) -> list[str]:
     out += image_lines(report)
     if "locate" in report:
         out += locate_lines(report["locate"])
+    if "locate_against_simulated" in report:
+        out += locate_lines(report["locate_against_simulated"], "against the recipe without the compiler")
     return out
 
 
@@ -59,8 +61,9 @@ def image_lines(report: dict) -> list[str]:
     return out
 
 
-def locate_lines(found: dict) -> list[str]:
-    lines = [f"per-layer relative error of the hidden state ({found['tokens']} tokens at position 0):"]
+def locate_lines(found: dict, against: str = "") -> list[str]:
+    lines = [f"per-layer relative error of the hidden state{', ' + against if against else ''} "
+             f"({found['tokens']} tokens at position 0):"]
     lines += [f"  {name:<12} {err:.3g}{'  <- diverges' if err > found['threshold'] else ''}"
               for name, err in found["relative_error"].items()]
     first = found["first_diverging"]
@@ -241,11 +244,17 @@ def _npu(r: dict) -> list[str]:
 def _located(r: dict) -> list[str]:
     if "locate" not in r:
         return []
-    loc = r["locate"]
-    return ["", "## Where it diverges (hidden state per layer)", "",
-            f"First diverging: **{loc['first_diverging'] or 'none'}** (relative error threshold "
-            f"{loc['threshold']:g}, {loc['tokens']} tokens at position 0).", "",
-            "| after | relative error |", "|---|---|", *[f"| {name} | {err:.3g} |" for name, err in loc["relative_error"].items()]]
+    loc, sim = r["locate"], r.get("locate_against_simulated")
+    md = ["", "## Where it diverges (hidden state per layer)", "",
+          f"First diverging: **{loc['first_diverging'] or 'none'}** (relative error threshold "
+          f"{loc['threshold']:g}, {loc['tokens']} tokens at position 0)."]
+    if sim is None:
+        return md + ["", "| after | relative error |", "|---|---|",
+                     *[f"| {name} | {err:.3g} |" for name, err in loc["relative_error"].items()]]
+    md += [f"Against the recipe without the compiler: **{sim['first_diverging'] or 'none'}**; a layer whose "
+           "error jumps in the last column is where the compiled graph departs from its own recipe.", "",
+           "| after | relative error vs reference | vs the recipe without the compiler |", "|---|---|---|"]
+    return md + [f"| {name} | {err:.3g} | {sim['relative_error'][name]:.3g} |" for name, err in loc["relative_error"].items()]
 
 
 def _text(tokenizer, ids) -> str:

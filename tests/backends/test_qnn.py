@@ -17,7 +17,7 @@ from gemma_export.quant.quantize import quantized_state
 from gemma_export.session import TorchSession
 from gemma_export.trace import DECODE, PREFILL
 from gemma_export.verification.parity import teacher_forced_many
-from helpers import CTX, T, TINY, cli, random_ids
+from helpers import CTX, T, TINY, cli, plant, random_ids
 
 A16W8 = ("qnn", "a16w8")
 
@@ -98,17 +98,22 @@ def test_verify_reports_the_htp_against_the_recipe_without_the_compiler(artifact
     # judged by KL with a loose top-1 bound, and no greedy run: the tiny model's near-flat logits
     # tie, and any rounding change flips its first token
     result = cli("verify", out, "--positions", 24, "--min-top1", 0.3, "--new-tokens", 0, "--json",
-                 "--report", tmp_path / "report")
+                 "--report", tmp_path / "report", "--locate")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     sim = report["against_simulated"]
     assert sim["positions"] == 24 and sim["mean_kl"] < 1e-4 and sim["min_cosine"] > 0.99, sim
+    # --locate: the residual stream per layer, on the HTP against the reference and against the QDQ graph
+    layers = ["embedding", *(f"layer {i}" for i in range(read_manifest(out).num_layers))]
+    assert list(report["locate"]["relative_error"]) == layers
+    assert max(report["locate_against_simulated"]["relative_error"].values()) < 0.05, report["locate_against_simulated"]  # measured 0.019
     # the compile report travels with the verdict: per SoC and graph, what ran on the NPU
     assert report["compile"]["precision"] == "a16w8"
     prefill = report["compile"]["socs"]["SM8650"][PREFILL]
     assert prefill["nodes_on_npu"] == prefill["nodes"] and prefill["process_peak_rss_mib"] > 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Against the recipe without the compiler" in md and "## Compiled for the NPU" in md
+    assert "| after | relative error vs reference | vs the recipe without the compiler |" in md
     assert f"| SM8650 | {PREFILL} | {prefill['nodes']:,} | {prefill['nodes']:,} |" in md
 
 
@@ -158,6 +163,29 @@ def test_fp16_exports_a_float_graph_the_htp_runs_and_verify_judges(artifacts):
     # against PyTorch in fp32 by the fp16 recipe's limits; the simulated graph is the same float graph on the CPU
     assert report["pass"] and report["mean_kl"] < 1e-4, report  # measured 2.6e-7
     assert report["against_simulated"]["mean_kl"] < 1e-4
+
+
+def test_locate_finds_a_planted_fault_on_the_htp(artifacts, tiny, tmp_path):
+    """The residual stream read from the compiled prefill graph, in order and with the fp16 graph's
+    scale undone (else every state would be off by 1 - 1/64): one layer's weights scaled, the
+    embedding and the layer before it still agree with PyTorch on the HTP, that layer does not."""
+    from gemma_export.runtime import open_artifact
+    from gemma_export.verification.parity import locate
+
+    bad = artifacts.copy("qnn", tmp_path / "faulty", "fp16", debug=False)
+    plant(bad, tiny.layers[1].mlp.down_proj.weight.detach().numpy(), files=["prefill.onnx.data"])
+    found = locate(TorchSession(tiny, prefill_len=T), open_artifact(bad, hashes=True).session, random_ids(T, seed=5))
+    assert found["first_diverging"] == "layer 1", found
+
+
+def test_a_graph_without_the_exporters_name_scopes_cannot_be_located():
+    from gemma_export.errors import ArtifactError
+
+    add = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph([add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(ArtifactError, match="residual adds"):
+        qnn.stream_tensors(graph)
 
 
 def test_decode_steps_are_calibrated_early_and_late_in_each_sequence():
