@@ -52,9 +52,10 @@ bench: install
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
 	$(PY) -m benchmarks.profile
-	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes fp16,a16w8
+	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes fp16,a16w8,a16w4
 	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-fp16
 	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-a16w8
+	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-a16w4
 	$(PY) -m benchmarks.plot
 
 clean:

@@ -151,9 +151,10 @@ def _model(so, path):
 
 class QnnBackend:
     name = "qnn"
-    # int8 weights per channel under static activations; every linear and the table are quantized
+    # int8 or int4 weights per channel under static activations; every linear and the table are quantized
     # together, as onnxruntime's QDQ quantizer does. Floats run in fp16 on the HTP
-    lowering = Lowering(frozenset({(8, "channel")}), frozenset({"int8-static", "int16-static"}), complete=True,
+    lowering = Lowering(frozenset({(8, "channel"), (4, "channel")}), frozenset({"int8-static", "int16-static"}),
+                        complete=True,
                         float_compute=frozenset({"fp16"}))
     runner = Runner("GEMMA_QNN_RUNNER",
                     "onnxruntime for Android built with the QNN execution provider (libonnxruntime.so,\n"
@@ -180,6 +181,7 @@ class QnnBackend:
             raise UnsupportedError(f"format qnn takes one activation width for the whole graph, the recipe has {sorted(schemes)}")
         # the lowering admits static activations, or floats (fp16 on the HTP: bits None)
         bits = (16 if schemes.pop() == "int16-static" else 8) if schemes else None
+        weights = min((s.bits for _, _, s, _ in codes.values()), default=8)  # a16w4: the table stays int8
         entry_points, report, calibration = {}, {"socs": {}}, None
         with tempfile.TemporaryDirectory(dir=workdir.parent, prefix=".qnn-float-") as tmp:
             floats = {}
@@ -193,7 +195,7 @@ class QnnBackend:
                 data, digest = calibration_set(resolve(job.recipe), Tokenizer(vocab.path), model.max_context)
                 sequences = data[::max(1, len(data) // CALIBRATION_SEQUENCES)][:CALIBRATION_SEQUENCES]
                 for entry, file in GRAPHS.items():
-                    progress(f"quantizing the {entry} graph: a{bits}w8 QDQ, activation ranges from "
+                    progress(f"quantizing the {entry} graph: a{bits}w{weights} QDQ, activation ranges from "
                              f"{len(sequences)} calibration sequences (min/max)")
                     feeds = _Feeds(model, sequences, job.prefill_len, entry == DECODE)
                     _quantize(floats[entry], workdir / file, feeds, bits, codes)
@@ -202,7 +204,8 @@ class QnnBackend:
                                "tokens": [len(ids) for ids in sequences],
                                "decode_steps": "after the first prefill chunk and at the end of each sequence, "
                                                f"{CALIBRATION_DECODES} per sequence",
-                               "set_sha256": digest, "activation_bits": bits, "weights": "int8 symmetric per channel"}
+                               "set_sha256": digest, "activation_bits": bits,
+                               "weights": "the recipe's codes, symmetric per channel (int4 or int8)"}
             release_weights(model)
         for chip in chips:
             report["socs"][chip.name] = {}
@@ -211,7 +214,7 @@ class QnnBackend:
                 report["socs"][chip.name][entry] = _compile(workdir / file, workdir, chip)
         program = {"file": GRAPHS[DECODE], "external_data": GRAPHS[DECODE] + ".data", "opset": OPSET,
                    "graphs": dict(GRAPHS), "socs": [c.name for c in chips], "mask_value": MASK,
-                   "precision": "fp16" if bits is None else f"a{bits}w8",
+                   "precision": "fp16" if bits is None else f"a{bits}w{weights}",
                    "residual_scale": RESIDUAL_SCALE if bits is None else 1.0,
                    "calibration": calibration, "compile": report}
         ort = require("onnxruntime", self.name)
@@ -233,8 +236,8 @@ class QnnBackend:
         for file in manifest.program["graphs"].values():
             graph = onnx.load(str(folder / file)).graph
             dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-            out += [numpy_helper.to_array(i) for i in graph.initializer
-                    if i.name in dequantized and i.data_type == onnx.TensorProto.INT8]
+            out += [numpy_helper.to_array(i).astype(np.int8) for i in graph.initializer
+                    if i.name in dequantized and i.data_type in _CODE_TYPES]
         return out
 
     def declared_io(self, folder: Path, manifest) -> dict[str, dict]:
@@ -357,9 +360,12 @@ def _weight_overrides(src: Path, codes: dict) -> dict:
         if layout == "oi":  # the gathered table (a MatMul weight is stored [in, out])
             continue
         scales = codes[name][1].reshape(-1).numpy().astype(np.float32)  # one per output channel
-        overrides[tensor] = [{"axis": 1, "scale": s, "zero_point": np.int8(0), "quant_type": QuantType.QInt8}
-                             for s in scales]
+        kind = QuantType.QInt4 if codes[name][2].bits == 4 else QuantType.QInt8
+        overrides[tensor] = [{"axis": 1, "scale": s, "zero_point": np.int8(0), "quant_type": kind} for s in scales]
     return overrides
+
+
+_CODE_TYPES = (3, 22)  # onnx.TensorProto.INT8, INT4 (int4 codes packed two per byte in the file)
 
 
 def _check_codes(graph: Path, codes: dict) -> None:
@@ -373,13 +379,13 @@ def _check_codes(graph: Path, codes: dict) -> None:
 
     held = set()
     for init in onnx.load(str(graph)).graph.initializer:
-        if init.data_type == onnx.TensorProto.INT8:
-            q = numpy_helper.to_array(init)
+        if init.data_type in _CODE_TYPES:
+            q = numpy_helper.to_array(init).astype(np.int8)
             held |= {hashlib.sha256(np.ascontiguousarray(a)).hexdigest() for a in (q, q.T)}
     for name, (q, _, _, _) in codes.items():
         if hashlib.sha256(np.ascontiguousarray(q.numpy())).hexdigest() not in held:
             raise ExportError(f"qnn: the QDQ quantizer did not keep the recipe's codes of {name} "
-                              "(only round-to-nearest int8 per channel survives its re-quantization)")
+                              "(only round-to-nearest codes per channel survive its re-quantization)")
 
 
 def _compile(graph: Path, workdir: Path, chip: Soc) -> dict:

@@ -29,7 +29,7 @@ def test_every_format_lowers_fp32_and_the_table_agrees_with_the_check():
         for name in supported_presets(fmt):
             assert get(fmt).lowering.refusal(PRESETS[name]) is None
     assert set(supported_presets("onnx")) == set(PRESETS) - {"fp16"}
-    assert supported_presets("qnn") == ["fp16", "a16w8", "a8w8"]  # NPUs: static activations or fp16
+    assert supported_presets("qnn") == ["fp16", "a16w8", "a8w8", "a16w4"]  # NPUs: static activations or fp16
     for fmt in NAMES:
         assert get(fmt).lowering.refusal(PRESETS["fp16"]) == "fp16 arithmetic (this format computes floats in fp32)"
 
