@@ -257,9 +257,11 @@ def _source(name: str, activations: str, thresholds: Thresholds, description: st
 
 def _static(name: str, activations: str, description: str, linear_bits: int = 8) -> QuantRecipe:
     table = Scheme(8, activations=activations)  # the tied table stays int8 (it is the head as well)
+    # int4 per channel rounded to nearest leaves the 270M at 42% top-1 against fp32: calibrated instead
+    linears = Scheme(linear_bits, activations=activations, algorithm="rtn" if linear_bits == 8 else "gptq-act")
     # static ranges hold only for the positions calibrated, so sequences run past the 270M/1B window
     # (the README's NPU section has the measurement)
-    return QuantRecipe(name, (Rule(EMBED, table), Rule(LINEARS, Scheme(linear_bits, activations=activations))),
+    return QuantRecipe(name, (Rule(EMBED, table), Rule(LINEARS, linears)),
                        thresholds=_LOOSE4, description=description, calibration=Calibration(samples=16, seq_len=1024))
 
 
@@ -309,7 +311,7 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     # is quantized; the QDQ graph quantizes every activation, so the judge's bounds are loose
     _static("a16w8", "int16-static", "int8 weights per channel, static 16-bit activations (NPUs)"),
     _static("a8w8", "int8-static", "int8 weights per channel, static 8-bit activations (NPUs)"),
-    _static("a16w4", "int16-static", "int4 weights per channel (table: int8), static 16-bit activations (NPUs)", 4),
+    _static("a16w4", "int16-static", "int4 weights per channel (GPTQ, act-order; table: int8), static 16-bit activations (NPUs)", 4),
 )}
 
 
