@@ -150,20 +150,30 @@ class PteBackend:
         return out
 
     def stock_generate(self, folder: Path, manifest: Manifest, text: str, max_new_tokens: int) -> Stock:
-        """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main)."""
-        folder = Path(folder)
-        require("executorch.kernels.quantized", self.name)  # registers the kernels the runner needs
-        require("executorch.extension.llm.custom_ops.custom_ops", self.name)
-        llm = require("executorch.extension.llm.runner", self.name)
-        prog = manifest.program
-        runner = llm.TextLLMRunner(str(folder / prog["file"]), str(folder / manifest.tokenizer.file),
-                                   str(folder / prog["external_data"]))
-        pieces: list[str] = []
-        runner.generate(text, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
-                                                   num_bos=1, num_eos=0), token_callback=pieces.append)
+        """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main),
+        run in a fresh process: in a process that has loaded onnxruntime's QNN execution provider
+        (a qnn artifact verified first, say) the runner dies of a segmentation fault."""
+        import multiprocessing
+
+        folder, prog = Path(folder), manifest.program
+        files = (str(folder / prog["file"]), str(folder / manifest.tokenizer.file), str(folder / prog["external_data"]))
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pieces = pool.apply(_runner_text, (files, text, max_new_tokens))
         if pieces and pieces[-1] in manifest.tokenizer.stop:  # it streams the stop token, then stops
             pieces.pop()
         return Stock("".join(pieces))  # the runner streams text only
+
+
+def _runner_text(files: tuple[str, str, str], text: str, max_new_tokens: int) -> list[str]:
+    """TextLLMRunner's streamed pieces for a greedy run (`stock_generate`'s child process)."""
+    require("executorch.kernels.quantized", "pte")  # registers the kernels the runner needs
+    require("executorch.extension.llm.custom_ops.custom_ops", "pte")
+    llm = require("executorch.extension.llm.runner", "pte")
+    pieces: list[str] = []
+    llm.TextLLMRunner(*files).generate(text, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens,
+                                                                  temperature=0.0, num_bos=1, num_eos=0),
+                                       token_callback=pieces.append)
+    return pieces
 
 
 BACKEND = PteBackend()
