@@ -151,7 +151,10 @@ def read_hf_folder(folder: Path) -> tuple[Gemma3Config, Iterator]:
 # GGUF
 # ----------------------------------------------------------------------------------------------
 
-_READER: dict = {}  # the last GGUF parsed: gguf's reader takes seconds on a full vocabulary
+# the last GGUFs parsed: gguf's reader takes seconds on a full vocabulary; two, so a text model and
+# its mmproj read in turn (a multimodal load or export) are each parsed once
+_READER: dict = {}
+_READERS_KEPT = 2
 
 
 def _open_gguf(path: Path):
@@ -161,11 +164,31 @@ def _open_gguf(path: Path):
     with path.open("rb") as f:
         head = hashlib.sha256(f.read(2**20)).hexdigest()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, head)
-    if key not in _READER:
+    reader = _READER.pop(key, None)
+    if reader is None:
         reader = _parse_gguf(path)
-        _READER.clear()
-        _READER[key] = reader
-    return _READER[key]
+    _READER[key] = reader  # most recent last
+    while len(_READER) > _READERS_KEPT:
+        del _READER[next(iter(_READER))]
+    return reader
+
+
+def _plain_array_reader(gguf):
+    """gguf's reader over a plain ndarray view of its memory map. Every slice of an np.memmap runs
+    Python code (its __getitem__ and __array_finalize__), and the reader slices the file about
+    twice per vocabulary entry: the plain view reads the same bytes (the map stays open through
+    the view's base) about three times faster on the 262,144-entry vocabulary."""
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._array
+
+        @data.setter
+        def data(self, value):
+            self._array = value.view(np.ndarray)
+
+    return Reader
 
 
 def _parse_gguf(path: Path):
@@ -186,7 +209,7 @@ def _parse_gguf(path: Path):
         raise CheckpointError(f"{path}: corrupt GGUF header: {n_tensors:,} tensors and {n_kv:,} metadata entries "
                               f"cannot fit in {size:,} bytes")
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = _plain_array_reader(gguf)(str(path))
     except Exception as e:  # the reader raises ValueError/IndexError/... on truncation
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
     if len(reader.tensors) != n_tensors:
