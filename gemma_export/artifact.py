@@ -91,6 +91,11 @@ class Manifest:
         return self.recipe.get("name", "fp32")
 
     @property
+    def kv_dtype(self) -> str:
+        """What the KV caches hold (the recipe's kv_dtype; manifests before it: fp32)."""
+        return self.recipe.get("kv_dtype", "fp32")
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.config["vocab_size"])
 

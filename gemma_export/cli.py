@@ -220,8 +220,9 @@ def models(as_json):
 @cli.command()
 @click.argument("model")
 @click.option("--context", type=int, default=None, help="Context length for the KV cache figures (default: model max).")
-@click.option("--kv-dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
-              show_default=True)
+@click.option("--kv-dtype", type=click.Choice(["fp32", "float32", "bfloat16", "float16", "int8"]), default="float32",
+              show_default=True, help="The caches' dtype for the KV figures (int8: with export --kv-dtype int8's "
+                                      "scale and zero point per token and head).")
 @click.option("--recipe", default=None,
               help="Also list each weight's quantization type in the checkpoint and what this recipe (and "
                    "each format) does with it, e.g. --recipe source.")
@@ -233,7 +234,7 @@ def inspect(model, context, kv_dtype, recipe, mmproj, as_json):
     """Print a model's config, parameter counts and memory figures (no weights are loaded)."""
     from . import api
 
-    r = api.inspect(model, context, kv_dtype, recipe, mmproj)
+    r = api.inspect(model, context, "float32" if kv_dtype == "fp32" else kv_dtype, recipe, mmproj)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
@@ -283,6 +284,10 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
+@click.option("--kv-dtype", type=click.Choice(["fp32", "int8"]), default=None,
+              help="What the KV caches hold, replacing the recipe's (default fp32): int8 is codes with a scale "
+                   "and zero point per token and KV head, about a quarter of fp32's memory (pte). Recorded in "
+                   "the recipe (named RECIPE+kv-int8) and judged by verify.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder, and export even when the machine "
                                             "has less memory available than the export's estimate of its peak.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,
@@ -303,7 +308,7 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @threads_option
 @json_option
 @error_boundary
-def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, mmproj, socs, random_weights,
+def export(model, fmt, out, recipe, kv_dtype, force, debug_outputs, build_record, images, mmproj, socs, random_weights,
            weights_seed, max_context, prefill_len, threads, as_json):
     """Export MODEL to an artifact folder (model file, tokenizer, manifest.json)."""
     import torch
@@ -315,7 +320,7 @@ def export(model, fmt, out, recipe, force, debug_outputs, build_record, images, 
     manifests = api.export(_spec(model, random_weights, weights_seed, mmproj=mmproj), fmt, out,
                            _progress(memory=True), recipe=recipe, prefill_len=prefill_len, max_context=max_context,
                            debug_outputs=debug_outputs, force=force, record=build_record, images=images,
-                           socs=tuple(socs))
+                           socs=tuple(socs), kv_dtype=kv_dtype)
     if as_json:  # one format: its manifest; several: a list of them, in --format order
         dicts = [m.to_dict() for m in manifests]
         return _echo_json(dicts[0] if len(fmt) == 1 else dicts)

@@ -39,7 +39,7 @@ from .loading.load import load_vision, read_vision_config
 from .progress import heartbeat
 from .quant import source
 from .quant.quantize import QuantInfo, quantize_model
-from .quant.recipes import QuantRecipe, resolve
+from .quant.recipes import QuantRecipe, resolve, with_kv_dtype
 
 Progress = Callable[[str], None]
 
@@ -67,6 +67,7 @@ class ExportJob:
     # encoder; False writes the text decoder only
     images: bool = True
     socs: tuple[str, ...] = ("SM8650",)  # the SoCs an NPU target compiles for
+    kv_dtype: str | None = None  # the KV caches' dtype, replacing the recipe's (None: the recipe's)
 
     def __post_init__(self):
         if not self.targets:
@@ -92,7 +93,11 @@ class ExportJob:
         """What the manifest records of the job (the targets are the artifacts themselves)."""
         return {"recipe": self.recipe, "prefill_len": self.prefill_len, "max_context": self.max_context,
                 "debug_outputs": self.debug_outputs, "images": self.images,
-                **({"socs": list(self.socs)} if any(t.format in backends.TARGETS for t in self.targets) else {})}
+                **({"socs": list(self.socs)} if any(t.format in backends.TARGETS for t in self.targets) else {}),
+                **({"kv_dtype": self.kv_dtype} if self.kv_dtype else {})}
+
+    def resolved_recipe(self) -> QuantRecipe:
+        return with_kv_dtype(resolve(self.recipe), self.kv_dtype)
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Prepared:
     quant: QuantInfo | None
     seconds: float  # loading and quantizing
     vision: object | None = None  # the vision encoder (Gemma3Vision, float) when images are exported
+    recipe: QuantRecipe | None = None  # the job's recipe, resolved (the quantized one is quant.recipe)
 
 
 def export(job: ExportJob, progress: Progress = lambda msg: None, record: Path | None = None) -> list[Manifest]:
@@ -151,7 +157,7 @@ def _export(job: ExportJob, progress: Progress, record: Path | None) -> list[Man
 def check(job: ExportJob):
     """Everything that can refuse the job, before any work: returns the job with its context
     resolved, the (target, backend) pairs and the recipe."""
-    recipe = resolve(job.recipe)
+    recipe = job.resolved_recipe()
     cfg = read_config(job.model.source)
     context = cfg.runtime_context(job.max_context or job.model.max_context)
     job = replace(job, max_context=context)
@@ -186,11 +192,12 @@ def prepare(job: ExportJob, recipe: QuantRecipe, targets: int, progress: Progres
     if not recipe.is_float:
         progress(f"quantizing in PyTorch (recipe {recipe.name})" + (f", once for {targets} formats" if targets > 1 else ""))
         quant = quantize_model(loaded.model, recipe, Tokenizer(loaded.tokenizer_path), progress, loaded.checkpoint)
+    loaded.model.set_kv_dtype(recipe.kv_dtype)
     vision = None
     if job.images and read_vision_config(job.model.source, job.model.mmproj) is not None:
         progress("loading the vision encoder (it stays float: the recipe quantizes the text decoder)")
         vision = load_vision(job.model)
-    return Prepared(loaded, quant, time.perf_counter() - t0, vision)
+    return Prepared(loaded, quant, time.perf_counter() - t0, vision, recipe)
 
 
 def convert(job: ExportJob, target: Target, backend, prepared: Prepared, last: bool, progress: Progress) -> Manifest:
@@ -231,7 +238,7 @@ def package(folder: Path, job: ExportJob, target: Target, prepared: Prepared, ex
         cache_lengths=exported.cache_lengths or tuple(cfg.cache_len(i, job.max_context) for i in range(cfg.num_layers)),
         tokenizer=TokenizerInfo(TOKENIZER, cfg.bos_token_id, cfg.eos_token_id, family.STOP_TOKENS,
                                 family.CHAT_TEMPLATE, sha256_file(loaded.tokenizer_path)),
-        recipe=(quant.recipe if quant else resolve(job.recipe)).to_dict(),
+        recipe=(quant.recipe if quant else prepared.recipe or job.resolved_recipe()).to_dict(),
         quantization=quant.to_dict() if quant else {},
         entry_points=exported.entry_points, program=exported.program, versions=exported.versions,
         images=_images(exported),

@@ -135,6 +135,10 @@ def open_model(spec: ModelSpec, recipe="fp32", prefill_len: int = 128, threads: 
     if not recipe.is_float:
         quantize_model(loaded.model, recipe, tok, progress, loaded.checkpoint)
         description += f" quantized in PyTorch (recipe {recipe.name})"
+    if recipe.kv_dtype != "fp32":
+        loaded.model.set_kv_dtype(recipe.kv_dtype)
+        if recipe.is_float:
+            description += f" with {recipe.kv_dtype} KV caches in PyTorch"
 
     @functools.cache  # loaded on the first image prompt, once
     def vision():

@@ -7,8 +7,18 @@ from .gemma3.config import Gemma3Config
 BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
+# an int8 cache's float32 scale and int8 zero point per token and KV head (per-token quantization)
+KV_INT8_EXTRA = 5
+
+
+def kv_bytes_per_position(cfg: Gemma3Config, dtype: str = "float32") -> float:
+    """Bytes one layer's K and V hold per cached position."""
+    extra = KV_INT8_EXTRA if dtype == "int8" else 0
+    return 2 * cfg.num_kv_heads * (cfg.head_dim * BYTES[dtype] + extra)
+
+
 def kv_cache_bytes(cfg: Gemma3Config, context: int, window_sized: bool, dtype: str = "float32") -> int:
-    per_pos = 2 * cfg.num_kv_heads * cfg.head_dim * BYTES[dtype]
+    per_pos = kv_bytes_per_position(cfg, dtype)
     total = 0
     for i in range(cfg.num_layers):
         length = cfg.cache_len(i, context) if window_sized else context
@@ -45,6 +55,9 @@ def report(cfg: Gemma3Config, context: int, kv_dtype: str = "float32") -> dict:
             "window_sized_bytes": window,
             "full_length_bytes": full,
             "window_over_full": window / full,
+            # what one more token of conversation adds once every local ring is full (global layers)
+            "bytes_per_token": int(n_global * kv_bytes_per_position(cfg, kv_dtype)),
+            "bytes_per_token_all_layers": int(cfg.num_layers * kv_bytes_per_position(cfg, kv_dtype)),
         },
     }
 
@@ -76,6 +89,8 @@ def format_report(r: dict) -> str:
         f"  window-sized   {_mb(kv['window_sized_bytes']):>15}",
         f"  full-length    {_mb(kv['full_length_bytes']):>15}",
         f"  ratio          {kv['window_over_full']:>15.1%}",
+        f"  per token      {kv['bytes_per_token']:>11,} B  (global layers; {kv['bytes_per_token_all_layers']:,} B "
+        f"while the window fills)",
     ]
     v = r.get("vision")
     if v:

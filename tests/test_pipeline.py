@@ -69,6 +69,14 @@ def test_unknown_recipe_refused_before_work(fmt, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "tflite", "qnn"])
+def test_int8_kv_caches_refused_where_the_attention_reads_fp32(fmt, tmp_path):
+    r = cli("export", "tiny", "--random-weights", "--format", fmt, "--kv-dtype", "int8", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "\n" not in r.output.strip(), r.output
+    assert f"format {fmt} does not support recipe 'fp32+kv-int8': cannot lower int8 KV caches" in r.output
+    assert "loading" not in r.output and not (tmp_path / "x").exists()
+
+
 def _unsupported_pairs():
     from gemma_export.backends import supported_presets
 

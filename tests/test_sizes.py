@@ -22,3 +22,12 @@ def test_an_onnx_image_export_needs_disk_for_the_embedding_graphs_table():
     extra = artifact_bytes(cfg, recipe, "onnx", images=True) - artifact_bytes(cfg, recipe, "onnx")
     assert abs(extra - 262_208 * 2560 * (0.5 + 0.07)) <= 2  # the int4 table with its scales
     assert artifact_bytes(cfg, recipe, "pte", images=True) == artifact_bytes(cfg, recipe, "pte")
+
+
+def test_int8_kv_caches_of_the_4b_at_128k_are_under_30_percent_of_fp32():
+    cfg = preset("gemma3-4b")
+    fp32, int8 = (report(cfg, 131_072, d)["kv_cache"] for d in ("float32", "int8"))
+    assert int8["window_sized_bytes"] / fp32["window_sized_bytes"] <= 0.30
+    # per token and KV head: 256 int8 codes, a float32 scale and an int8 zero point; K and V
+    assert int8["bytes_per_token"] == 5 * 2 * 4 * (256 + 5) and fp32["bytes_per_token"] == 5 * 2 * 4 * 256 * 4
+    assert "per token" in format_report(report(cfg, 131_072, "int8"))

@@ -50,9 +50,13 @@ class Lowering:
     blocks: frozenset = frozenset({32, 64, 128})  # input columns per block scale
     asymmetric: frozenset = frozenset()  # code widths stored with float zero points (source codes)
     float_compute: frozenset = frozenset({"fp32"})  # the arithmetic an unquantized recipe can run in
+    kv_dtypes: frozenset = frozenset({"fp32"})  # what its attention kernels read the KV caches in
 
     def refusal(self, recipe) -> str | None:
         """Why this backend cannot lower `recipe` (a QuantRecipe), or None when it can."""
+        if recipe.kv_dtype not in self.kv_dtypes:
+            return (f"{recipe.kv_dtype} KV caches (this format's attention reads "
+                    f"{', '.join(sorted(self.kv_dtypes))} caches)")
         if recipe.is_float:
             if recipe.compute_dtype not in self.float_compute:
                 return (f"{recipe.compute_dtype} arithmetic (this format computes floats in "

@@ -29,6 +29,7 @@ import copy
 import gc
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +65,9 @@ IMAGE_CHUNK = "set_image_chunk"  # int32 [1]: 1 makes text_decoder's next chunks
 class PteBackend:
     name = "pte"
     # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
-    lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}))
+    # int8 caches: ExecuTorch's quantized cache kernels (per token and KV head, custom_quantized_sdpa)
+    lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}),
+                        kv_dtypes=frozenset({"fp32", "int8"}))
     runner = Runner("GEMMA_PTE_RUNNER",
                     "ExecuTorch's llama runner (llama_main, built from executorch/examples/models/llama\n"
                     "with XNNPACK, quantized and LLM custom kernels), run as\n"
@@ -333,13 +336,34 @@ def cache_shapes(model, chunk: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+class Int8Cache(NamedTuple):
+    """One int8 cache: codes [1, S, kv heads, head_dim], with a float32 scale and an int8 zero
+    point per slot and head ([1, S, kv heads, 1]), the layout ExecuTorch's quantized kernels read."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
 class _Cache(nn.Module):
     def __init__(self, model, chunk: int, images: bool = False):
         super().__init__()
-        for name, shape in zip(cache_names(model.cfg.num_layers), cache_shapes(model, chunk)):
-            self.register_buffer(name, torch.zeros(shape, dtype=model.dtype))
+        self.names = cache_names(model.cfg.num_layers)
+        self.int8 = model.kv_dtype == "int8"
+        for name, shape in zip(self.names, cache_shapes(model, chunk)):
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.int8 if self.int8 else model.dtype))
+            if self.int8:
+                self.register_buffer(f"{name}_scales", torch.ones(*shape[:-1], 1, dtype=torch.float32))
+                self.register_buffer(f"{name}_zeros", torch.zeros(*shape[:-1], 1, dtype=torch.int8))
         if images:  # 1 while text_decoder runs an image view (its tokens see each other), else 0
             self.register_buffer("image_chunk", torch.zeros(1, dtype=torch.int32))
+
+    def entries(self) -> list:
+        """The flat list [k0, v0, ...] the model passes to the attention kernel: tensors, or Int8Caches."""
+        if self.int8:
+            return [Int8Cache(getattr(self, n), getattr(self, f"{n}_scales"), getattr(self, f"{n}_zeros"))
+                    for n in self.names]
+        return [getattr(self, n) for n in self.names]
 
 
 class CacheOpsAttention:
@@ -382,6 +406,8 @@ class CacheOpsAttention:
         q = q.view(1, t, cfg.num_heads, cfg.head_dim)
         k = k.view(1, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(1, t, cfg.num_kv_heads, cfg.head_dim)
+        if isinstance(k_cache, Int8Cache):
+            return self._int8(q, k, v, k_cache, v_cache, is_global, scale)
         sdpa = torch.ops.llama.custom_sdpa
         if is_global:
             torch.ops.llama.update_cache(k, k_cache, self.start)
@@ -396,6 +422,43 @@ class CacheOpsAttention:
             torch.ops.llama.update_cache_with_indices(v, v_cache, 0, slots)
             out = sdpa(q, k_cache, v_cache, 0, mask, 0.0, False, scale)
         return out.reshape(1, t, cfg.q_dim), k_cache, v_cache
+
+    def _int8(self, q, k, v, k_cache: Int8Cache, v_cache: Int8Cache, is_global, scale):
+        """The same attention over int8 caches: the chunk's keys and values quantized per token and
+        head into the caches (codes, scales and zero points written at the same slots), the queries
+        likewise, and custom_quantized_sdpa reading the codes (model.int8_per_token in PyTorch)."""
+        q, q_scales, q_zeros = _int8_per_token(q)
+        if is_global:
+            for value, cache in ((k, k_cache), (v, v_cache)):
+                for part, buffer in zip(_int8_per_token(value), cache):
+                    torch.ops.llama.update_cache(part, buffer, self.start)
+            start, mask, causal = self.start, None, True
+        else:
+            slots, mask = self._ring(k_cache.codes.shape[1])
+            for value, cache in ((k, k_cache), (v, v_cache)):
+                for part, buffer in zip(_int8_per_token(value), cache):
+                    torch.ops.llama.update_cache_with_indices(part, buffer, 0, slots)
+            start, causal = 0, False
+
+        def sdpa(is_causal):
+            return torch.ops.llama.custom_quantized_sdpa(
+                q, k_cache.codes, v_cache.codes, start, mask, 0.0, is_causal, scale,
+                q_zeros, q_scales, k_cache.zeros, k_cache.scales, v_cache.zeros, v_cache.scales)
+
+        out = sdpa(causal)
+        if is_global and self.image is not None:  # an image view: every token sees the whole chunk
+            out = out + self.image.to(out.dtype) * (sdpa(False) - out)
+        return out.reshape(1, self.t, self.cfg.q_dim), k_cache, v_cache
+
+
+def _int8_per_token(x):
+    """(codes int8, scales float32, zero points int8) per row of x's last dimension."""
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401  registers quantized_decomposed
+
+    ops = torch.ops.quantized_decomposed
+    scales, zeros = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+    codes = ops.quantize_per_token(x, scales, zeros, -128, 127, torch.int8)
+    return codes, scales.to(torch.float32), zeros.to(torch.int8)
 
 
 class _Forward(nn.Module):
@@ -413,7 +476,7 @@ class _Forward(nn.Module):
         t = tokens.shape[1]
         tokens, pos = tokens.to(torch.int32), input_pos.to(torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
-        caches = [getattr(self.cache, n) for n in self.names]
+        caches = self.cache.entries()
         logits, _ = self.model.step(tokens, pos, length, caches, all_logits=self.all_logits,
                                     attention=CacheOpsAttention(self.model.cfg, input_pos, t))
         return logits
@@ -446,7 +509,7 @@ class _TextDecoder(nn.Module):
         t = embeddings.shape[1]
         pos = input_pos.to(torch.int32)
         length = torch.full((1,), t, dtype=torch.int32)
-        caches = [getattr(self.cache, n) for n in self.names]
+        caches = self.cache.entries()
         attention = CacheOpsAttention(self.model.cfg, input_pos, t, image=self.cache.image_chunk)
         logits, _ = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, attention=attention)
         self.cache.image_chunk.copy_(torch.zeros_like(self.cache.image_chunk))
@@ -495,6 +558,8 @@ class _Hidden(nn.Module):
 def _export_methods(model, job, progress, vision=None) -> tuple[dict, dict]:
     """torch.export of every method (non-strict: strict tracing copies every weight)."""
     require("executorch.extension.llm.custom_ops.custom_ops", "pte")  # the cache kernels' export forms
+    if model.kv_dtype == "int8":  # the out variants of the per-token quantize ops the int8 caches use
+        require("executorch.kernels.quantized", "pte")
     cache = _Cache(model, _chunk(model, job, vision), images=vision is not None)
     t = job.prefill_len
     chunk = torch.export.Dim("chunk", min=1, max=t)
@@ -705,6 +770,8 @@ class PteSession(BaseSession):
         runtime = require("executorch.runtime", "pte")
         require("executorch.extension.llm.custom_ops.custom_ops", "pte")  # registers the cache kernels
         pool = require("executorch.extension.pybindings.portable_lib", "pte")
+        if manifest.kv_dtype == "int8":  # the per-token quantize kernels the int8 caches are written with
+            require("executorch.kernels.quantized", "pte")
         # XNNPACK's kernels run on ExecuTorch's process-wide pool, which otherwise has one thread
         # per core whatever --threads says; a process runs one session at a time
         with quiet.native_info_lines():  # the pool's first use logs its cpu probing, a reset logs itself

@@ -161,7 +161,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x as an int8 KV cache holds it: asymmetric int8 codes with a scale and zero point per row of
+    the last dimension (per token and head), read back as floats. The same ops ExecuTorch's
+    quantized cache runs (torch's definitions of quantized_decomposed)."""
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401  registers quantized_decomposed
+
+    ops = torch.ops.quantized_decomposed
+    scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+    codes = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+    return ops.dequantize_per_token(codes, scale, zero, -128, 127, torch.int8, x.dtype)
+
+
 class Attention(nn.Module):
+    kv_dtype = "fp32"  # int8: queries, keys and values rounded as a runtime's int8 cache kernel does
+
     def __init__(self, cfg: Gemma3Config, layer: int):
         super().__init__()
         self.cfg = cfg
@@ -192,6 +206,8 @@ class Attention(nn.Module):
             flat = lambda y: y.transpose(1, 2).reshape(b, t, -1)  # noqa: E731
             out, new_k, new_v = kernel(flat(q), flat(k), flat(v), k_cache, v_cache, self.is_global, self.scale)
             return self.o_proj(out), new_k, new_v
+        if self.kv_dtype == "int8":  # the quantized kernel also rounds the queries per token and head
+            q, k, v = int8_per_token(q), int8_per_token(k), int8_per_token(v)
         keys = torch.cat((k_cache, k), dim=2)  # [b, kv, S+T, d]
         values = torch.cat((v_cache, v), dim=2)
         # Grouped-query attention by grouping query heads per KV head (no repeat of K/V):
@@ -256,6 +272,16 @@ class Gemma3(nn.Module):
             rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scaling),
             persistent=False,
         )
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.layers[0].self_attn.kv_dtype
+
+    def set_kv_dtype(self, kv_dtype: str) -> None:
+        """What the KV caches hold: "fp32", or "int8" (see int8_per_token); a runtime attention
+        kernel reads it to lay out its caches."""
+        for layer in self.layers:
+            layer.self_attn.kv_dtype = kv_dtype
 
     @property
     def dtype(self) -> torch.dtype:

@@ -26,6 +26,7 @@ ACTIVATIONS = ("float", "int8-dynamic", "int8-static", "int16-static")
 # unchanged (quant.source); a tensor that holds none is rounded to nearest with the rule's scheme.
 ALGORITHMS = ("rtn", "search", "gptq", "gptq-act", "source")
 GRANULARITIES = ("channel", "block")
+KV_DTYPES = ("fp32", "int8")  # what a recipe's KV caches hold
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ class QuantRecipe:
     mix: Mix | None = None
     # the float arithmetic of an unquantized recipe: fp16 is what NPUs compute floats in
     compute_dtype: str = "fp32"
+    # what the KV caches hold: int8 codes with a scale and zero point per token and KV head (the
+    # runtime's attention kernel quantizes queries, keys and values itself, rounding its own way)
+    kv_dtype: str = "fp32"
 
     def scheme_for(self, module_name: str) -> Scheme | None:
         for rule in self.rules:
@@ -145,6 +149,8 @@ class QuantRecipe:
             raise ConfigError(f"recipe {self.name!r}: a mix budget needs rounding rules to start from")
         if self.compute_dtype not in ("fp32", "fp16"):
             raise ConfigError(f"recipe {self.name!r}: compute_dtype must be fp32 or fp16, got {self.compute_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"recipe {self.name!r}: kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.compute_dtype != "fp32" and not self.is_float:
             raise ConfigError(f"recipe {self.name!r}: compute_dtype {self.compute_dtype} is for unquantized recipes")
 
@@ -156,7 +162,8 @@ class QuantRecipe:
     def runtime_quantizes_activations(self) -> bool:
         """Whether the runtime's kernels quantize activations themselves (int8-dynamic): they then
         round their own way, and artifacts are judged against fp32 relative to the recipe."""
-        return any(r.scheme is not None and r.scheme.activations == "int8-dynamic" for r in self.rules)
+        return self.kv_dtype == "int8" or any(
+            r.scheme is not None and r.scheme.activations == "int8-dynamic" for r in self.rules)
 
     @property
     def needs_calibration(self) -> bool:
@@ -177,6 +184,8 @@ class QuantRecipe:
             del d["mix"]
         if self.compute_dtype == "fp32":  # the default, left out as in manifests written before it
             del d["compute_dtype"]
+        if self.kv_dtype == "fp32":  # likewise
+            del d["kv_dtype"]
         return d
 
     @classmethod
@@ -193,6 +202,7 @@ class QuantRecipe:
                 description=d.get("description", ""),
                 smoothing=float(d.get("smoothing", 0.0)),
                 compute_dtype=d.get("compute_dtype", "fp32"),
+                kv_dtype=d.get("kv_dtype", "fp32"),
                 mix=None if d.get("mix") is None else Mix(
                     **{**d["mix"], "upgrade": Scheme(**d["mix"]["upgrade"])}),
             )
@@ -207,6 +217,8 @@ class QuantRecipe:
                  f"smoothing = {self.smoothing}"]
         if self.compute_dtype != "fp32":
             lines.append(f"compute_dtype = {json.dumps(self.compute_dtype)}")
+        if self.kv_dtype != "fp32":
+            lines.append(f"kv_dtype = {json.dumps(self.kv_dtype)}")
         lines.append("")
         lines.append("[calibration]")
         lines += [f"{k} = {v}" for k, v in asdict(self.calibration).items()]
@@ -313,6 +325,19 @@ PRESETS: dict[str, QuantRecipe] = {r.name: r for r in (
     _static("a8w8", "int8-static", "int8 weights per channel, static 8-bit activations (NPUs)"),
     _static("a16w4", "int16-static", "int4 weights per channel (GPTQ, act-order; table: int8), static 16-bit activations (NPUs)", 4),
 )}
+
+
+def with_kv_dtype(recipe: QuantRecipe, kv_dtype: str | None) -> QuantRecipe:
+    """The recipe with its KV caches in `kv_dtype` (None: as it is), named for it: int4-b32 with
+    int8 caches is "int4-b32+kv-int8" in the manifest and verify's report."""
+    if kv_dtype is None or kv_dtype == recipe.kv_dtype:
+        return recipe
+    base = recipe.name.removesuffix(f"+kv-{recipe.kv_dtype}")
+    note = "; KV caches int8 per token and head"
+    description = recipe.description.removesuffix(note)
+    if kv_dtype == "fp32":
+        return replace(recipe, kv_dtype=kv_dtype, name=base, description=description)
+    return replace(recipe, kv_dtype=kv_dtype, name=f"{base}+kv-{kv_dtype}", description=description + note)
 
 
 def resolve(ref) -> QuantRecipe:

@@ -1,5 +1,7 @@
 """The eager model against transformers on the tiny config, through prefill chunks and decode steps."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,29 @@ def test_the_fp16_npu_forms_change_no_output_and_are_undone(tiny):
     assert torch.allclose(scaled * RESIDUAL_SCALE, states, rtol=1e-4, atol=1e-5)
     assert torch.allclose(forms, before, rtol=1e-4, atol=1e-5) and not torch.equal(forms, before)
     assert torch.equal(after, before) and [m.eps for m in tiny.modules() if hasattr(m, "eps")] == eps
+
+
+def test_int8_kv_caches_round_per_token_and_head(tiny):
+    """int8_per_token keeps every row within half a step of its own range; set_kv_dtype applies it
+    to queries, keys and values in every layer, and "fp32" restores the model exactly."""
+    from gemma_export.gemma3.model import int8_per_token
+
+    x = torch.randn(1, 4, 7, 32) * torch.logspace(-3, 2, 7)[None, None, :, None]  # rows of very different ranges
+    step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
+    err = (int8_per_token(x) - x).abs()
+    assert (err <= step / 2 + 1e-6 * step).all() and err.max() > 0
+    m = copy.deepcopy(tiny)
+    ids = torch.tensor([list(range(100, 116))], dtype=torch.int32)
+    args = (torch.zeros(1, dtype=torch.int32), torch.tensor([16], dtype=torch.int32))
+
+    def logits():
+        with torch.no_grad():
+            return m.step(ids, *args, m.new_cache())[0]
+
+    fp32 = logits()
+    m.set_kv_dtype("int8")
+    assert m.kv_dtype == "int8" and all(layer.self_attn.kv_dtype == "int8" for layer in m.layers)
+    int8 = logits()
+    assert 0 < (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()
+    m.set_kv_dtype("fp32")
+    assert torch.equal(logits(), fp32)

@@ -71,3 +71,20 @@ def test_compute_dtype_is_for_float_recipes_and_is_validated():
         QuantRecipe("h", compute_dtype="bf16")
     with pytest.raises(ConfigError, match="compute_dtype fp16 is for unquantized recipes"):
         QuantRecipe("h", (Rule("layers.*", Scheme(8)),), compute_dtype="fp16")
+
+
+def test_kv_dtype_names_the_recipe_round_trips_and_is_judged_relative(tmp_path):
+    from gemma_export.quant.recipes import with_kv_dtype
+
+    r = with_kv_dtype(PRESETS["int4-b32-rtn"], "int8")
+    assert (r.name, r.kv_dtype, r.rules) == ("int4-b32-rtn+kv-int8", "int8", PRESETS["int4-b32-rtn"].rules)
+    assert with_kv_dtype(r, "fp32") == PRESETS["int4-b32-rtn"] and with_kv_dtype(r, None) is r
+    assert "kv_dtype" not in PRESETS["fp32"].to_dict()  # manifests written before it stay as they were
+    path = tmp_path / "kv.toml"
+    path.write_text(r.to_toml())
+    assert resolve(str(path)) == r and QuantRecipe.from_dict(r.to_dict()) == r
+    # the runtime's kernel rounds keys and values its own way: judged against fp32, like int8-dynamic
+    kv8 = with_kv_dtype(PRESETS["fp32"], "int8")
+    assert kv8.is_float and kv8.runtime_quantizes_activations
+    with pytest.raises(ConfigError, match="kv_dtype must be one of fp32, int8, got 'int4'"):
+        QuantRecipe("k", kv_dtype="int4")
