@@ -9,6 +9,7 @@ per position and its ratio to the first position's. Each artifact is measured in
   python -m benchmarks.context [--formats onnx,tflite,pte] [--recipe int4-b32-rtn]
                                [--artifact DIR --label NAME]...   # also measure an existing artifact
                                [--reuse]                          # keep artifacts already exported
+                               [--kv-dtypes fp32,int8]            # each format with each cache dtype
 
 `--artifact` measures a folder exported elsewhere (for instance by an earlier commit, to compare
 designs in the same run on the same machine); its label names it in the results.
@@ -60,19 +61,22 @@ def measure(folder: Path, positions, tokens: int, threads: int) -> dict:
     return {"max_context": s.info.max_context, "prefill_len": s.info.prefill_len, "positions": rows}
 
 
-def bench(formats, recipe: str, artifacts: list[tuple[str, str]], tokens: int, threads: int, reuse: bool) -> list[dict]:
+def bench(formats, recipe: str, artifacts: list[tuple[str, str]], tokens: int, threads: int, reuse: bool,
+          kv_dtypes=("fp32",)) -> list[dict]:
     todo = []
     for fmt in formats:
-        out = OUT / f"context-270m-{fmt}-{tag(recipe)}"
-        if not (reuse and (out / "manifest.json").is_file()):
-            cmd = [*GE, "export", "gemma3-270m", "--format", fmt, "--out", str(out), "--force", "--recipe", recipe,
-                   "--max-context", str(CONTEXT), "--no-debug-outputs"]
-            print(f"export 270m {fmt} {tag(recipe)} at context {CONTEXT} ...", flush=True)
-            run = run_measured(cmd, OUT / f"context-export-{fmt}-{tag(recipe)}.log")
-            print(f"  {run}", flush=True)
-            if run["exit_code"] != 0:
-                raise SystemExit(f"export failed: see {run['log']}")
-        todo.append((fmt, str(out)))
+        for kv in kv_dtypes:
+            label = fmt if kv == "fp32" else f"{fmt}-kv-{kv}"
+            out = OUT / f"context-270m-{fmt}-{tag(recipe)}{'' if kv == 'fp32' else f'-kv-{kv}'}"
+            if not (reuse and (out / "manifest.json").is_file()):
+                cmd = [*GE, "export", "gemma3-270m", "--format", fmt, "--out", str(out), "--force", "--recipe", recipe,
+                       "--max-context", str(CONTEXT), "--no-debug-outputs", "--kv-dtype", kv]
+                print(f"export 270m {label} {tag(recipe)} at context {CONTEXT} ...", flush=True)
+                run = run_measured(cmd, OUT / f"context-export-{label}-{tag(recipe)}.log")
+                print(f"  {run}", flush=True)
+                if run["exit_code"] != 0:
+                    raise SystemExit(f"export failed: see {run['log']}")
+            todo.append((label, str(out)))
     rows = []
     for label, folder in todo + artifacts:
         manifest = json.loads((Path(folder) / "manifest.json").read_text())
@@ -104,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--kv-dtypes", default="fp32", help="export each format with each (fp32,int8: side by side)")
     ap.add_argument("--measure")
     args = ap.parse_args(argv)
     if args.measure:
@@ -113,8 +118,9 @@ def main(argv=None):
         raise SystemExit("give one --label per --artifact")
     OUT.mkdir(parents=True, exist_ok=True)
     formats = [f for f in args.formats.split(",") if f]
-    rows = bench(formats, args.recipe, list(zip(args.label, args.artifact)), args.tokens, args.threads, args.reuse)
-    write(f"context-270m-{tag(args.recipe)}", rows)
+    kvs = [k for k in args.kv_dtypes.split(",") if k]
+    rows = bench(formats, args.recipe, list(zip(args.label, args.artifact)), args.tokens, args.threads, args.reuse, kvs)
+    write(f"context-270m-{tag(args.recipe)}" + ("" if kvs == ["fp32"] else "-kv-" + "-".join(kvs)), rows)
 
 
 if __name__ == "__main__":
