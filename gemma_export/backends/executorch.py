@@ -185,34 +185,46 @@ BACKEND = PteBackend()
 def stock_multimodal(folder: Path, manifest: Manifest, ids, pixels: np.ndarray, max_new_tokens: int) -> Stock:
     """Greedy text from ExecuTorch's own MultimodalRunner on an image prompt: the prompt's token
     runs and its views (pixels [views, 3, S, S], one per run of image tokens) as its inputs. The
-    runner knows no image views: their tokens attend causally there."""
+    runner knows no image views: their tokens attend causally there. It runs in a fresh process,
+    as `stock_generate` does (the same crash after onnxruntime's QNN execution provider)."""
+    import multiprocessing
+
     folder = Path(folder)
-    require("executorch.kernels.quantized", "pte")
-    require("executorch.extension.llm.custom_ops.custom_ops", "pte")
-    llm = require("executorch.extension.llm.runner", "pte")
     image = manifest.images["vision"]["image_token_id"]
-    inputs, run, view = [], [], 0
+    segments, run, view = [], [], 0  # ("tokens", ids) and ("image", pixels [3, S, S]) in prompt order
     for i, t in enumerate(ids):
         if t != image:
             run.append(int(t))
         elif i == 0 or ids[i - 1] != image:  # a view starts
             if run:
-                inputs.append(llm.make_token_input(run))
+                segments.append(("tokens", run))
                 run = []
-            inputs.append(llm.make_image_input(torch.from_numpy(np.ascontiguousarray(pixels[view]))))
+            segments.append(("image", np.ascontiguousarray(pixels[view])))
             view += 1
     if run:
-        inputs.append(llm.make_token_input(run))
+        segments.append(("tokens", run))
     prog = manifest.program
-    with quiet.native_info_lines():
-        runner = llm.MultimodalRunner(str(folder / prog["file"]), str(folder / manifest.tokenizer.file),
-                                      str(folder / prog["external_data"]))
-    pieces: list[str] = []
-    runner.generate(inputs, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
-                                                 num_bos=0, num_eos=0), pieces.append)
+    files = (str(folder / prog["file"]), str(folder / manifest.tokenizer.file), str(folder / prog["external_data"]))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pieces = pool.apply(_runner_multimodal, (files, segments, max_new_tokens))
     if pieces and pieces[-1] in manifest.tokenizer.stop:
         pieces.pop()
     return Stock("".join(pieces))
+
+
+def _runner_multimodal(files: tuple[str, str, str], segments: list, max_new_tokens: int) -> list[str]:
+    """MultimodalRunner's streamed pieces for a greedy run (`stock_multimodal`'s child process)."""
+    require("executorch.kernels.quantized", "pte")
+    require("executorch.extension.llm.custom_ops.custom_ops", "pte")
+    llm = require("executorch.extension.llm.runner", "pte")
+    inputs = [llm.make_token_input(value) if kind == "tokens" else llm.make_image_input(torch.from_numpy(value))
+              for kind, value in segments]
+    with quiet.native_info_lines():
+        runner = llm.MultimodalRunner(*files)
+    pieces: list[str] = []
+    runner.generate(inputs, llm.GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                 num_bos=0, num_eos=0), pieces.append)
+    return pieces
 
 
 # ----------------------------------------------------------------------------------------------
