@@ -220,7 +220,7 @@ def models(as_json):
 @cli.command()
 @click.argument("model")
 @click.option("--context", type=int, default=None, help="Context length for the KV cache figures (default: model max).")
-@click.option("--kv-dtype", type=click.Choice(["fp32", "float32", "bfloat16", "float16", "int8"]), default="float32",
+@click.option("--kv-dtype", type=click.Choice(["fp32", "fp16", "float32", "bfloat16", "float16", "int8"]), default="float32",
               show_default=True, help="The caches' dtype for the KV figures (int8: with export --kv-dtype int8's "
                                       "scale and zero point per token and head).")
 @click.option("--recipe", default=None,
@@ -234,7 +234,7 @@ def inspect(model, context, kv_dtype, recipe, mmproj, as_json):
     """Print a model's config, parameter counts and memory figures (no weights are loaded)."""
     from . import api
 
-    r = api.inspect(model, context, "float32" if kv_dtype == "fp32" else kv_dtype, recipe, mmproj)
+    r = api.inspect(model, context, {"fp32": "float32", "fp16": "float16"}.get(kv_dtype, kv_dtype), recipe, mmproj)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
@@ -284,10 +284,10 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
-@click.option("--kv-dtype", type=click.Choice(["fp32", "int8"]), default=None,
-              help="What the KV caches hold, replacing the recipe's (default fp32): int8 is codes with a scale "
-                   "and zero point per token and KV head, about a quarter of fp32's memory (pte). Recorded in "
-                   "the recipe (named RECIPE+kv-int8) and judged by verify.")
+@click.option("--kv-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="What the KV caches hold, replacing the recipe's (default fp32): fp16, half of fp32's "
+                   "memory, or int8, codes with a scale and zero point per token and KV head, about a quarter "
+                   "(pte). Recorded in the recipe (named RECIPE+kv-fp16 / +kv-int8) and judged by verify.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder, and export even when the machine "
                                             "has less memory available than the export's estimate of its peak.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,

@@ -65,9 +65,9 @@ IMAGE_CHUNK = "set_image_chunk"  # int32 [1]: 1 makes text_decoder's next chunks
 class PteBackend:
     name = "pte"
     # XNNPACK delegates integer weights only with its own dynamic int8 activations: qc8w / qb4w
-    # int8 caches: ExecuTorch's quantized cache kernels (per token and KV head, custom_quantized_sdpa)
+    # fp16 caches: the same kernels on fp16; int8: ExecuTorch's quantized ones (per token and KV head)
     lowering = Lowering(frozenset({(8, "channel"), (4, "block")}), frozenset({"int8-dynamic"}),
-                        kv_dtypes=frozenset({"fp32", "int8"}))
+                        kv_dtypes=frozenset({"fp32", "fp16", "int8"}))
     runner = Runner("GEMMA_PTE_RUNNER",
                     "ExecuTorch's llama runner (llama_main, built from executorch/examples/models/llama\n"
                     "with XNNPACK, quantized and LLM custom kernels), run as\n"
@@ -362,8 +362,9 @@ class _Cache(nn.Module):
         super().__init__()
         self.names = cache_names(model.cfg.num_layers)
         self.int8 = model.kv_dtype == "int8"
+        dtype = {"int8": torch.int8, "fp16": torch.float16}.get(model.kv_dtype, model.dtype)
         for name, shape in zip(self.names, cache_shapes(model, chunk)):
-            self.register_buffer(name, torch.zeros(shape, dtype=torch.int8 if self.int8 else model.dtype))
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
             if self.int8:
                 self.register_buffer(f"{name}_scales", torch.ones(*shape[:-1], 1, dtype=torch.float32))
                 self.register_buffer(f"{name}_zeros", torch.zeros(*shape[:-1], 1, dtype=torch.int8))
@@ -420,6 +421,10 @@ class CacheOpsAttention:
         v = v.view(1, t, cfg.num_kv_heads, cfg.head_dim)
         if isinstance(k_cache, Int8Cache):
             return self._int8(q, k, v, k_cache, v_cache, is_global, scale)
+        if k_cache.dtype != q.dtype:  # fp16 caches: the kernels run on fp16 queries, keys and values
+            out, k_cache, v_cache = self(q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype),
+                                         k_cache, v_cache, is_global, scale)
+            return out.to(q.dtype), k_cache, v_cache
         sdpa = torch.ops.llama.custom_sdpa
         if is_global:
             torch.ops.llama.update_cache(k, k_cache, self.start)

@@ -174,7 +174,7 @@ def int8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    kv_dtype = "fp32"  # int8: queries, keys and values rounded as a runtime's int8 cache kernel does
+    kv_dtype = "fp32"  # fp16 / int8: queries, keys and values rounded as the runtime's cache kernel does
 
     def __init__(self, cfg: Gemma3Config, layer: int):
         super().__init__()
@@ -208,6 +208,9 @@ class Attention(nn.Module):
             return self.o_proj(out), new_k, new_v
         if self.kv_dtype == "int8":  # the quantized kernel also rounds the queries per token and head
             q, k, v = int8_per_token(q), int8_per_token(k), int8_per_token(v)
+        elif self.kv_dtype == "fp16":  # the kernel takes fp16 queries beside fp16 caches (its arithmetic in
+            # fp16 is its own: the rounding of the inputs is what the reference can share)
+            q, k, v = (y.to(torch.float16).to(y.dtype) for y in (q, k, v))
         keys = torch.cat((k_cache, k), dim=2)  # [b, kv, S+T, d]
         values = torch.cat((v_cache, v), dim=2)
         # Grouped-query attention by grouping query heads per KV head (no repeat of K/V):
@@ -278,8 +281,8 @@ class Gemma3(nn.Module):
         return self.layers[0].self_attn.kv_dtype
 
     def set_kv_dtype(self, kv_dtype: str) -> None:
-        """What the KV caches hold: "fp32", or "int8" (see int8_per_token); a runtime attention
-        kernel reads it to lay out its caches."""
+        """What the KV caches hold: "fp32", "fp16", or "int8" (see int8_per_token); a runtime
+        attention kernel reads it to lay out its caches."""
         for layer in self.layers:
             layer.self_attn.kv_dtype = kv_dtype
 

@@ -26,7 +26,7 @@ ACTIVATIONS = ("float", "int8-dynamic", "int8-static", "int16-static")
 # unchanged (quant.source); a tensor that holds none is rounded to nearest with the rule's scheme.
 ALGORITHMS = ("rtn", "search", "gptq", "gptq-act", "source")
 GRANULARITIES = ("channel", "block")
-KV_DTYPES = ("fp32", "int8")  # what a recipe's KV caches hold
+KV_DTYPES = ("fp32", "fp16", "int8")  # what a recipe's KV caches hold
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ class QuantRecipe:
     mix: Mix | None = None
     # the float arithmetic of an unquantized recipe: fp16 is what NPUs compute floats in
     compute_dtype: str = "fp32"
-    # what the KV caches hold: int8 codes with a scale and zero point per token and KV head (the
-    # runtime's attention kernel quantizes queries, keys and values itself, rounding its own way)
+    # what the KV caches hold: fp16, or int8 codes with a scale and zero point per token and KV head
+    # (the runtime's attention kernel then rounds queries, keys and values itself, its own way)
     kv_dtype: str = "fp32"
 
     def scheme_for(self, module_name: str) -> Scheme | None:
@@ -162,7 +162,7 @@ class QuantRecipe:
     def runtime_quantizes_activations(self) -> bool:
         """Whether the runtime's kernels quantize activations themselves (int8-dynamic): they then
         round their own way, and artifacts are judged against fp32 relative to the recipe."""
-        return self.kv_dtype == "int8" or any(
+        return self.kv_dtype != "fp32" or any(
             r.scheme is not None and r.scheme.activations == "int8-dynamic" for r in self.rules)
 
     @property
@@ -333,11 +333,13 @@ def with_kv_dtype(recipe: QuantRecipe, kv_dtype: str | None) -> QuantRecipe:
     if kv_dtype is None or kv_dtype == recipe.kv_dtype:
         return recipe
     base = recipe.name.removesuffix(f"+kv-{recipe.kv_dtype}")
-    note = "; KV caches int8 per token and head"
-    description = recipe.description.removesuffix(note)
+    description = recipe.description.removesuffix(_KV_NOTES.get(recipe.kv_dtype, ""))
     if kv_dtype == "fp32":
         return replace(recipe, kv_dtype=kv_dtype, name=base, description=description)
-    return replace(recipe, kv_dtype=kv_dtype, name=f"{base}+kv-{kv_dtype}", description=description + note)
+    return replace(recipe, kv_dtype=kv_dtype, name=f"{base}+kv-{kv_dtype}", description=description + _KV_NOTES[kv_dtype])
+
+
+_KV_NOTES = {"fp16": "; KV caches fp16", "int8": "; KV caches int8 per token and head"}
 
 
 def resolve(ref) -> QuantRecipe:

@@ -86,5 +86,5 @@ def test_kv_dtype_names_the_recipe_round_trips_and_is_judged_relative(tmp_path):
     # the runtime's kernel rounds keys and values its own way: judged against fp32, like int8-dynamic
     kv8 = with_kv_dtype(PRESETS["fp32"], "int8")
     assert kv8.is_float and kv8.runtime_quantizes_activations
-    with pytest.raises(ConfigError, match="kv_dtype must be one of fp32, int8, got 'int4'"):
+    with pytest.raises(ConfigError, match="kv_dtype must be one of fp32, fp16, int8, got 'int4'"):
         QuantRecipe("k", kv_dtype="int4")
