@@ -51,7 +51,7 @@ bench: install
 	$(PY) -m benchmarks.vision_export --model gemma3-4b
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
-	$(PY) -m benchmarks.context --formats pte --kv-dtypes fp32,int8
+	$(PY) -m benchmarks.context --formats pte --kv-dtypes fp32,fp16,int8
 	$(PY) -m benchmarks.profile
 	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes fp16,a16w8,a16w4
 	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-fp16
