@@ -40,7 +40,7 @@ from .. import quiet
 from ..artifact import Manifest, versions
 from ..errors import ArtifactError, UnsupportedError
 from ..gemma3 import family
-from ..gemma3.model import NEG_INF, plain_forms
+from ..gemma3.model import NEG_INF, int8_codes_per_token, plain_forms
 from ..quant.algorithms import qrange
 from ..quant.modules import QEmbedding, QLinear, TiedQHead
 from ..quant.packing import pack_int4, unpack_int4
@@ -156,15 +156,28 @@ class PteBackend:
         """Greedy text from ExecuTorch's own LLM runner (`TextLLMRunner`, the engine of llama_main),
         run in a fresh process: in a process that has loaded onnxruntime's QNN execution provider
         (a qnn artifact verified first, say) the runner dies of a segmentation fault."""
-        import multiprocessing
+        return _stock_text(manifest, _in_fresh_process(_runner_text, _runner_files(folder, manifest),
+                                                       text, max_new_tokens))
 
-        folder, prog = Path(folder), manifest.program
-        files = (str(folder / prog["file"]), str(folder / manifest.tokenizer.file), str(folder / prog["external_data"]))
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            pieces = pool.apply(_runner_text, (files, text, max_new_tokens))
-        if pieces and pieces[-1] in manifest.tokenizer.stop:  # it streams the stop token, then stops
-            pieces.pop()
-        return Stock("".join(pieces))  # the runner streams text only
+
+def _runner_files(folder, manifest: Manifest) -> tuple[str, str, str]:
+    folder, prog = Path(folder), manifest.program
+    return str(folder / prog["file"]), str(folder / manifest.tokenizer.file), str(folder / prog["external_data"])
+
+
+def _in_fresh_process(fn, *args):
+    """fn(*args) in a spawned process: ExecuTorch's LLM runners die of a segmentation fault in a
+    process that has loaded onnxruntime's QNN execution provider."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _stock_text(manifest: Manifest, pieces: list[str]) -> Stock:
+    if pieces and pieces[-1] in manifest.tokenizer.stop:  # a runner streams the stop token, then stops
+        pieces.pop()
+    return Stock("".join(pieces))  # the runners stream text only
 
 
 def _runner_text(files: tuple[str, str, str], text: str, max_new_tokens: int) -> list[str]:
@@ -186,10 +199,7 @@ def stock_multimodal(folder: Path, manifest: Manifest, ids, pixels: np.ndarray, 
     """Greedy text from ExecuTorch's own MultimodalRunner on an image prompt: the prompt's token
     runs and its views (pixels [views, 3, S, S], one per run of image tokens) as its inputs. The
     runner knows no image views: their tokens attend causally there. It runs in a fresh process,
-    as `stock_generate` does (the same crash after onnxruntime's QNN execution provider)."""
-    import multiprocessing
-
-    folder = Path(folder)
+    as `stock_generate` does."""
     image = manifest.images["vision"]["image_token_id"]
     segments, run, view = [], [], 0  # ("tokens", ids) and ("image", pixels [3, S, S]) in prompt order
     for i, t in enumerate(ids):
@@ -203,13 +213,8 @@ def stock_multimodal(folder: Path, manifest: Manifest, ids, pixels: np.ndarray, 
             view += 1
     if run:
         segments.append(("tokens", run))
-    prog = manifest.program
-    files = (str(folder / prog["file"]), str(folder / manifest.tokenizer.file), str(folder / prog["external_data"]))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pieces = pool.apply(_runner_multimodal, (files, segments, max_new_tokens))
-    if pieces and pieces[-1] in manifest.tokenizer.stop:
-        pieces.pop()
-    return Stock("".join(pieces))
+    return _stock_text(manifest, _in_fresh_process(_runner_multimodal, _runner_files(folder, manifest),
+                                                   segments, max_new_tokens))
 
 
 def _runner_multimodal(files: tuple[str, str, str], segments: list, max_new_tokens: int) -> list[str]:
@@ -469,12 +474,9 @@ class CacheOpsAttention:
 
 
 def _int8_per_token(x):
-    """(codes int8, scales float32, zero points int8) per row of x's last dimension."""
-    from torch.ao.quantization.fx import _decomposed  # noqa: F401  registers quantized_decomposed
-
-    ops = torch.ops.quantized_decomposed
-    scales, zeros = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
-    codes = ops.quantize_per_token(x, scales, zeros, -128, 127, torch.int8)
+    """(codes int8, scales float32, zero points int8) per row of x's last dimension, as the
+    quantized kernels take them."""
+    codes, scales, zeros = int8_codes_per_token(x)
     return codes, scales.to(torch.float32), zeros.to(torch.int8)
 
 

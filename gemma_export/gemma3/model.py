@@ -161,16 +161,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """x as an int8 KV cache holds it: asymmetric int8 codes with a scale and zero point per row of
-    the last dimension (per token and head), read back as floats. The same ops ExecuTorch's
-    quantized cache runs (torch's definitions of quantized_decomposed)."""
+def int8_codes_per_token(x: torch.Tensor):
+    """(codes, scale, zero point) of asymmetric int8 per row of x's last dimension (per token and
+    head): the ops ExecuTorch's quantized cache runs (torch's definitions of quantized_decomposed)."""
     from torch.ao.quantization.fx import _decomposed  # noqa: F401  registers quantized_decomposed
 
     ops = torch.ops.quantized_decomposed
     scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
-    codes = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
-    return ops.dequantize_per_token(codes, scale, zero, -128, 127, torch.int8, x.dtype)
+    return ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8), scale, zero
+
+
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x as an int8 KV cache holds it (int8_codes_per_token), read back as floats."""
+    codes, scale, zero = int8_codes_per_token(x)
+    return torch.ops.quantized_decomposed.dequantize_per_token(codes, scale, zero, -128, 127, torch.int8, x.dtype)
 
 
 class Attention(nn.Module):
