@@ -9,6 +9,8 @@ those packages load (the CLI calls `silence()` first; library users keep their o
 - torch.onnx lists the torchvision ops it skips (torchvision is not a dependency) and says it will
   not rename dynamic axes (we name every input and output ourselves).
 - The QNN HTP library prints a notice to stdout as it loads (see native_stdout).
+- ExecuTorch's cache kernels call torch's deprecated `_check_is_size` while tracing, and torch
+  warns about it at every cache write (dozens of lines per pte export).
 - ExecuTorch warns that a mutated buffer's initial value is not kept unless a pass keeps it: the
   KV cache is kept initialised by exactly that pass (backends/executorch.py).
 """
@@ -33,6 +35,7 @@ def silence() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"# ONNX model has different number of inputs than the flatten")
     warnings.filterwarnings("ignore", message=r"Mutation on a buffer in the model is detected")
+    warnings.filterwarnings("ignore", message=r"_check_is_size will be removed", category=FutureWarning)
 
 
 @contextlib.contextmanager
