@@ -52,6 +52,8 @@ bench: install
 	$(PY) -m benchmarks.image_parity
 	$(PY) -m benchmarks.context
 	$(PY) -m benchmarks.context --formats pte --kv-dtypes fp32,fp16,int8
+	$(PY) -m benchmarks.profile --formats pte --artifact out/bench/context-270m-pte-int4-b32-rtn --position 1024 --label kv-fp32-pos1024
+	$(PY) -m benchmarks.profile --formats pte --artifact out/bench/context-270m-pte-int4-b32-rtn-kv-int8 --position 1024 --label kv-int8-global-pos1024
 	$(PY) -m benchmarks.profile
 	$(PY) -m benchmarks.run --only export --models 270m --formats qnn --recipes fp16,a16w8,a16w4
 	$(PY) -m benchmarks.npu --artifact out/bench/270m-qnn-fp16

@@ -13,7 +13,7 @@ share of their wall time.
 
 Usage: python -m benchmarks.profile [--recipe int4-b32-rtn] [--formats onnx,tflite,pte] [--position 128]
 Artifacts are those of `benchmarks.run` (out/bench/270m-FORMAT-RECIPE), or --artifact DIR.
-Results: benchmarks/results/profile-270m-RECIPE.json.
+Results: benchmarks/results/profile-270m-RECIPE[-LABEL].json.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--position", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label", default="", help="suffix of the results file (profile-270m-RECIPE-LABEL.json)")
     args = ap.parse_args(argv)
     rows = []
     for fmt in args.formats.split(","):
@@ -151,10 +152,11 @@ def main(argv=None):
         if fmt not in PROFILERS:
             rows.append({"format": fmt, "recipe": args.recipe, "unsupported": UNPROFILED.get(fmt, "no profiler")})
             continue
-        row = measure(fmt, folder, args.position, args.steps, args.threads) | {"recipe": args.recipe}
+        row = measure(fmt, folder, args.position, args.steps, args.threads) | {
+            "recipe": args.recipe, "kv_dtype": read_manifest(folder).kv_dtype}
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
-    write(f"profile-270m-{tag(args.recipe)}", rows)
+    write(f"profile-270m-{tag(args.recipe)}" + (f"-{args.label}" if args.label else ""), rows)
 
 
 if __name__ == "__main__":

@@ -221,8 +221,9 @@ def models(as_json):
 @click.argument("model")
 @click.option("--context", type=int, default=None, help="Context length for the KV cache figures (default: model max).")
 @click.option("--kv-dtype", type=click.Choice(["fp32", "fp16", "float32", "bfloat16", "float16", "int8"]), default="float32",
-              show_default=True, help="The caches' dtype for the KV figures (int8: with export --kv-dtype int8's "
-                                      "scale and zero point per token and head).")
+              show_default=True, help="The global layers' cache dtype for the KV figures, as export --kv-dtype "
+                                      "lays them out (local rings stay float32; int8 with its scale and zero "
+                                      "point per token and head).")
 @click.option("--recipe", default=None,
               help="Also list each weight's quantization type in the checkpoint and what this recipe (and "
                    "each format) does with it, e.g. --recipe source.")
@@ -285,9 +286,10 @@ def generate(model, prompt, chat, max_new_tokens, temperature, top_k, seed, imag
               help="Artifact folder to create (several formats: a build folder holding OUT/FORMAT).")
 @click.option("--recipe", default="fp32", show_default=True, help="Quantization recipe (preset name or .toml file).")
 @click.option("--kv-dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="What the KV caches hold, replacing the recipe's (default fp32): fp16, half of fp32's "
-                   "memory, or int8, codes with a scale and zero point per token and KV head, about a quarter "
-                   "(pte). Recorded in the recipe (named RECIPE+kv-fp16 / +kv-int8) and judged by verify.")
+              help="What the global layers' KV caches hold, replacing the recipe's (default fp32): fp16, half "
+                   "of fp32's memory, or int8, codes with a scale and zero point per token and KV head, about a "
+                   "quarter (pte). Local layers' window-sized rings stay fp32. Recorded in the recipe (named "
+                   "RECIPE+kv-fp16 / +kv-int8) and judged by verify.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder, and export even when the machine "
                                             "has less memory available than the export's estimate of its peak.")
 @click.option("--debug-outputs/--no-debug-outputs", default=True, show_default=True,

@@ -18,11 +18,12 @@ def kv_bytes_per_position(cfg: Gemma3Config, dtype: str = "float32") -> float:
 
 
 def kv_cache_bytes(cfg: Gemma3Config, context: int, window_sized: bool, dtype: str = "float32") -> int:
-    per_pos = kv_bytes_per_position(cfg, dtype)
+    """`dtype` is what the global layers' caches hold; local layers' rings stay float32 (as
+    `export --kv-dtype` lays them out: Gemma3.set_kv_dtype)."""
     total = 0
     for i in range(cfg.num_layers):
         length = cfg.cache_len(i, context) if window_sized else context
-        total += length * per_pos
+        total += length * kv_bytes_per_position(cfg, dtype if cfg.is_global(i) else "float32")
     return int(total)
 
 
@@ -57,7 +58,8 @@ def report(cfg: Gemma3Config, context: int, kv_dtype: str = "float32") -> dict:
             "window_over_full": window / full,
             # what one more token of conversation adds once every local ring is full (global layers)
             "bytes_per_token": int(n_global * kv_bytes_per_position(cfg, kv_dtype)),
-            "bytes_per_token_all_layers": int(cfg.num_layers * kv_bytes_per_position(cfg, kv_dtype)),
+            "bytes_per_token_all_layers": int(n_global * kv_bytes_per_position(cfg, kv_dtype)
+                                              + (cfg.num_layers - n_global) * kv_bytes_per_position(cfg)),
         },
     }
 
@@ -85,7 +87,7 @@ def format_report(r: dict) -> str:
     for dtype, n in r["weight_bytes"].items():
         lines.append(f"  {dtype:<14} {_mb(n):>15}")
     lines += [
-        f"KV cache at context {kv['context']:,} ({kv['dtype']})",
+        f"KV cache at context {kv['context']:,} ({kv['dtype']}{'' if kv['dtype'] == 'float32' else ' on global layers, local rings float32'})",
         f"  window-sized   {_mb(kv['window_sized_bytes']):>15}",
         f"  full-length    {_mb(kv['full_length_bytes']):>15}",
         f"  ratio          {kv['window_over_full']:>15.1%}",

@@ -366,11 +366,13 @@ class _Cache(nn.Module):
     def __init__(self, model, chunk: int, images: bool = False):
         super().__init__()
         self.names = cache_names(model.cfg.num_layers)
-        self.int8 = model.kv_dtype == "int8"
-        dtype = {"int8": torch.int8, "fp16": torch.float16}.get(model.kv_dtype, model.dtype)
-        for name, shape in zip(self.names, cache_shapes(model, chunk)):
+        # each layer's caches in what its attention reads (Gemma3.set_kv_dtype: local rings stay fp32)
+        kinds = [layer.self_attn.kv_dtype for layer in model.layers for _ in range(2)]
+        self.int8 = {name for name, kind in zip(self.names, kinds) if kind == "int8"}
+        for name, shape, kind in zip(self.names, cache_shapes(model, chunk), kinds):
+            dtype = {"int8": torch.int8, "fp16": torch.float16}.get(kind, model.dtype)
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
-            if self.int8:
+            if name in self.int8:
                 self.register_buffer(f"{name}_scales", torch.ones(*shape[:-1], 1, dtype=torch.float32))
                 self.register_buffer(f"{name}_zeros", torch.zeros(*shape[:-1], 1, dtype=torch.int8))
         if images:  # 1 while text_decoder runs an image view (its tokens see each other), else 0
@@ -378,10 +380,8 @@ class _Cache(nn.Module):
 
     def entries(self) -> list:
         """The flat list [k0, v0, ...] the model passes to the attention kernel: tensors, or Int8Caches."""
-        if self.int8:
-            return [Int8Cache(getattr(self, n), getattr(self, f"{n}_scales"), getattr(self, f"{n}_zeros"))
-                    for n in self.names]
-        return [getattr(self, n) for n in self.names]
+        return [Int8Cache(getattr(self, n), getattr(self, f"{n}_scales"), getattr(self, f"{n}_zeros"))
+                if n in self.int8 else getattr(self, n) for n in self.names]
 
 
 class CacheOpsAttention:

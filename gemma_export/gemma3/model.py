@@ -282,13 +282,17 @@ class Gemma3(nn.Module):
 
     @property
     def kv_dtype(self) -> str:
-        return self.layers[0].self_attn.kv_dtype
+        """What the global layers' KV caches hold (local layers' rings stay fp32: see set_kv_dtype)."""
+        return next((layer.self_attn.kv_dtype for layer in self.layers if layer.self_attn.is_global), "fp32")
 
     def set_kv_dtype(self, kv_dtype: str) -> None:
-        """What the KV caches hold: "fp32", "fp16", or "int8" (see int8_per_token); a runtime
-        attention kernel reads it to lay out its caches."""
+        """What the global layers' KV caches hold: "fp32", "fp16", or "int8" (see int8_per_token); a
+        runtime attention kernel reads it per layer to lay out its caches. Local layers keep fp32
+        rings: they hold one window whatever the context, so a narrower dtype saves little memory,
+        while ExecuTorch's fp16 and int8 attention kernels read a slot several times slower than
+        its fp32 one (benchmarks/results/profile-270m-int4-b32-rtn-kv-*.json)."""
         for layer in self.layers:
-            layer.self_attn.kv_dtype = kv_dtype
+            layer.self_attn.kv_dtype = kv_dtype if layer.self_attn.is_global else "fp32"
 
     @property
     def dtype(self) -> torch.dtype:

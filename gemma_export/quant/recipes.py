@@ -339,7 +339,7 @@ def with_kv_dtype(recipe: QuantRecipe, kv_dtype: str | None) -> QuantRecipe:
     return replace(recipe, kv_dtype=kv_dtype, name=f"{base}+kv-{kv_dtype}", description=description + _KV_NOTES[kv_dtype])
 
 
-_KV_NOTES = {"fp16": "; KV caches fp16", "int8": "; KV caches int8 per token and head"}
+_KV_NOTES = {"fp16": "; global layers' KV caches fp16", "int8": "; global layers' KV caches int8 per token and head"}
 
 
 def resolve(ref) -> QuantRecipe:

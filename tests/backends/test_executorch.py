@@ -94,8 +94,8 @@ def test_quantized_pte_keeps_scales_and_the_table_once(artifacts, quantized_tiny
 
 @pytest.mark.slow
 def test_int8_kv_caches_are_what_the_runtime_reads(tmp_path):
-    """--kv-dtype int8: the caches hold int8 codes that ExecuTorch's quantized kernels write and
-    read, and the PyTorch reference rounds queries, keys and values the same way, so the artifact is
+    """--kv-dtype int8: the global layers' caches hold int8 codes that ExecuTorch's quantized kernels
+    write and read, and the PyTorch reference rounds queries, keys and values the same way, so the artifact is
     far closer to it than to fp32 caches; ExecuTorch's own LLM runner drives the program as it is."""
     from gemma_export import pipeline
     from gemma_export.api import DEFAULT_TEXT
@@ -111,7 +111,8 @@ def test_int8_kv_caches_are_what_the_runtime_reads(tmp_path):
     r = verify_artifact(out, VerifyPlan(DEFAULT_TEXT, positions=96, new_tokens=8)).report  # 6 windows
     assert r["pass"] and r["judged"].startswith("against fp32"), r["failures"]
     to_recipe, to_fp32 = r["mean_kl"], r["against_fp32"]["artifact"]["mean_kl"]
-    assert to_recipe < 0.01 * to_fp32, (to_recipe, to_fp32)  # measured: 5.6e-10 and 1.3e-6
+    # measured: 1.2e-9 and 1.0e-7 (tiny's one global layer int8; every layer int8 gave 5.6e-10 and 1.3e-6)
+    assert to_recipe < 0.05 * to_fp32, (to_recipe, to_fp32)
     s = stock_parity(out, "long", DEFAULT_TEXT.read_text()[:400], 8)
     assert s.match, s
 
@@ -119,7 +120,7 @@ def test_int8_kv_caches_are_what_the_runtime_reads(tmp_path):
 @pytest.mark.parametrize("kv", ["fp16", "int8"])
 def test_the_programs_cache_kernels_compute_what_the_reference_rounds(tiny, kv):
     """forward as the program runs it (ExecuTorch's cache and attention kernels, eagerly) on fp16 or
-    int8 caches, through a prefill chunk and decode steps past the window: on int8 caches it agrees
+    int8 caches on the global layer, through a prefill chunk and decode steps past the window: on int8 caches it agrees
     with the PyTorch reference rounding the same way far more closely than with fp32 caches; on
     fp16 caches it stays within fp16's precision of both (the kernel computes in fp16 its own way)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the kernels as torch ops
@@ -145,9 +146,10 @@ def test_the_programs_cache_kernels_compute_what_the_reference_rounds(tiny, kv):
         got = torch.stack([forward(torch.tensor([chunk]), torch.tensor([pos]))[0, -1]
                            for pos, chunk in [(0, ids[:16])] + [(p, [ids[p]]) for p in range(16, 40)]])
         same, fp32 = reference(kv), reference("fp32")
-    first = forward.cache.entries()[0]
-    assert (first.codes.dtype, first.scales.dtype) == (torch.int8, torch.float32) if kv == "int8" else \
-        first.dtype == torch.float16
+    local, global_ = forward.cache.entries()[0], forward.cache.entries()[2]  # tiny: layer 0 local, 1 global
+    assert local.dtype == torch.float32  # local rings stay fp32
+    assert (global_.codes.dtype, global_.scales.dtype) == (torch.int8, torch.float32) if kv == "int8" else \
+        global_.dtype == torch.float16
     to_same, to_fp32 = (got - same).abs().max().item(), (got - fp32).abs().max().item()
     if kv == "int8":  # the same per-token codes: far closer to the reference that rounds them
         assert to_same < 0.1 * to_fp32, (to_same, to_fp32)
