@@ -57,7 +57,10 @@ class RMSNorm(nn.Module):
         # the form XNNPACK delegates (a plain last-dim mean splits the ExecuTorch graph into
         # hundreds of partitions, and lowering time grows with their count).
         n = xf.shape[-1]
-        ms = (xf * xf).reshape(1, -1, n, 1).mean((2, 3), keepdim=True).reshape(xf.shape[:-1] + (1,))
+        # the shape back written with -1 for the (dynamic) token dim: XNNPACK refuses a reshape to
+        # a symbolic shape, and each refusal ended a partition at every norm
+        back = (-1, 1) if xf.dim() == 2 else (xf.shape[0], -1, *xf.shape[2:-1], 1)
+        ms = (xf * xf).reshape(1, -1, n, 1).mean((2, 3), keepdim=True).reshape(back)
         y = xf * torch.rsqrt(ms + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype)
 
