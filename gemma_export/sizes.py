@@ -86,8 +86,9 @@ def format_report(r: dict) -> str:
     lines.append("weights")
     for dtype, n in r["weight_bytes"].items():
         lines.append(f"  {dtype:<14} {_mb(n):>15}")
+    layout = "" if kv["dtype"] == "float32" else " on global layers, local rings float32"
     lines += [
-        f"KV cache at context {kv['context']:,} ({kv['dtype']}{'' if kv['dtype'] == 'float32' else ' on global layers, local rings float32'})",
+        f"KV cache at context {kv['context']:,} ({kv['dtype']}{layout})",
         f"  window-sized   {_mb(kv['window_sized_bytes']):>15}",
         f"  full-length    {_mb(kv['full_length_bytes']):>15}",
         f"  ratio          {kv['window_over_full']:>15.1%}",

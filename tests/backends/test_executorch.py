@@ -107,9 +107,10 @@ def test_quantized_pte_keeps_scales_and_the_table_once(artifacts, quantized_tiny
 
 @pytest.mark.slow
 def test_int8_kv_caches_are_what_the_runtime_reads(tmp_path):
-    """--kv-dtype int8: the global layers' caches hold int8 codes that ExecuTorch's quantized kernels
-    write and read, and the PyTorch reference rounds queries, keys and values the same way, so the artifact is
-    far closer to it than to fp32 caches; ExecuTorch's own LLM runner drives the program as it is."""
+    """--kv-dtype int8: the global layers' caches hold int8 codes that ExecuTorch's quantized
+    kernels write and read, and the PyTorch reference rounds queries, keys and values the same way,
+    so the artifact is far closer to it than to fp32 caches; ExecuTorch's own LLM runner drives the
+    program as it is."""
     from gemma_export import pipeline
     from gemma_export.api import DEFAULT_TEXT
     from gemma_export.verification.check import VerifyPlan, verify_artifact
@@ -133,9 +134,10 @@ def test_int8_kv_caches_are_what_the_runtime_reads(tmp_path):
 @pytest.mark.parametrize("kv", ["fp16", "int8"])
 def test_the_programs_cache_kernels_compute_what_the_reference_rounds(tiny, kv):
     """forward as the program runs it (ExecuTorch's cache and attention kernels, eagerly) on fp16 or
-    int8 caches on the global layer, through a prefill chunk and decode steps past the window: on int8 caches it agrees
-    with the PyTorch reference rounding the same way far more closely than with fp32 caches; on
-    fp16 caches it stays within fp16's precision of both (the kernel computes in fp16 its own way)."""
+    int8 caches on the global layer, through a prefill chunk and decode steps past the window: on
+    int8 caches it agrees with the PyTorch reference rounding the same way far more closely than
+    with fp32 caches; on fp16 caches it stays within fp16's precision of both (the kernel computes
+    in fp16 its own way)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the kernels as torch ops
 
     from gemma_export.backends.executorch import _Cache, _Forward
