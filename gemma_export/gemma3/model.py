@@ -199,18 +199,20 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         kv, rep, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q = self.q_norm(self.q_proj(x).view(b, t, cfg.num_heads, d))
-        k = self.k_norm(self.k_proj(x).view(b, t, kv, d))
+        # -1 for the token dimension throughout: XNNPACK refuses a reshape to a symbolic shape, and
+        # each refusal ends a partition in the ExecuTorch program
+        q = self.q_norm(self.q_proj(x).view(b, -1, cfg.num_heads, d))
+        k = self.k_norm(self.k_proj(x).view(b, -1, kv, d))
         if kernel is not None and cos is None:  # the kernel rotates q and k itself: no transposes either
-            out, new_k, new_v = kernel(q.reshape(b, t, -1), k.reshape(b, t, -1), self.v_proj(x), k_cache, v_cache,
-                                       self.is_global, self.scale)
+            out, new_k, new_v = kernel(q.reshape(b, -1, cfg.q_dim), k.reshape(b, -1, cfg.kv_dim), self.v_proj(x),
+                                       k_cache, v_cache, self.is_global, self.scale)
             return self.o_proj(out), new_k, new_v
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, -1, kv, d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kernel is not None:  # a runtime's fused attention, updating its cache buffers in place
-            flat = lambda y: y.transpose(1, 2).reshape(b, t, -1)  # noqa: E731
+            flat = lambda y: y.transpose(1, 2).reshape(b, -1, y.shape[1] * d)  # noqa: E731
             out, new_k, new_v = kernel(flat(q), flat(k), flat(v), k_cache, v_cache, self.is_global, self.scale)
             return self.o_proj(out), new_k, new_v
         if self.kv_dtype == "int8":  # the quantized kernel also rounds the queries per token and head
@@ -327,8 +329,9 @@ class Gemma3(nn.Module):
             cos, sin = (torch.index_select(t, 0, positions) for t in lookup[is_global])
             return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
         inv_freq = self.inv_freq_global if is_global else self.inv_freq_local
-        freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # the frequencies doubled before the product, not the angles after: XNNPACK takes no cat of
+        # one tensor with itself, and the angles are the same products either way
+        emb = positions.float()[:, None] * torch.cat((inv_freq, inv_freq))[None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def rope_tables(self, is_global: bool, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
