@@ -497,6 +497,7 @@ class TfliteSession(BaseSession):
     def __init__(self, folder: Path, manifest: Manifest, threads: int):
         path = folder / manifest.program["file"]
         data = read_section(path)
+        self._threads = threads
         with quiet.native_info_lines():  # LiteRT's environment announces its accelerators on first use
             self._open(path, data, manifest)
 
@@ -510,7 +511,7 @@ class TfliteSession(BaseSession):
     def _open(self, path: Path, data: bytes, manifest: Manifest) -> None:
         compiled = require("ai_edge_litert.compiled_model", "tflite")
         try:
-            self._cm = compiled.CompiledModel.from_buffer(data)
+            self._cm = compiled.CompiledModel.from_buffer(data, options=self._options())
         except Exception as e:
             raise ArtifactError(f"{path}: LiteRT could not load the model ({str(e).splitlines()[0]})") from None
         self._data = data  # the runtime reads weights from this buffer
@@ -530,6 +531,11 @@ class TfliteSession(BaseSession):
         self._prefill = prefill_name(t)
         self._prefill_in = {k: cm.create_input_buffer_by_name(self._prefill, k) for k in ("tokens", "input_pos")}
         self.reset()
+
+    def _options(self):
+        """CPU with the thread count asked for (LiteRT picks its own when given none)."""
+        opts = require("ai_edge_litert.options", "tflite")
+        return opts.Options(cpu_options=opts.CpuOptions(num_threads=self._threads))
 
     def reset(self) -> None:
         for n in self._names:
@@ -564,7 +570,7 @@ class TfliteSession(BaseSession):
             data = read_section(self._path, SECTIONS[name])
             compiled = require("ai_edge_litert.compiled_model", "tflite")
             with quiet.native_info_lines():
-                self._sections[name] = (compiled.CompiledModel.from_buffer(data), data)
+                self._sections[name] = (compiled.CompiledModel.from_buffer(data, options=self._options()), data)
         return self._sections[name][0]
 
     def _call(self, cm, sig: str, inputs: dict, output: str, shape) -> np.ndarray:

@@ -37,6 +37,23 @@ def test_release_artifact_has_no_debug_signature(artifacts):
 
 
 @pytest.mark.slow
+def test_the_session_runs_on_the_threads_asked_for(artifacts):
+    """LiteRT's CPU runs one thread unless told otherwise: its pool starts n - 1 workers."""
+    import gc
+    import os
+
+    def threads_while_running(n):
+        s = open_artifact(artifacts.get("tflite"), threads=n).session
+        s.prefill([2, 900, 1000], 0)
+        count = len(os.listdir("/proc/self/task"))
+        del s
+        gc.collect()
+        return count
+
+    assert threads_while_running(3) - threads_while_running(1) == 2
+
+
+@pytest.mark.slow
 def test_a_padded_prefill_chunk_keeps_only_its_valid_tokens(artifacts, tiny):
     """LiteRT-LM pads a short prefill chunk with token 0 at position 0: the graph must count the
     valid tokens from input_pos, or padding would enter the cache and shift every later position."""
