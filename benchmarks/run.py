@@ -99,10 +99,16 @@ def bench_export(models, formats, recipe="fp32") -> list[dict]:
 
 def sizes(out: Path) -> dict:
     m = json.loads((out / "manifest.json").read_text())
-    # model_file_mib: the model itself (graph/program and external weights), without the tokenizer
+    # model_file_mib: the model itself (graph/program and external weights), without the tokenizer;
+    # for an NPU artifact, what one SoC's device loads: its compiled graphs and context binaries
+    compiled = m["program"].get("compile", {}).get("socs", {})
+    if compiled:
+        graphs = next(iter(compiled.values())).values()
+        model = {name for g in graphs for name in (g["file"], g["binary"])}
+    else:
+        model = {name for name in m["files"] if name.startswith("model.")}
     return {"artifact_mib": round(sum(f["bytes"] for f in m["files"].values()) / 2**20, 1),
-            "model_file_mib": round(sum(f["bytes"] for name, f in m["files"].items()
-                                        if name.startswith("model.")) / 2**20, 1)}
+            "model_file_mib": round(sum(m["files"][name]["bytes"] for name in model) / 2**20, 1)}
 
 
 def estimated(record: Path, peak_gib: float) -> dict:
