@@ -533,7 +533,7 @@ class TfliteSession(BaseSession):
         self.reset()
 
     def _options(self):
-        """CPU with the thread count asked for (LiteRT picks its own when given none)."""
+        """CPU with the thread count asked for (given no options, LiteRT's CPU runs one thread)."""
         opts = require("ai_edge_litert.options", "tflite")
         return opts.Options(cpu_options=opts.CpuOptions(num_threads=self._threads))
 
