@@ -106,6 +106,6 @@ def session_prefill(session, vc: VisionConfig, prompt: ImagePrompt, bidirectiona
         j = i
         while j < n and ids[j] != vc.image_token_id and j - i < session.info.prefill_len:
             j += 1
-        logits = session.prefill(ids[i:j], i)
+        logits = session.prefill_last(ids[i:j], i)[None]
         i = j
     return logits[-1]

@@ -77,7 +77,7 @@ class BaseSession:
     # image prompts (artifacts with image entry points): `encode_image(pixels [1, 3, S, S])` ->
     # soft-token embeddings [tokens, hidden]; `_run_embeddings(embeddings [n, hidden], pos, image)`
     # runs them through the decoder on the session's cache (`image`: one view, its tokens seeing
-    # each other) and returns logits [n, V]
+    # each other) and returns logits [n, V], or [1, V] from a graph that computes the last one's only
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -85,7 +85,8 @@ class BaseSession:
         raise NotImplementedError
 
     def prefill_image(self, embeddings: np.ndarray, pos: int, bidirectional: bool = True) -> np.ndarray:
-        """One image view's soft-token embeddings [tokens, hidden] at `pos`: logits [tokens, V].
+        """One image view's soft-token embeddings [tokens, hidden] at `pos`: logits [tokens, V]
+        ([1, V], the last token's, where the runtime's decoder computes only those).
         `bidirectional=False` runs them causally, as a runner that knows no image views does."""
         n = len(embeddings)
         if pos < 0 or pos + n > self.info.max_context:

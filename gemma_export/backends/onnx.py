@@ -3,7 +3,10 @@ prefill (T tokens) and decode (T = 1), with `genai_config.json` and the tokenize
 
 The graph speaks onnxruntime-genai's decoder interface: `input_ids` int64 [1, T],
 `attention_mask` int64 [1, past + T] (its length gives the position), `past_key_values.{i}.key` /
-`.value` in and `present.{i}.key` / `.value` out, `logits` [1, T, V]. genai binds each present to
+`.value` in and `present.{i}.key` / `.value` out, `logits` [1, 1, V]: the head runs on the chunk's
+last position only, which is all genai reads (see _last_position_head). With debug outputs,
+score.onnx is the same graph with every position's logits and the hidden states, for teacher-forced
+verification and --locate; it reads the same external data. genai binds each present to
 the same buffer as its past (`past_present_share_buffer`) and sizes local layers' buffers as the
 window plus `cache_slack` slots (the `sliding_window` block). Attention is onnxruntime's
 GroupQueryAttention, which writes the new keys and values into those buffers in place (local
@@ -49,6 +52,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"  # genai's tokenizer does not load wi
 # by the slack at once, so a larger slack moves the cache less often (16 is genai's CPU default)
 SLACK = 16
 FORWARD = "decoder"
+SCORE, SCORE_FILE = "score", "score.onnx"  # debug: the decoder with every position's logits
 # image prompts, as onnxruntime-genai's vision models split them: pixels -> image features
 # (vision), token ids + features -> embeddings (embedding), embeddings -> logits (the decoder)
 VISION, VISION_FILE = "vision", "vision.onnx"
@@ -324,16 +328,21 @@ class OnnxBackend:
             if vision is not None:  # the embedding graph gathers rows of the same quantized table
                 _lower_codes(workdir, {TABLE: codes[TABLE]} if TABLE in codes else {}, EMBEDDING_FILE)
             opset = QUANT_OPSET
+        _last_position_head(workdir, job.debug_outputs)
+        if job.debug_outputs:
+            graphs[SCORE] = SCORE_FILE
         entry_points = {}
         for name, file in graphs.items():
-            if not (workdir / _data(file)).is_file():
-                raise ExportError(f"onnx export wrote no external data file {_data(file)}")
+            data = _data(FILE if name == SCORE else file)  # the score graph reads the decoder's weights
+            if not (workdir / data).is_file():
+                raise ExportError(f"onnx export wrote no external data file {data}")
             progress(f"onnx.checker (full check of {file})")
             onnx.checker.check_model(str(workdir / file), full_check=True)
             if name == EMBEDDING:
                 _unshape_input(workdir / file, "image_features")
             io = _io(onnx.load(str(workdir / file), load_external_data=False).graph)
-            entry_points[name] = {"graph": file, **({"chunk": f"1..{job.max_context}"} if name == FORWARD else {}), **io}
+            chunk = {"chunk": f"1..{job.max_context}"} if name in (FORWARD, SCORE) else {}
+            entry_points[name] = {"graph": file, **chunk, **io}
         images = None
         if vision is not None:
             images = (vision.cfg, {"vision_encoder": VISION, "token_embedding": EMBEDDING, "text_decoder": FORWARD})
@@ -345,6 +354,8 @@ class OnnxBackend:
                      **({"graphs": sorted(graphs.values()),
                          "image_views": "the decoder's input_ids mark image tokens: each run of them attends both "
                                         "ways"} if vision is not None else {}),
+                     "logits": "the chunk's last position",
+                     "score_graph": SCORE_FILE if job.debug_outputs else None,
                      "debug_output": HIDDEN if job.debug_outputs else None, "quantized_weights": sorted(codes)},
             versions=versions("onnx", "onnxruntime", "onnxscript"), cache_lengths=cache_lengths)
 
@@ -482,6 +493,55 @@ def _drop_unused_constants(path: Path) -> None:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         onnx.save(model, str(path))
+
+
+def _last_position_head(workdir: Path, debug: bool) -> None:
+    """model.onnx computes the head for the chunk's last position only, as ExecuTorch's and
+    LiteRT-LM's prefill entry points do: genai reads nothing else, and over every position of a
+    prefill chunk the head (V x hidden, most of a small Gemma's weights) took most of the step.
+    The traced graph, every position's logits and the hidden states, stays as score.onnx with debug
+    outputs (teacher-forced verification, --locate); both name the same external data file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = workdir / FILE
+    model = onnx.load(str(path), load_external_data=False)
+    if debug:
+        onnx.save(model, str(workdir / SCORE_FILE))
+    graph = model.graph
+    heads = [n for n in graph.node if "logits" in n.output]
+    if len(heads) != 1 or heads[0].op_type not in ("MatMul", "MatMulNBits"):
+        found = ", ".join(n.op_type for n in heads) or "no node"
+        raise ExportError(f"onnx: the logits come from {found}, not the head's MatMul; cannot cut it to the last position")
+    (head,) = heads
+    graph.initializer.extend([helper.make_tensor(f"last_position.{k}", TensorProto.INT64, [1], [v])
+                              for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))])
+    graph.node.insert(list(graph.node).index(head), helper.make_node(
+        "Slice", [head.input[0], "last_position.starts", "last_position.ends", "last_position.axes"],
+        ["last_position.hidden"], name="last_position"))
+    head.input[0] = "last_position.hidden"
+    (logits,) = [o for o in graph.output if o.name == "logits"]
+    logits.type.tensor_type.shape.dim[1].dim_value = 1  # replaces the chunk's symbolic length
+    for out in [o for o in graph.output if o.name == HIDDEN]:  # the debug output lives in score.onnx
+        graph.output.remove(out)
+    _drop_dead_nodes(graph)
+    onnx.save(model, str(path))
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Nodes and initializers no graph output depends on (the hidden states' stack, once that
+    output is gone): onnxruntime would compute the nodes at every step."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
 
 
 def _trace_embedding(model, vc, workdir: Path, progress) -> None:
@@ -977,7 +1037,9 @@ def _io(graph) -> dict:
 class OnnxSession(BaseSession):
     """The graph driven as onnxruntime-genai drives it: tokens at their own length, an all-ones
     mask as long as the sequence so far, and each present bound to its past's buffer. An artifact
-    with image entry points runs text through its embedding graph first, as genai does."""
+    with image entry points runs text through its embedding graph first, as genai does. A prefill
+    that wants every position's logits runs the score graph on the same buffers; an artifact
+    without one (--no-debug-outputs) runs the chunk's tokens one at a time, as decode steps."""
 
     pads_prefill = False  # the graph's chunk length is dynamic
 
@@ -989,7 +1051,10 @@ class OnnxSession(BaseSession):
         self._bos = manifest.tokenizer.bos
         self._names = genai_names(manifest.num_layers)
         self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
-        self._has_hidden = HIDDEN in {o.name for o in self._sess.get_outputs()}
+        if "logits" in manifest.program:  # the decoder gives the last position's logits
+            self._score_file, self._score = manifest.program.get("score_graph"), None
+        else:  # an artifact from before: one graph with every position's logits and any debug output
+            self._score_file, self._score = manifest.program["file"], self._sess
         self._embeds = "inputs_embeds" in self._shapes
         images = manifest.images or {}
         self._graphs = {role: manifest.entry_points[name]["graph"] for role, name in
@@ -1026,10 +1091,19 @@ class OnnxSession(BaseSession):
             n: self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shapes[n], dtype=np.float32)) for n in self._names
         }
 
-    def _step(self, tokens: np.ndarray, pos: int, hidden: bool, embeddings: np.ndarray | None = None):
-        """One chunk. An artifact with image entry points takes embeddings and the token ids: by
+    def _scoring(self):
+        """The graph with every position's logits (and the hidden states), loaded on first use."""
+        if self._score is None and self._score_file:
+            self._score = self._load(self._score_file, quantized=True)
+        return self._score
+
+    def _step(self, tokens: np.ndarray, pos: int, hidden: bool = False, embeddings: np.ndarray | None = None,
+              sess=None):
+        """One chunk through `sess` (the decoder by default): its logits and, with `hidden`, its
+        hidden states. An artifact with image entry points takes embeddings and the token ids: by
         default the text's own, through the embedding graph as genai runs it."""
-        b = self._sess.io_binding()
+        sess = sess or self._sess
+        b = sess.io_binding()
         tokens = tokens.astype(np.int64)
         if self._embeds:
             if embeddings is None:
@@ -1038,17 +1112,24 @@ class OnnxSession(BaseSession):
         b.bind_cpu_input("input_ids", tokens)
         b.bind_cpu_input("attention_mask", np.ones((1, pos + tokens.shape[1]), dtype=np.int64))
         b.bind_output("logits", "cpu")  # outputs come back in binding order
-        if self._has_hidden:  # every output is bound; only `_hidden` reads this one
+        if HIDDEN in {o.name for o in sess.get_outputs()}:  # every output is bound; only `_hidden` reads this one
             b.bind_output(HIDDEN, "cpu")
         for name in self._names:
             b.bind_ortvalue_input(name, self._cache[name])
             b.bind_ortvalue_output(present_name(name), self._cache[name])
-        self._sess.run_with_iobinding(b)
+        sess.run_with_iobinding(b)
         outs = b.get_outputs()
         return outs[0].numpy()[0], (outs[1].numpy() if hidden else None)
 
     def _run(self, tokens, pos, n, decode):
-        return self._step(tokens, pos, hidden=False)[0]
+        if decode:
+            return self._step(tokens, pos)[0]
+        if self._scoring() is None:
+            return np.stack([self._step(tokens[:, i:i + 1], pos + i)[0][-1] for i in range(n)])
+        return self._step(tokens, pos, sess=self._scoring())[0]
+
+    def _run_last(self, tokens, pos, n):
+        return self._step(tokens[:, :n], pos)[0][-1]
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if "vision_encoder" not in self._graphs:
@@ -1066,9 +1147,10 @@ class OnnxSession(BaseSession):
         return self._step(ids, pos, hidden=False, embeddings=embeddings[None])[0]
 
     def _hidden(self, tokens, n):
-        if not self._has_hidden:
+        score = self._scoring()
+        if score is None or HIDDEN not in {o.name for o in score.get_outputs()}:
             raise UnsupportedError("this artifact was exported with --no-debug-outputs; re-export it to locate")
         self.reset()
-        hidden = self._step(tokens, 0, hidden=True)[1]
+        hidden = self._step(tokens, 0, hidden=True, sess=score)[1]
         self.reset()
         return hidden

@@ -1,5 +1,7 @@
-"""ONNX specifics: the debug output only when asked for, static activations from a recipe file."""
+"""ONNX specifics: the decoder's head on the last position, the score graph and the debug output
+only when asked for, static activations from a recipe file."""
 
+import numpy as np
 import pytest
 
 from gemma_export import pipeline
@@ -14,20 +16,47 @@ from gemma_export.verification.parity import teacher_forced
 from helpers import TINY, T, random_ids
 
 
-def test_no_debug_outputs_leaves_the_hidden_states_out_of_the_graph(artifacts, tiny):
+def _graph(path):
     import onnx
 
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def _outputs(graph) -> dict:
+    return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+
+
+def test_no_debug_outputs_leaves_the_score_graph_and_hidden_states_out(artifacts, tiny):
     out = artifacts.get("onnx", debug=False)
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    assert "hidden_states" not in {o.name for o in graph.output}
+    assert not (out / onnx_backend.SCORE_FILE).exists()
+    assert "hidden_states" not in _outputs(_graph(out / "model.onnx"))
     s = open_artifact(out).session
     ref = TorchSession(tiny, prefill_len=T)
     ids = random_ids(20)
+    # every position's logits, from the decoder one token at a time
     assert abs(s.prefill(ids[:T], 0) - ref.prefill(ids[:T], 0)).max() < 1e-3
     with pytest.raises(UnsupportedError, match="--no-debug-outputs"):
         s.hidden_states(ids[:T])
-    debug = onnx.load(str(artifacts.get("onnx") / "model.onnx"), load_external_data=False).graph
-    assert "hidden_states" in {o.name for o in debug.output}
+    debug = artifacts.get("onnx")
+    assert "hidden_states" not in _outputs(_graph(debug / "model.onnx"))
+    assert "hidden_states" in _outputs(_graph(debug / onnx_backend.SCORE_FILE))
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8", "int4-b32-rtn"])
+def test_the_decoder_runs_the_head_on_the_last_position_and_the_score_graph_on_all(artifacts, recipe):
+    """genai reads a prefill's last logits only: model.onnx computes those alone, and score.onnx
+    (the same weights: one external data file) gives every position's, equal at the last."""
+    out = artifacts.get("onnx", recipe)
+    decoder, score = _graph(out / "model.onnx"), _graph(out / onnx_backend.SCORE_FILE)
+    assert _outputs(decoder)["logits"][1] == 1 and _outputs(score)["logits"][1] != 1
+    files = {e.value for g in (decoder, score) for i in g.initializer for e in i.external_data if e.key == "location"}
+    assert files == {onnx_backend.DATA}
+    s, ids = open_artifact(out).session, random_ids(T)
+    every = s.prefill(ids, 0)
+    assert every.shape[0] == T
+    s.reset()
+    last = s.prefill_last(ids, 0)
+    assert np.abs(last - every[-1]).max() < 1e-3 * max(1.0, np.abs(every[-1]).max())
 
 
 def test_onnxruntime_fuses_every_norm_and_gelu_at_load(artifacts, tiny, tmp_path):

@@ -58,11 +58,12 @@ def test_the_embedding_graph_places_image_features_as_genai_feeds_them(folder, m
 def test_the_decoder_runs_views_inside_any_chunk_past_the_window(folder, model):
     """Chunks as genai sends them (text and views mixed, several views in one), then decode steps,
     until far past the window of 16: logits equal the PyTorch model with the views' bidirectional
-    mask, and differ from a causal run (the mask is applied, not ignored)."""
-    sess = _session(folder / "model.onnx")
-    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    mask (every position's from the score graph, the last one's from the decoder genai runs, each
+    on its own buffers), and differ from a causal run (the mask is applied, not ignored)."""
+    graphs = {"score": _session(folder / backend.SCORE_FILE), "decoder": _session(folder / "model.onnx")}
     names = backend.genai_names(model.cfg.num_layers)
-    cache = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[n], np.float32)) for n in names}
+    shapes = {i.name: i.shape for i in graphs["decoder"].get_inputs()}
+    caches = {g: {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[n], np.float32)) for n in names} for g in graphs}
     ref_cache = model.new_cache()
     rng = np.random.default_rng(1)
     chunks = [[5] * 3 + [IMAGE] * 4 + [7] * 2 + [IMAGE] * 4 + [9], [11], [IMAGE] * 4, [3] * 20,
@@ -71,24 +72,28 @@ def test_the_decoder_runs_views_inside_any_chunk_past_the_window(folder, model):
     for ids in chunks:
         n = len(ids)
         x = rng.standard_normal((1, n, model.cfg.hidden_size)).astype(np.float32)
-        b = sess.io_binding()
-        b.bind_cpu_input("inputs_embeds", x)
-        b.bind_cpu_input("input_ids", np.array([ids], np.int64))
-        b.bind_cpu_input("attention_mask", np.ones((1, pos + n), np.int64))
-        for out in sess.get_outputs():
-            b.bind_output(out.name, "cpu") if not out.name.startswith("present") else None
-        for name in names:
-            b.bind_ortvalue_input(name, cache[name])
-            b.bind_ortvalue_output(backend.present_name(name), cache[name])
-        sess.run_with_iobinding(b)
-        got = b.get_outputs()[0].numpy()[0]
+        got = {}
+        for g, sess in graphs.items():
+            b = sess.io_binding()
+            b.bind_cpu_input("inputs_embeds", x)
+            b.bind_cpu_input("input_ids", np.array([ids], np.int64))
+            b.bind_cpu_input("attention_mask", np.ones((1, pos + n), np.int64))
+            for out in sess.get_outputs():
+                b.bind_output(out.name, "cpu") if not out.name.startswith("present") else None
+            for name in names:
+                b.bind_ortvalue_input(name, caches[g][name])
+                b.bind_ortvalue_output(backend.present_name(name), caches[g][name])
+            sess.run_with_iobinding(b)
+            got[g] = b.get_outputs()[0].numpy()[0]
         groups = image_groups(torch.tensor(ids), IMAGE)
         args = (torch.from_numpy(x), torch.tensor([pos]), torch.tensor([n]))
         with torch.no_grad():
             causal, _ = model.decode(*args, [c.clone() for c in ref_cache])
             want, ref_cache = model.decode(*args, ref_cache, groups=groups if (groups >= 0).any() else None)
         want, causal = want[0].numpy(), causal[0].numpy()
-        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (pos, n)
+        assert np.abs(got["score"] - want).max() <= 1e-5 * np.abs(want).max(), (pos, n)
+        assert got["decoder"].shape[0] == 1
+        assert np.abs(got["decoder"] - want[-1:]).max() <= 1e-5 * np.abs(want).max(), (pos, n)
         causal_gap = max(causal_gap, float(np.abs(causal - want).max()))
         pos += n
     assert pos > 3 * model.cfg.sliding_window and causal_gap > 1e-2

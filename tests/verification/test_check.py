@@ -60,7 +60,9 @@ def test_every_artifact_verified_with_one_reference_table_json_and_report(build,
                                                                            str(build / "onnx-release" / "fp32")]
     (pair,) = data["pairwise"]
     assert pair["formats"] == "onnx/fp32 vs onnx/fp32" and pair["positions"] == 40
-    assert pair["top1_agreement"] == 1.0 and pair["mean_kl"] == 0.0
+    # the release artifact is scored token by token through its decoder, the debug one through its
+    # score graph: the same weights in other kernel shapes, equal up to float rounding
+    assert pair["top1_agreement"] == 1.0 and pair["mean_kl"] < 1e-9
     assert "onnx/fp32 vs onnx-release/fp32" in (rep / "report.md").read_text()
     assert (rep / "onnx__fp32" / "parity.png").is_file() and (rep / "onnx-release__fp32" / "report.md").is_file()
 
