@@ -43,6 +43,7 @@ bench: install
 	$(PY) -m pip install -q --no-deps -c constraints.txt optimum-executorch
 	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PY) -m pip install -q -c constraints.txt llama-cpp-python
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.prefill_head --artifact out/bench/270m-onnx-int4-b32-rtn --artifact out/bench/270m-onnx-int8
 	$(PY) -m benchmarks.stock
 	$(PY) -m benchmarks.runtimes
 	$(PY) -m benchmarks.reproducible
