@@ -1051,6 +1051,7 @@ class OnnxSession(BaseSession):
         self._bos = manifest.tokenizer.bos
         self._names = genai_names(manifest.num_layers)
         self._shapes = {i.name: i.shape for i in self._sess.get_inputs()}
+        self._with_hidden = {}  # graph -> whether it has the debug output (every output gets bound)
         if "logits" in manifest.program:  # the decoder gives the last position's logits
             self._score_file, self._score = manifest.program.get("score_graph"), None
         else:  # an artifact from before: one graph with every position's logits and any debug output
@@ -1112,7 +1113,9 @@ class OnnxSession(BaseSession):
         b.bind_cpu_input("input_ids", tokens)
         b.bind_cpu_input("attention_mask", np.ones((1, pos + tokens.shape[1]), dtype=np.int64))
         b.bind_output("logits", "cpu")  # outputs come back in binding order
-        if HIDDEN in {o.name for o in sess.get_outputs()}:  # every output is bound; only `_hidden` reads this one
+        if sess not in self._with_hidden:
+            self._with_hidden[sess] = HIDDEN in {o.name for o in sess.get_outputs()}
+        if self._with_hidden[sess]:  # every output is bound; only `_hidden` reads this one
             b.bind_output(HIDDEN, "cpu")
         for name in self._names:
             b.bind_ortvalue_input(name, self._cache[name])
