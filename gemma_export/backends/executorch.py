@@ -58,7 +58,7 @@ RESET = "reset"  # zeroes the KV cache (optional: a freshly loaded program start
 # image prompts, named as ExecuTorch's MultimodalRunner calls them
 VISION = "vision_encoder"  # pixels float32 [1, 3, S, S] -> [1, tokens, hidden]
 EMBED = "token_embedding"  # tokens int64 [1, T] -> [1, T, hidden]
-DECODER = "text_decoder"  # embeddings [1, T, hidden], input_pos int64 [1] -> logits [1, T, V]
+DECODER = "text_decoder"  # embeddings [1, T, hidden], input_pos int64 [1] -> the last one's logits [1, 1, V]
 IMAGE_CHUNK = "set_image_chunk"  # int32 [1]: 1 makes text_decoder's next chunks one image view
 
 
@@ -514,7 +514,9 @@ class _TokenEmbedding(nn.Module):
 
 class _TextDecoder(nn.Module):
     """MultimodalRunner's `text_decoder`: embeddings [1, T, hidden] at input_pos int64 [1] ->
-    logits [1, T, V] over the shared cache. Text is causal; after `set_image_chunk(1)` the next
+    the last position's logits [1, 1, V] over the shared cache (all the runner samples from; the
+    head over a 256-token image view would cost more than the rest of the chunk on a small model).
+    Text is causal; after `set_image_chunk(1)` the next
     chunk is one image view whose tokens attend to each other, as Gemma 3 wants, and the flag
     falls back to 0 (writing it also keeps it a shared mutable buffer rather than a constant). A
     runner that never sets it (the stock MultimodalRunner) gets causal image tokens."""
@@ -530,7 +532,8 @@ class _TextDecoder(nn.Module):
         length = torch.full((1,), t, dtype=torch.int32)
         caches = self.cache.entries()
         attention = CacheOpsAttention(self.model.cfg, input_pos, t, image=self.cache.image_chunk)
-        logits, _ = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, attention=attention)
+        logits, _ = self.model.decode(embeddings.to(self.model.dtype), pos, length, caches, all_logits=False,
+                                      attention=attention)
         self.cache.image_chunk.copy_(torch.zeros_like(self.cache.image_chunk))
         return logits
 
@@ -638,7 +641,7 @@ def _image_methods(model, vision, cache: _Cache, job, progress, io: dict) -> dic
     io[VISION] = describe_io({"pixels": pixels}, {"embeddings": torch.zeros(1, vc.tokens_per_image, h)})
     io[EMBED] = {"chunk": f"1..{t}", **describe_io({"tokens": tokens}, {"embeddings": embeds})}
     io[DECODER] = {"chunk": f"1..{t}", **describe_io({"embeddings": embeds, "input_pos": pos},
-                                                     sample_outputs(model, t, with_cache=False))}
+                                                     sample_outputs(model, 1, with_cache=False))}
     io[IMAGE_CHUNK] = describe_io({"flag": flag}, {"flag": flag})
     return programs
 

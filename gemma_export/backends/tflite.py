@@ -68,9 +68,12 @@ def hidden_name(t: int) -> str:
     return f"hidden_{t}"  # debug signature: residual stream per layer (verify --locate)
 
 
+IMAGE_VIEW = "image_view_"
+
+
 def image_name(t: int) -> str:
     # one image view's embeddings into the cache; not prefill*: LiteRT-LM takes those as its own
-    return f"image_view_{t}"
+    return f"{IMAGE_VIEW}{t}"
 
 
 VISION_ENCODER, VISION_ADAPTER = "vision_encoder", "vision_adapter"  # bundle sections beside the decoder
@@ -109,7 +112,9 @@ class _Step(nn.Module):
 
 class _ImageView(nn.Module):
     """One image view's soft-token embeddings [1, T, hidden] at input_pos [T] into the caches: the
-    view's tokens attend to each other (and causally to the cache), logits for each."""
+    view's tokens attend to each other (and causally to the cache); the logits of the last one
+    only, [1, 1, V] (what a prompt continues from: the head over every soft token would cost more
+    than the view's layers on a small model)."""
 
     def __init__(self, model):
         super().__init__()
@@ -119,7 +124,7 @@ class _ImageView(nn.Module):
     def forward(self, embeddings, input_pos, **caches):
         t = embeddings.shape[1]
         pos, length = input_pos[:1], torch.full((1,), t, dtype=torch.int32)
-        logits, new = self.model.decode(embeddings, pos, length, [caches[n] for n in self.names],
+        logits, new = self.model.decode(embeddings, pos, length, [caches[n] for n in self.names], all_logits=False,
                                         attention=RingAttention(self.model.cfg, pos, length, t, image=True))
         return {**dict(zip(self.names, new)), "logits": logits}
 
@@ -333,7 +338,7 @@ class TfliteBackend:
         if vision is not None:
             vc = vision.cfg
             entry[image_name(vc.tokens_per_image)] = describe_io(_image_inputs(model, vc),
-                                                                  _outputs(model, vc.tokens_per_image, True))
+                                                                  _outputs(model, 1, True))
             entry.update(_vision_io(vision))
         return Exported(
             images=images,
@@ -523,6 +528,9 @@ class TfliteSession(BaseSession):
         self._names = cache_names(Gemma3Config.from_dict(manifest.model.config))
         self._hidden_width = manifest.hidden_size
         self._shapes = {e["name"]: e["shape"] for e in manifest.entry_points[DECODE]["inputs"]}
+        # an image view's logits: the last token's, or (artifacts from before) every token's
+        self._image_logits = {sig: next(o["shape"] for o in io["outputs"] if o["name"] == "logits")
+                              for sig, io in manifest.entry_points.items() if sig.startswith(IMAGE_VIEW)}
         cm = self._cm
         self._cache = {n: cm.create_input_buffer_by_name(DECODE, n) for n in self._names}
         scored = [sig for sig in (self._score, DECODE) if sig in self._signatures]
@@ -604,8 +612,8 @@ class TfliteSession(BaseSession):
         ins["input_pos"].write(pos + np.arange(t, dtype=np.int32))
         logits = cm.create_output_buffer_by_name(sig, "logits")
         self._cm.run_by_name(sig, {**ins, **self._cache}, {"logits": logits, **self._cache})
-        v = self.info.vocab_size
-        return logits.read(t * v, np.float32).reshape(t, v)
+        shape = self._image_logits[sig]
+        return logits.read(int(np.prod(shape)), np.float32).reshape(-1, shape[-1])
 
     def _hidden(self, tokens, n):
         sig, cm = hidden_name(self.info.prefill_len), self._cm

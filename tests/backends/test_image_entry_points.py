@@ -43,6 +43,10 @@ def test_the_manifest_carries_what_a_runtime_needs(artifacts, fmt):
     m = api.open(str(image_artifact(artifacts, fmt))).manifest
     assert m.images["vision"]["image_token_id"] == 262_144 and m.images["preprocessing"]["size"] == 56
     assert set(m.images["entry_points"].values()) <= set(m.entry_points)
+    # the decoder that takes image views computes the head for the chunk's last position only
+    decoder = m.images["entry_points"].get("text_decoder") or m.images["entry_points"]["image_view"]
+    logits = next(o for o in m.entry_points[decoder]["outputs"] if o["name"] == "logits")
+    assert logits["shape"] == [1, 1, m.vocab_size]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
