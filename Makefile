@@ -35,13 +35,14 @@ test-fast: install
 
 # optimum-executorch (the ExecuTorch peer's exporter) without its pins: it asks for transformers
 # 5.0.0rc1 and the base optimum package, whose two imports benchmarks/peers.py provides
-# llama.cpp (the speed peer) built from source: its native build dies in the AMX kernel on these
-# CPUs, so the instruction sets are named (the same flags as benchmarks/llamacpp.py's BUILD_FLAGS)
-LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF
+# llama.cpp (the speed peer) built from source: its native build dies in the AMX kernel on some of
+# these CPUs, so the instruction sets are named, from what this CPU reports (benchmarks/llamacpp_flags.py);
+# no wheel cache, which would hand back a build made for another CPU
+LLAMA_CPP_FLAGS := $(shell $(PYTHON) benchmarks/llamacpp_flags.py)
 
 bench: install
 	$(PY) -m pip install -q --no-deps -c constraints.txt optimum-executorch
-	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PY) -m pip install -q -c constraints.txt llama-cpp-python
+	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PY) -m pip install -q --no-cache-dir -c constraints.txt llama-cpp-python
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.prefill_head --artifact out/bench/270m-onnx-int4-b32-rtn --artifact out/bench/270m-onnx-int8
 	$(PY) -m benchmarks.stock

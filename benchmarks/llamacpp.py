@@ -2,12 +2,16 @@
 
 The same loop as our sessions in `benchmarks.run --only speed`: the same prompt ids prefilled in
 one batch, then greedy decode one token at a time (argmax of the logits in numpy on both sides),
-on the same number of threads. llama-cpp-python is built from source by `make bench`
-(the flags are in the Makefile: the native build dies in its AMX kernel on these CPUs).
+on the same number of threads. llama-cpp-python is built from source by `make bench`, with the
+instruction sets this CPU reports (benchmarks/llamacpp_flags.py).
 """
 
 from __future__ import annotations
 
+import functools
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,14 +24,33 @@ except ImportError:  # built by `make bench`; load() says how
 from gemma_export.errors import UnsupportedError
 from gemma_export.loading import bundled_gguf
 
-BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
-               "-DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF")
+from benchmarks.llamacpp_flags import build_flags
+
+_PROBE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); "
+          "llm.eval([2])")
+
+
+def _rebuild() -> str:
+    return (f'CMAKE_ARGS="{build_flags()}" pip install --no-cache-dir --force-reinstall --no-deps '
+            "llama-cpp-python")
+
+
+@functools.cache
+def _check_build() -> None:
+    """A build for another CPU dies with an illegal instruction on its first evaluation, taking the
+    process with it: try one in a child first."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(bundled_gguf())], capture_output=True, text=True)
+    if done.returncode == -signal.SIGILL:
+        raise UnsupportedError(f"llama-cpp-python was built for another CPU (illegal instruction); rebuild it: {_rebuild()}")
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise UnsupportedError(f"llama-cpp-python could not evaluate the bundled GGUF: {lines[-1]}")
 
 
 def load(threads: int, context: int, batch: int = 512):
     if llama_cpp is None:
-        raise UnsupportedError("llama-cpp-python is not installed: `make bench` builds it "
-                               f'(CMAKE_ARGS="{BUILD_FLAGS}" pip install llama-cpp-python)')
+        raise UnsupportedError(f"llama-cpp-python is not installed: `make bench` builds it ({_rebuild()})")
+    _check_build()
     return llama_cpp.Llama(model_path=str(bundled_gguf()), n_ctx=context, n_batch=batch, n_ubatch=batch,
                  n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
 
