@@ -21,11 +21,21 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.exists() else ""
+
+
+def describe_cpu(cpuinfo: str | None = None) -> dict:
+    """The CPU a benchmark ran on, for its results: these machines are not always the same host,
+    and the instruction sets change which kernels every runtime (ours and llama.cpp) runs."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    name = next((ln.partition(":")[2].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
+    return {"cpu": name, "isa": sorted(set(OPTIONS.values()) & cpu_flags(cpuinfo))}
+
+
 def build_flags(cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    have = cpu_flags(cpuinfo)
+    have = cpu_flags(_cpuinfo() if cpuinfo is None else cpuinfo)
     named = [f"-D{opt}={'ON' if flag in have else 'OFF'}" for opt, flag in OPTIONS.items()]
     return " ".join(["-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_INT8=OFF"])
 

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.llamacpp_flags import describe_cpu
 from gemma_export.loading import bundled_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +225,8 @@ def bench_speed(formats, recipe="fp32", prompt_len=128, new_tokens=128, threads=
         p["model"] = "llama.cpp"  # its own key in the results file: one row per measurement
         p["format"] = f"llama.cpp ({p['measured']})"
         p |= bandwidth_used(bundled_gguf().stat().st_size, p["decode_tok_s"], bandwidth)
-    return [{"format": "machine", "recipe": recipe, "read_bandwidth_gbs": bandwidth, "threads": threads}] + peer + rows
+    return [{"format": "machine", "recipe": recipe, "read_bandwidth_gbs": bandwidth, "threads": threads,
+             **describe_cpu()}] + peer + rows
 
 
 def bandwidth_used(read_per_token: int, decode_tok_s: float, bandwidth_gbs: float) -> dict:
@@ -302,7 +304,7 @@ def write(name: str, rows) -> None:
         old = json.loads(path.read_text()).get("results", [])
         rows = [r for r in old if tuple(r.get(k) for k in KEYS) not in fresh] + list(rows)
     doc = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": rows}
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **describe_cpu()}, "results": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
     print(f"wrote benchmarks/results/{name}.json", flush=True)
 

@@ -4,10 +4,10 @@ made for another CPU is named as such instead of killing the benchmark process."
 import pytest
 
 from benchmarks import llamacpp
-from benchmarks.llamacpp_flags import build_flags
+from benchmarks.llamacpp_flags import build_flags, describe_cpu
 from gemma_export.errors import UnsupportedError
 
-AVX2 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx fma f16c avx2\n"
+AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx fma f16c avx2\n"
 AVX512 = "processor\t: 0\nflags\t\t: fpu sse4_2 avx fma f16c avx2 avx512f avx512_vnni amx_int8\n"
 
 
@@ -27,3 +27,8 @@ def test_a_build_for_another_cpu_is_one_clear_error(monkeypatch):
             llamacpp._check_build()
     finally:
         llamacpp._check_build.cache_clear()
+
+
+def test_results_name_the_cpu_and_its_instruction_sets():
+    assert describe_cpu(AVX2) == {"cpu": "AMD EPYC", "isa": ["avx2", "f16c", "fma"]}
+    assert "avx512f" in describe_cpu(AVX512)["isa"]
